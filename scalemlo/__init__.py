@@ -1,0 +1,9 @@
+"""scalemlo: gradient-based multilevel optimization of large models, one DeepSpeed engine per level."""
+
+from scalemlo.config import EngineConfig, LevelConfig
+from scalemlo.engine import Engine
+from scalemlo.hypergrad import METHODS, register
+from scalemlo.level import Level
+
+__all__ = ["Engine", "EngineConfig", "Level", "LevelConfig", "METHODS", "register"]
+__version__ = "0.1.0"

@@ -1,0 +1,179 @@
+"""Typed, validated configuration for levels and the engine.
+
+Every field is checked when the dataclass is built, so a bad value fails with a
+``ValueError`` that names the field and the allowed values before any compute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+BACKENDS = ("deepspeed", "torch")
+SECOND_ORDER = ("autograd", "finite_difference")
+
+
+def _method_names() -> tuple[str, ...]:
+    # Imported late: the registry fills itself when scalemlo.hypergrad is imported.
+    from scalemlo.hypergrad import METHODS
+
+    return tuple(sorted(METHODS))
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not known; allowed values: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class LevelConfig:
+    """How one level trains and how its hypergradient is computed.
+
+    The hypergradient fields describe the gradient this level *receives* from
+    the levels below it (they are read from the upper level, unlike Betty,
+    which reads them from the lower one). A leaf level ignores them.
+
+    Attributes:
+        method: hypergradient method, one of ``scalemlo.hypergrad.METHODS``
+            (finite_difference, sama, neumann, cg, penalty, exact).
+        unroll_steps: steps each level directly below takes per step of this one.
+        fd_radius: radius r of the central difference; ε = r / ||w||.
+        neumann_iterations: K in α Σ_{k=0..K} (I - αH)^k v.
+        neumann_alpha: α of the Neumann series (needs α < 2 / λ_max(H)).
+        cg_iterations: conjugate-gradient iterations on H w = v.
+        cg_alpha: scale of the operator CG runs on (αH) w = αv; the solution
+            does not depend on it, only the numerics.
+        penalty_alpha: penalty weight α; the bias of the penalty method is O(1/α).
+        penalty_steps: auxiliary-copy update steps per hypergradient.
+        penalty_lr: learning rate of the auxiliary copy (None: the lower level's lr).
+        second_order: how neumann/cg form Hessian- and mixed-vector products:
+            "autograd" (double backward) or "finite_difference" (differences of
+            first-order gradients).
+        exact_max_params: the exact method refuses levels larger than this.
+        gradient_accumulation: batches averaged per step of this level.
+        gradient_clipping: max global gradient norm (0 disables).
+        warmup_steps: global iterations during which this level does not step.
+        backend: "deepspeed" (default, every level in its own DeepSpeed engine)
+            or "torch" (plain optimizer; needed for float64, which DeepSpeed
+            0.19 refuses to reduce).
+        deepspeed_config: a DeepSpeed config dict or a path to a JSON file;
+            None means ZeRO-0 fp32.
+    """
+
+    method: str = "finite_difference"
+    unroll_steps: int = 1
+    fd_radius: float = 1e-2
+    neumann_iterations: int = 10
+    neumann_alpha: float = 1e-2
+    cg_iterations: int = 10
+    cg_alpha: float = 1.0
+    penalty_alpha: float = 100.0
+    penalty_steps: int = 1
+    penalty_lr: float | None = None
+    second_order: str = "autograd"
+    exact_max_params: int = 4096
+    gradient_accumulation: int = 1
+    gradient_clipping: float = 0.0
+    warmup_steps: int = 0
+    backend: str = "deepspeed"
+    deepspeed_config: dict | str | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("LevelConfig.method", self.method, _method_names())
+        _check_int("LevelConfig.unroll_steps", self.unroll_steps, 1)
+        _check_positive("LevelConfig.fd_radius", self.fd_radius)
+        _check_int("LevelConfig.neumann_iterations", self.neumann_iterations, 0)
+        _check_positive("LevelConfig.neumann_alpha", self.neumann_alpha)
+        _check_int("LevelConfig.cg_iterations", self.cg_iterations, 1)
+        _check_positive("LevelConfig.cg_alpha", self.cg_alpha)
+        _check_positive("LevelConfig.penalty_alpha", self.penalty_alpha)
+        _check_int("LevelConfig.penalty_steps", self.penalty_steps, 1)
+        if self.penalty_lr is not None:
+            _check_positive("LevelConfig.penalty_lr", self.penalty_lr)
+        _check_choice("LevelConfig.second_order", self.second_order, SECOND_ORDER)
+        _check_int("LevelConfig.exact_max_params", self.exact_max_params, 1)
+        _check_int("LevelConfig.gradient_accumulation", self.gradient_accumulation, 1)
+        _check_positive("LevelConfig.gradient_clipping", self.gradient_clipping, allow_zero=True)
+        _check_int("LevelConfig.warmup_steps", self.warmup_steps, 0)
+        _check_choice("LevelConfig.backend", self.backend, BACKENDS)
+        if self.deepspeed_config is not None and not isinstance(self.deepspeed_config, (dict, str)):
+            raise ValueError(
+                "LevelConfig.deepspeed_config must be a dict, a path to a JSON file or None, "
+                f"got {type(self.deepspeed_config).__name__}"
+            )
+        if isinstance(self.deepspeed_config, str) and not os.path.isfile(self.deepspeed_config):
+            raise ValueError(f"LevelConfig.deepspeed_config: no such file {self.deepspeed_config!r}")
+        if self.deepspeed_config is not None and self.backend != "deepspeed":
+            raise ValueError("LevelConfig.deepspeed_config is set but backend is 'torch'; drop one of them")
+
+    def resolved_deepspeed_config(self) -> dict:
+        """The DeepSpeed config this level's engine is built from (a fresh dict)."""
+        if self.deepspeed_config is None:
+            cfg: dict = {"zero_optimization": {"stage": 0}}
+        elif isinstance(self.deepspeed_config, str):
+            with open(self.deepspeed_config) as fh:
+                cfg = json.load(fh)
+        else:
+            cfg = json.loads(json.dumps(self.deepspeed_config))
+        return cfg
+
+    @classmethod
+    def from_dict(cls, values: dict) -> LevelConfig:
+        """Build from a plain dict; unknown keys are an error, not silently ignored."""
+        return cls(**_known_keys(cls, values))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the whole program runs.
+
+    Attributes:
+        max_steps: global iterations; each one steps every leaf level once.
+        valid_every: run the validation hook every N global iterations (0: never).
+        log_every: log metrics every N global iterations.
+        seed: seeds torch's generator when the engine is built (None: leave it).
+        progress_bar: show a progress bar in ``run()``.
+    """
+
+    max_steps: int = 100
+    valid_every: int = 0
+    log_every: int = 10
+    seed: int | None = None
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("EngineConfig.max_steps", self.max_steps, 0)
+        _check_int("EngineConfig.valid_every", self.valid_every, 0)
+        _check_int("EngineConfig.log_every", self.log_every, 1)
+        if self.seed is not None:
+            _check_int("EngineConfig.seed", self.seed, 0)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> EngineConfig:
+        """Build from a plain dict; unknown keys are an error, not silently ignored."""
+        return cls(**_known_keys(cls, values))
+
+
+def _known_keys(cls: type, values: dict) -> dict:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(known)}")
+    return dict(values)

@@ -1,0 +1,157 @@
+"""Engine: holds the levels and the graph, and runs the multilevel program.
+
+One global iteration, read top to bottom:
+
+1. every level whose turn it is steps, lowest levels first;
+2. a leaf level steps on its own loss;
+3. a level with levels below it steps on its hypergradient, which the
+   coordinator computes through every level below it.
+
+A level's turn comes every ``period`` iterations: leaves have period 1, and a
+level above others has period ``unroll_steps`` x (the largest period below it),
+so each lower level takes ``unroll_steps`` steps per step of its upper.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from scalemlo.config import EngineConfig
+from scalemlo.graph import LevelGraph
+from scalemlo.hypergrad import vectors as V
+from scalemlo.hypergrad.coordinator import Coordinator
+from scalemlo.level import Level
+from scalemlo.logging import MetricLogger, progress
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """A multilevel program.
+
+    Args:
+        levels: the :class:`Level` objects (any order).
+        edges: upper level name -> names of the levels directly below it.
+        config: :class:`EngineConfig`.
+        callbacks: callables ``fn(engine, metrics: dict)`` run after each
+            logged iteration.
+
+    Raises:
+        ValueError: a cycle, an unknown name, a self-edge, a level with no data
+            or a duplicate name; raised before any model is wrapped or run.
+    """
+
+    def __init__(
+        self,
+        levels: Iterable[Level],
+        edges: Mapping[str, Iterable[str]],
+        config: EngineConfig | None = None,
+        callbacks: Iterable[Callable[[Engine, dict], None]] = (),
+    ):
+        self.config = config if config is not None else EngineConfig()
+        if not isinstance(self.config, EngineConfig):
+            raise ValueError(f"config must be an EngineConfig, got {type(self.config).__name__}")
+        levels = list(levels)
+        for lv in levels:
+            if not isinstance(lv, Level):
+                raise ValueError(f"levels must be scalemlo.Level objects, got {type(lv).__name__}")
+        self.graph = LevelGraph([lv.name for lv in levels], edges)
+        self.levels: dict[str, Level] = {lv.name: lv for lv in levels}
+        for lv in levels:
+            if lv.data is None:
+                raise ValueError(f"level {lv.name!r} has no data: pass data=... (any iterable or DataLoader)")
+        self._check_shared_parameters(levels)
+        self.callbacks = list(callbacks)
+        self.period = self._periods()
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        if self.config.seed is not None:
+            torch.manual_seed(self.config.seed)
+        for lv in levels:
+            lv._attach(self.levels, self.graph.uppers(lv.name), self.graph.lowers(lv.name))
+            lv.keep_last_grads = any(self.levels[u].config.method == "sama" for u in self.graph.uppers(lv.name))
+        for lv in levels:
+            lv._build_backend()
+        self.coordinator = Coordinator(self.levels, self.graph)
+
+    @staticmethod
+    def _check_shared_parameters(levels: list[Level]) -> None:
+        owner: dict[int, str] = {}
+        for lv in levels:
+            for p in lv.params:
+                if id(p) in owner and owner[id(p)] != lv.name:
+                    raise ValueError(
+                        f"a parameter is trainable in both {owner[id(p)]!r} and {lv.name!r}; "
+                        "each parameter belongs to one level"
+                    )
+                owner[id(p)] = lv.name
+
+    def _periods(self) -> dict[str, int]:
+        period: dict[str, int] = {}
+        for name in reversed(self.graph.order):
+            lowers = self.graph.lowers(name)
+            if lowers:
+                period[name] = self.levels[name].config.unroll_steps * max(period[n] for n in lowers)
+            else:
+                period[name] = 1
+        return period
+
+    # ---- the loop -----------------------------------------------------------------
+    def run(self) -> list[dict[str, Any]]:
+        """Run ``config.max_steps`` global iterations; returns the logged metrics."""
+        logger = MetricLogger(self.config.log_every)
+        for _ in progress(range(self.config.max_steps), self.config.progress_bar, "scalemlo"):
+            metrics = self.step()
+            validating = bool(self.config.valid_every) and self.global_step % self.config.valid_every == 0
+            if validating:
+                metrics.update(self.validate())
+            if validating or logger.wants(self.global_step):
+                logger.log(self.global_step, metrics)
+                self.history.append({"step": self.global_step, **metrics})
+                for callback in self.callbacks:
+                    callback(self, metrics)
+        return self.history
+
+    def step(self) -> dict[str, float]:
+        """One global iteration: every level whose turn it is steps, lowest first."""
+        self.global_step += 1
+        metrics: dict[str, float] = {}
+        for name in reversed(self.graph.order):
+            lv = self.levels[name]
+            if self.global_step % self.period[name] or self.global_step <= lv.config.warmup_steps:
+                continue
+            others = [o for o in self.levels.values() if o is not lv]
+            for _ in range(lv.config.gradient_accumulation):
+                if self.graph.lowers(name):
+                    batch = lv.next_batch()
+                    grads = self.coordinator.hypergradient(name, batch)
+                    lv.step_on_gradient(grads)
+                    metrics[f"{name}/hypergrad_norm"] = float(V.norm(grads))
+                else:
+                    metrics[f"{name}/loss"] = lv.step_on_own_loss(others)
+        return metrics
+
+    def hypergradient(self, name: str) -> list[torch.Tensor]:
+        """The current hypergradient of ``name``'s trainable parameters.
+
+        Steps nothing: every level's parameters, buffers and optimizer state
+        are left bit-identical (the penalty method advances its own auxiliary
+        copy). Uses each level's current batch.
+        """
+        if name not in self.levels:
+            raise ValueError(f"unknown level {name!r}; known levels: {sorted(self.levels)}")
+        return self.coordinator.hypergradient(name)
+
+    def validate(self) -> dict[str, float]:
+        """Every level's ``validation_step`` metrics, prefixed ``valid/<level>/``."""
+        out: dict[str, float] = {}
+        for name, lv in self.levels.items():
+            with torch.no_grad():
+                result = lv.validation_step()
+            for key, value in (result or {}).items():
+                out[f"valid/{name}/{key}"] = float(value)
+        return out

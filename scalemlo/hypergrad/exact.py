@@ -1,0 +1,43 @@
+"""Dense Hessian solve: the oracle and a debugging aid for small levels.
+
+Builds H_X row by row with double backward (in the parameters' dtype), solves
+H w = v in float64 and forms the mixed product by double backward. Cost:
+d backward passes and O(d^2) memory, so it refuses levels with more than
+``LevelConfig.exact_max_params`` parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scalemlo.hypergrad import vectors as V
+from scalemlo.hypergrad.problem import ResponseProblem, negate
+from scalemlo.hypergrad.registry import register
+
+
+@register("exact")
+def exact(problem: ResponseProblem) -> dict[str, V.Vector]:
+    params = problem.lower.params
+    size = sum(p.numel() for p in params)
+    if size > problem.config.exact_max_params:
+        raise ValueError(
+            f"method 'exact' on level {problem.lower.name!r}: {size} parameters exceed "
+            f"exact_max_params={problem.config.exact_max_params}; use cg or neumann, or raise the limit"
+        )
+    grads = problem.lower_grad(create_graph=True)
+    flat_grad = torch.cat([g.reshape(-1) for g in grads])
+    rows = []
+    for i in range(size):
+        if flat_grad.requires_grad:
+            row = torch.autograd.grad(flat_grad[i], params, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([r.reshape(-1) for r in V.grads_or_zeros(row, params)]))
+        else:
+            rows.append(torch.zeros(size, dtype=flat_grad.dtype))
+    hessian = torch.stack(rows).double()
+    rhs = torch.cat([t.reshape(-1) for t in problem.v]).double()
+    solution = torch.linalg.solve(hessian, rhs)
+    w, i = [], 0
+    for p in params:
+        w.append(solution[i : i + p.numel()].reshape(p.shape).to(p.dtype))
+        i += p.numel()
+    return negate(problem.mixed_autograd(w))

@@ -1,0 +1,223 @@
+"""Small multilevel problems whose hypergradients have closed forms.
+
+Used by the test suite and by ``benchmarks/oracle_errors.py``. The closed
+forms are written with dense linear algebra in float64 and share no code with
+the hypergradient methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scalemlo.config import EngineConfig, LevelConfig
+from scalemlo.engine import Engine
+from scalemlo.level import Level
+
+
+class VectorModule(torch.nn.Module):
+    """A module that is just one parameter vector ``p`` (shape ``(size,)``)."""
+
+    def __init__(self, values: torch.Tensor):
+        super().__init__()
+        self.p = torch.nn.Parameter(values.clone())
+
+    def forward(self) -> torch.Tensor:
+        return self.p
+
+
+# ---- ridge regression with per-feature L2 hyperparameters ------------------------
+
+
+@dataclass
+class RidgeData:
+    """Train and validation splits of a linear regression task (float64)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+
+    @classmethod
+    def make(cls, features: int = 6, n: int = 40, n_val: int = 30, seed: int = 0) -> RidgeData:
+        g = torch.Generator().manual_seed(seed)
+        truth = torch.randn(features, generator=g, dtype=torch.float64)
+        x = torch.randn(n, features, generator=g, dtype=torch.float64)
+        x_val = torch.randn(n_val, features, generator=g, dtype=torch.float64)
+        y = x @ truth + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+        y_val = x_val @ truth + 0.5 * torch.randn(n_val, generator=g, dtype=torch.float64)
+        return cls(x, y, x_val, y_val)
+
+    def hessian(self, log_lambda: torch.Tensor) -> torch.Tensor:
+        """d^2 f / d theta^2 = X^T X / n + diag(exp(lambda))."""
+        return self.x.T @ self.x / len(self.x) + torch.diag(log_lambda.exp())
+
+    def solution(self, log_lambda: torch.Tensor) -> torch.Tensor:
+        """theta*(lambda) = H^{-1} X^T y / n."""
+        return torch.linalg.solve(self.hessian(log_lambda), self.x.T @ self.y / len(self.x))
+
+    def val_grad(self, theta: torch.Tensor) -> torch.Tensor:
+        """dF/dtheta of F = 0.5 mean((X_val theta - y_val)^2)."""
+        return self.x_val.T @ (self.x_val @ theta - self.y_val) / len(self.x_val)
+
+    def hypergradient(self, log_lambda: torch.Tensor) -> torch.Tensor:
+        """dF/dlambda at theta*(lambda) by the implicit function theorem."""
+        theta = self.solution(log_lambda)
+        w = torch.linalg.solve(self.hessian(log_lambda), self.val_grad(theta))
+        return -(log_lambda.exp() * theta) * w
+
+
+class RidgeModel(Level):
+    """Lower level: 0.5 mean((X theta - y)^2) + 0.5 sum(exp(lambda) theta^2)."""
+
+    def training_step(self, batch):
+        x, y = batch
+        theta = self.module()
+        log_lambda = self.uppers["hyper"]()
+        return 0.5 * ((x @ theta - y) ** 2).mean() + 0.5 * (log_lambda.exp() * theta**2).sum()
+
+
+class RidgeHyper(Level):
+    """Upper level: validation loss 0.5 mean((X_val theta - y_val)^2)."""
+
+    def training_step(self, batch):
+        x, y = batch
+        theta = self.lowers["model"]()
+        return 0.5 * ((x @ theta - y) ** 2).mean()
+
+
+def ridge_engine(
+    data: RidgeData,
+    log_lambda: torch.Tensor,
+    theta: torch.Tensor,
+    hyper_config: LevelConfig,
+    model_optimizer: str = "sgd",
+    model_lr: float = 0.1,
+    backend: str = "torch",
+    dtype: torch.dtype = torch.float64,
+    hyper_lr: float = 0.1,
+    max_steps: int = 0,
+) -> Engine:
+    """An engine over the ridge problem with the given state (full-batch data)."""
+    model_module = VectorModule(theta.to(dtype))
+    hyper_module = VectorModule(log_lambda.to(dtype))
+    opt_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[model_optimizer]
+    model = RidgeModel(
+        "model",
+        model_module,
+        opt_cls(model_module.parameters(), lr=model_lr),
+        data=[(data.x.to(dtype), data.y.to(dtype))],
+        config=LevelConfig(backend=backend),
+    )
+    hyper = RidgeHyper(
+        "hyper",
+        hyper_module,
+        torch.optim.SGD(hyper_module.parameters(), lr=hyper_lr),
+        data=[(data.x_val.to(dtype), data.y_val.to(dtype))],
+        config=hyper_config,
+    )
+    return Engine([hyper, model], {"hyper": ["model"]}, EngineConfig(max_steps=max_steps, progress_bar=False))
+
+
+# ---- a three-level chain of quadratics -------------------------------------------
+
+
+@dataclass
+class ChainProblem:
+    """A -> B -> C with quadratic objectives (float64):
+
+        f_C(c; b)    = 0.5 c^T A_C c - c^T (P b + q)
+        f_B(b; a, c) = 0.5 b^T A_B b - b^T R a + s^T c
+        f_A(a; b, c) = 0.5 |c - t_c|^2 + 0.5 |b - t_b|^2 + 0.5 gamma |a|^2
+
+    B's objective reads c linearly and c*(b) is affine, so the partial Hessians
+    the library uses are the true ones and the implicit-function closed form
+    below is exact.
+    """
+
+    a_c: torch.Tensor
+    p: torch.Tensor
+    q: torch.Tensor
+    a_b: torch.Tensor
+    r: torch.Tensor
+    s: torch.Tensor
+    t_c: torch.Tensor
+    t_b: torch.Tensor
+    gamma: float
+
+    @classmethod
+    def make(cls, dim_a: int = 3, dim_b: int = 4, dim_c: int = 5, seed: int = 0) -> ChainProblem:
+        g = torch.Generator().manual_seed(seed)
+
+        def spd(n: int) -> torch.Tensor:
+            m = torch.randn(n, n, generator=g, dtype=torch.float64)
+            return m @ m.T / n + torch.eye(n, dtype=torch.float64)
+
+        def rnd(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+        return cls(
+            spd(dim_c),
+            rnd(dim_c, dim_b),
+            rnd(dim_c),
+            spd(dim_b),
+            rnd(dim_b, dim_a),
+            rnd(dim_c),
+            rnd(dim_c),
+            rnd(dim_b),
+            0.1,
+        )
+
+    def c_star(self, b: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve(self.a_c, self.p @ b + self.q)
+
+    def b_star(self, a: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve(self.a_b, self.r @ a - self.p.T @ torch.linalg.solve(self.a_c, self.s))
+
+    def hypergradient_a(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """dF_A/da by the implicit function theorem (at any b, c)."""
+        v_b = (b - self.t_b) + self.p.T @ torch.linalg.solve(self.a_c, c - self.t_c)
+        return self.gamma * a + self.r.T @ torch.linalg.solve(self.a_b, v_b)
+
+    def hypergradient_b(self, c: torch.Tensor) -> torch.Tensor:
+        """dF_B/db's part through C: the s^T c term, (dc/db)^T s (plus the direct part, added by the caller)."""
+        return self.p.T @ torch.linalg.solve(self.a_c, self.s)
+
+
+class ChainC(Level):
+    def training_step(self, batch):
+        prob: ChainProblem = batch
+        c, b = self.module(), self.uppers["B"]()
+        return 0.5 * c @ prob.a_c @ c - c @ (prob.p @ b + prob.q)
+
+
+class ChainB(Level):
+    def training_step(self, batch):
+        prob: ChainProblem = batch
+        b, a, c = self.module(), self.uppers["A"](), self.lowers["C"]()
+        return 0.5 * b @ prob.a_b @ b - b @ (prob.r @ a) + prob.s @ c
+
+
+class ChainA(Level):
+    def training_step(self, batch):
+        prob: ChainProblem = batch
+        a, b, c = self.module(), self.level("B")(), self.level("C")()
+        return 0.5 * ((c - prob.t_c) ** 2).sum() + 0.5 * ((b - prob.t_b) ** 2).sum() + 0.5 * prob.gamma * (a**2).sum()
+
+
+def chain_engine(
+    prob: ChainProblem,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    config: LevelConfig,
+    lr: tuple[float, float, float] = (0.1, 0.1, 0.1),
+    max_steps: int = 0,
+) -> Engine:
+    """Engine over the chain with SGD on every level; ``config`` is used by A and B."""
+    levels = []
+    for cls, name, value, step in ((ChainA, "A", a, lr[0]), (ChainB, "B", b, lr[1]), (ChainC, "C", c, lr[2])):
+        module = VectorModule(value)
+        levels.append(cls(name, module, torch.optim.SGD(module.parameters(), lr=step), data=[prob], config=config))
+    return Engine(levels, {"A": ["B"], "B": ["C"]}, EngineConfig(max_steps=max_steps, progress_bar=False))
