@@ -8,11 +8,15 @@ d backward passes and O(d^2) memory, so it refuses levels with more than
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from scalemlo.hypergrad import vectors as V
 from scalemlo.hypergrad.problem import ResponseProblem, negate
 from scalemlo.hypergrad.registry import register
+
+log = logging.getLogger(__name__)
 
 
 @register("exact")
@@ -35,7 +39,13 @@ def exact(problem: ResponseProblem) -> dict[str, V.Vector]:
             rows.append(torch.zeros(size, dtype=flat_grad.dtype))
     hessian = torch.stack(rows).double()
     rhs = torch.cat([t.reshape(-1) for t in problem.v]).double()
-    solution = torch.linalg.solve(hessian, rhs)
+    try:
+        solution = torch.linalg.solve(hessian, rhs)
+    except torch.linalg.LinAlgError:
+        # Dead units or redundant parameters make H singular; the minimum-norm
+        # solution is what CG converges to from zero in that case.
+        log.warning("exact: the Hessian of level %r is singular; using the minimum-norm solution", problem.lower.name)
+        solution = torch.linalg.pinv(hessian, hermitian=True) @ rhs
     w, i = [], 0
     for p in params:
         w.append(solution[i : i + p.numel()].reshape(p.shape).to(p.dtype))

@@ -29,13 +29,14 @@ def _adam_sensitivity(p, v, state, group, grad, decoupled: bool) -> torch.Tensor
     t = float(state["step"])
     m, s = state["exp_avg"], state["exp_avg_sq"]
     g = grad
-    if group.get("weight_decay", 0) and not decoupled:
-        # Adam's L2 term enters the gradient Adam saw; AdamW's decay does not depend on g.
-        g = g + group["weight_decay"] * p.detach()
     bc1, bc2 = 1 - beta1**t, 1 - beta2**t
     m_hat = m / bc1
     root = (s / bc2).sqrt()
     denom = root + eps
+    if group.get("weight_decay", 0) and not decoupled:
+        # Adam's L2 term entered the gradient Adam saw, at the point before the step;
+        # that point is p + lr m_hat / denom. AdamW's decay does not depend on g.
+        g = g + group["weight_decay"] * (p.detach() + lr * m_hat / denom)
     curvature = torch.where(root > 0, m_hat * (1 - beta2) * g / (bc2 * root.clamp_min(1e-300) * denom**2), 0.0)
     return lr * ((1 - beta1) / (bc1 * denom) - curvature) * v
 

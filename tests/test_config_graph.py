@@ -1,0 +1,135 @@
+"""Bad programs and configs fail with a ValueError naming the problem, before any compute."""
+
+import pytest
+import torch
+
+import scalemlo
+from scalemlo import Engine, EngineConfig, Level, LevelConfig
+
+
+class Counting(Level):
+    calls = 0
+
+    def training_step(self, batch):
+        Counting.calls += 1
+        return self.module(batch).sum()
+
+
+def level(name, data=((torch.ones(2),),), config=None):
+    module = torch.nn.Linear(2, 1)
+    return Counting(name, module, torch.optim.SGD(module.parameters(), lr=0.1), data=data, config=config)
+
+
+@pytest.fixture(autouse=True)
+def reset_calls():
+    Counting.calls = 0
+    yield
+    assert Counting.calls == 0, "validation must fail before any training_step runs"
+
+
+@pytest.mark.parametrize(
+    "edges, message",
+    [
+        ({"a": ["b"], "b": ["c"], "c": ["a"]}, "cycle: a -> b -> c -> a"),
+        ({"a": ["zz"]}, "unknown level 'zz'"),
+        ({"zz": ["a"]}, "unknown level 'zz'"),
+        ({"a": ["a"]}, "self-edge 'a' -> 'a'"),
+        ({"a": ["b", "b"]}, "repeat a lower level"),
+        (["a", "b"], "edges must be a mapping"),
+    ],
+)
+def test_graph_errors(edges, message):
+    with pytest.raises(ValueError, match=message):
+        Engine([level("a"), level("b"), level("c")], edges)
+
+
+def test_duplicate_names():
+    with pytest.raises(ValueError, match="unique; repeated: \\['a'\\]"):
+        Engine([level("a"), level("a")], {})
+
+
+def test_level_without_data():
+    with pytest.raises(ValueError, match="level 'b' has no data"):
+        Engine([level("a"), level("b", data=None)], {"a": ["b"]})
+
+
+def test_empty_data_is_named_when_first_read():
+    engine = Engine([level("a", data=[])], {}, EngineConfig(max_steps=1, progress_bar=False))
+    with pytest.raises(ValueError, match="level 'a': its data yielded no batches"):
+        engine.run()
+
+
+def test_shared_parameter_is_refused():
+    shared = torch.nn.Linear(2, 1)
+    a = Counting("a", shared, torch.optim.SGD(shared.parameters(), lr=0.1), data=[1])
+    b = Counting("b", shared, torch.optim.SGD(shared.parameters(), lr=0.1), data=[1])
+    with pytest.raises(ValueError, match="trainable in both 'a' and 'b'"):
+        Engine([a, b], {"a": ["b"]})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"method": "darts"}, "method='darts' is not known; allowed values: cg, exact, finite_difference"),
+        ({"neumann_iterations": -1}, "neumann_iterations must be >= 0"),
+        ({"cg_iterations": 0}, "cg_iterations must be >= 1"),
+        ({"cg_iterations": 2.5}, "cg_iterations must be an integer"),
+        ({"unroll_steps": 0}, "unroll_steps must be >= 1"),
+        ({"fd_radius": 0.0}, "fd_radius must be > 0"),
+        ({"neumann_alpha": -0.1}, "neumann_alpha must be > 0"),
+        ({"penalty_alpha": "big"}, "penalty_alpha must be a number"),
+        ({"gradient_accumulation": 0}, "gradient_accumulation must be >= 1"),
+        ({"gradient_clipping": -1.0}, "gradient_clipping must be >= 0"),
+        ({"backend": "fsdp"}, "backend='fsdp' is not known; allowed values: deepspeed, torch"),
+        ({"second_order": "forward"}, "second_order='forward' is not known"),
+        ({"deepspeed_config": "/nonexistent/ds.json"}, "no such file"),
+        ({"backend": "torch", "deepspeed_config": {}}, "backend is 'torch'"),
+    ],
+)
+def test_level_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LevelConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"max_steps": -1}, "max_steps must be >= 0"), ({"log_every": 0}, "log_every must be >= 1")],
+)
+def test_engine_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**kwargs)
+
+
+def test_unknown_config_keys_are_errors():
+    with pytest.raises(ValueError, match="unknown LevelConfig keys \\['darts_alpha'\\]"):
+        LevelConfig.from_dict({"method": "cg", "darts_alpha": 0.1})
+    assert LevelConfig.from_dict({"method": "cg", "cg_iterations": 3}).cg_iterations == 3
+
+
+def test_methods_registry_lists_all_six():
+    assert set(scalemlo.METHODS) == {"finite_difference", "sama", "neumann", "cg", "penalty", "exact"}
+
+
+def test_graph_order_and_descendants():
+    from scalemlo.graph import LevelGraph
+
+    g = LevelGraph(["c", "b", "a", "d"], {"a": ["b", "d"], "b": ["c"], "d": ["c"]})
+    order = g.order
+    assert order.index("a") < order.index("b") < order.index("c")
+    assert order.index("d") < order.index("c")
+    assert set(g.descendants("a")) == {"b", "c", "d"}
+    assert g.uppers("c") == ("b", "d")
+    assert g.leaves() == ("c",)
+
+
+def test_deepspeed_refuses_float64_with_a_fix():
+    module = torch.nn.Linear(2, 1).double()
+    lv = Counting("a", module, torch.optim.SGD(module.parameters(), lr=0.1), data=[1])
+    with pytest.raises(ValueError, match="backend='torch'"):
+        Engine([lv], {})
+
+
+def test_unsupported_zero_stage_is_refused_before_compute():
+    cfg = LevelConfig(deepspeed_config={"zero_optimization": {"stage": 3}})
+    with pytest.raises(ValueError, match="ZeRO stage 3 is not supported yet"):
+        Engine([level("a", config=cfg)], {})

@@ -1,0 +1,50 @@
+"""Exact perturbation and the vector algebra the methods share."""
+
+import pytest
+import torch
+
+from scalemlo.hypergrad import vectors as V
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_perturbation_restores_bit_for_bit_even_where_naive_restore_fails(dtype):
+    g = torch.Generator().manual_seed(0)
+    # tiny entries next to large steps: fl(fl(p + d) - d) != p there
+    values = torch.cat([torch.randn(1000, generator=g) * 1e-7, torch.randn(1000, generator=g)]).to(dtype)
+    direction = torch.randn(2000, generator=g).to(dtype)
+    naive = (values + 0.3 * direction) - 0.3 * direction
+    assert not torch.equal(naive, values), "the input must defeat a naive restore, or this test proves nothing"
+
+    tol = 5e-2 if dtype == torch.bfloat16 else 1e-5
+    param = torch.nn.Parameter(values.clone())
+    step = [direction.clone()]
+    with V.perturbed([param], step, 0.3):
+        moved = param.detach().clone()
+        assert torch.allclose(moved.float(), (values.float() + 0.3 * direction.float()), atol=tol)
+    assert torch.equal(param.detach(), values)
+    # the realized step is kept and reused for the opposite point, also restored exactly
+    with V.perturbed([param], step, -1.0):
+        assert torch.allclose(param.detach().float(), (values.float() - 0.3 * direction.float()), atol=2 * tol)
+    assert torch.equal(param.detach(), values)
+
+
+def test_swapped_exchanges_and_restores():
+    p = torch.nn.Parameter(torch.arange(4.0))
+    other = [torch.ones(4)]
+    with V.swapped([p], other):
+        assert torch.equal(p.detach(), torch.ones(4))
+        assert torch.equal(other[0], torch.arange(4.0))
+    assert torch.equal(p.detach(), torch.arange(4.0)) and torch.equal(other[0], torch.ones(4))
+
+
+def test_dot_and_norm_accumulate_in_float64():
+    a = [torch.full((10,), 1e4, dtype=torch.float32), torch.ones(3, dtype=torch.float32)]
+    assert V.dot(a, a).dtype == torch.float64
+    assert float(V.dot(a, a)) == 10 * 1e8 + 3
+    assert float(V.norm([torch.tensor([3.0, 4.0])])) == 5.0
+
+
+def test_grads_or_zeros_and_is_zero():
+    like = [torch.ones(2), torch.ones(3)]
+    out = V.grads_or_zeros([None, torch.ones(3)], like)
+    assert torch.equal(out[0], torch.zeros(2)) and not V.is_zero(out) and V.is_zero([out[0]])
