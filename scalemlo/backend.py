@@ -75,8 +75,12 @@ class TorchBackend:
             g = g.detach().to(p.dtype) / self.accumulation
             p.grad = g.clone() if p.grad is None else p.grad.add_(g)
 
-    def step(self) -> bool:
-        """One micro-step; the optimizer steps at the accumulation boundary. Returns True if it stepped."""
+    def step(self, keep_last_grads: bool = False) -> bool:
+        """One micro-step; the optimizer steps at the accumulation boundary. Returns True if it stepped.
+
+        ``keep_last_grads`` keeps references to the gradients of the step (for
+        sama) instead of letting them be freed; it copies nothing.
+        """
         self._micro += 1
         if self._micro % self.accumulation:
             return False
@@ -85,7 +89,7 @@ class TorchBackend:
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        self.last_grads = [p.grad for p in self.params]
+        self.last_grads = [p.grad for p in self.params] if keep_last_grads else None
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         return True
@@ -124,11 +128,12 @@ class DeepSpeedBackend:
         surrogate = sum((p * g.detach().to(p.dtype)).sum() for p, g in zip(self.params, grads))
         self.engine.backward(surrogate)
 
-    def step(self) -> bool:
+    def step(self, keep_last_grads: bool = False) -> bool:
+        """One micro-step (DeepSpeed steps at its accumulation boundary); see TorchBackend.step."""
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary:
             # DeepSpeed frees .grad in step(); keep the tensors (no copy) for sama.
-            self.last_grads = [p.grad for p in self.params]
+            self.last_grads = [p.grad for p in self.params] if keep_last_grads else None
         self.engine.step()
         if boundary:
             self.steps += 1

@@ -73,7 +73,10 @@ class Engine:
             torch.manual_seed(self.config.seed)
         for lv in levels:
             lv._attach(self.levels, self.graph.uppers(lv.name), self.graph.lowers(lv.name))
-            lv.keep_last_grads = any(self.levels[u].config.method == "sama" for u in self.graph.uppers(lv.name))
+        for name in self.graph.names:
+            if self.levels[name].config.method == "sama" and self.graph.lowers(name):
+                for lower in self.graph.descendants(name):  # sama reads every level below's last step
+                    self.levels[lower].keep_last_grads = True
         for lv in levels:
             lv._build_backend()
         self.coordinator = Coordinator(self.levels, self.graph)
@@ -131,6 +134,7 @@ class Engine:
                     grads = self.coordinator.hypergradient(name, batch)
                     lv.step_on_gradient(grads)
                     metrics[f"{name}/hypergrad_norm"] = float(V.norm(grads))
+                    metrics[f"{name}/loss"] = self.coordinator.last_loss[name]
                 else:
                     metrics[f"{name}/loss"] = lv.step_on_own_loss(others)
         return metrics

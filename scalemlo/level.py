@@ -69,6 +69,7 @@ class Level:
         self._iterator: Iterator | None = None
         self.epoch = 0
         self.batch: Any = None
+        # Set by the engine when an upper level uses sama, which needs the last gradient.
         self.keep_last_grads = False
 
     # ---- what the user writes -------------------------------------------------
@@ -188,13 +189,13 @@ class Level:
         with frozen(others):
             loss = self.loss(batch)
             self.backend.backward(loss)
-        self.backend.step()
+        self.backend.step(self.keep_last_grads)
         return float(loss.detach())
 
     def step_on_gradient(self, grads: list[torch.Tensor]) -> None:
         """One micro-step on a gradient computed elsewhere (a hypergradient)."""
         self.backend.backward_from_grads(grads)
-        self.backend.step()
+        self.backend.step(self.keep_last_grads)
 
     @contextlib.contextmanager
     def preserved_buffers(self):

@@ -214,10 +214,11 @@ def chain_engine(
     config: LevelConfig,
     lr: tuple[float, float, float] = (0.1, 0.1, 0.1),
     max_steps: int = 0,
+    optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
 ) -> Engine:
-    """Engine over the chain with SGD on every level; ``config`` is used by A and B."""
+    """Engine over the chain (SGD on every level by default); ``config`` is used by A and B."""
     levels = []
     for cls, name, value, step in ((ChainA, "A", a, lr[0]), (ChainB, "B", b, lr[1]), (ChainC, "C", c, lr[2])):
         module = VectorModule(value)
-        levels.append(cls(name, module, torch.optim.SGD(module.parameters(), lr=step), data=[prob], config=config))
+        levels.append(cls(name, module, optimizer(module.parameters(), lr=step), data=[prob], config=config))
     return Engine(levels, {"A": ["B"], "B": ["C"]}, EngineConfig(max_steps=max_steps, progress_bar=False))

@@ -85,3 +85,14 @@ def test_chain_training_reaches_the_trilevel_optimum():
     engine.run()
     a_final = engine.levels["A"].module.p.detach()
     assert rel_err(a_final, a_star) <= 2e-2
+
+
+def test_sama_with_adam_reads_every_level_below():
+    """A's sama needs C's last Adam gradient too, two levels down."""
+    b, c = at_optimum()
+    engine = chain_engine(
+        PROB, A, b, c, LevelConfig(method="sama", backend="torch"), LR, max_steps=4, optimizer=torch.optim.Adam
+    )
+    engine.run()
+    assert engine.levels["C"].backend.last_grads is not None
+    assert torch.isfinite(engine.hypergradient("A")[0]).all()

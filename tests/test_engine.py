@@ -207,3 +207,36 @@ def test_hypergradient_of_a_level_without_lowers_is_an_error():
         engine.hypergradient("lower")
     with pytest.raises(ValueError, match="unknown level 'nope'"):
         engine.hypergradient("nope")
+
+
+@pytest.mark.parametrize("backend", ["deepspeed", "torch"])
+def test_scheduler_factory_steps_with_the_optimizer(backend):
+    a, b, t = problem(dtype=torch.float32)
+    lower_module, upper_module = VectorModule(torch.zeros(4)), VectorModule(torch.zeros(3))
+    lower = Lower(
+        "lower",
+        lower_module,
+        lambda params: torch.optim.SGD(params, lr=0.2),
+        [(a, b, torch.zeros(4))],
+        scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+        config=LevelConfig(backend=backend),
+    )
+    upper = Upper(
+        "upper",
+        upper_module,
+        torch.optim.SGD(upper_module.parameters(), lr=0.1),
+        [t],
+        config=LevelConfig(method="cg", backend=backend),
+    )
+    engine = Engine([lower, upper], {"upper": ["lower"]}, EngineConfig(max_steps=3, progress_bar=False))
+    engine.run()
+    assert lower.lr == pytest.approx(0.2 * 0.5**3) and upper.lr == pytest.approx(0.1)
+
+
+def test_shipped_deepspeed_config_builds():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "ds" / "zero0_fp32.json"
+    engine = build(LevelConfig(method="cg", deepspeed_config=str(path), gradient_accumulation=2), dtype=torch.float32)
+    ds = engine.levels["upper"].backend.engine
+    assert ds.gradient_accumulation_steps() == 2 and ds.gradient_clipping() == 0.0

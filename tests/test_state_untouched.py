@@ -104,7 +104,7 @@ def test_perturbed_evaluations_see_the_same_dropout_mask(monkeypatch):
     from scalemlo.hypergrad.problem import ResponseProblem
 
     lower, upper = engine.levels["classifier"], engine.levels["reweight"]
-    adjoint = Coordinator._direct_gradients(
+    _, adjoint = Coordinator._direct_gradients(
         upper, [upper, lower], list(engine.levels.values()), None, torch.get_rng_state()
     )
     problem = ResponseProblem(

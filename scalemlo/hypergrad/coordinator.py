@@ -35,6 +35,7 @@ class Coordinator:
         self.levels = levels
         self.graph = graph
         self.method_state: dict[tuple[str, str], dict] = {}
+        self.last_loss: dict[str, float] = {}  # the owner's objective at its last hypergradient
 
     def hypergradient(self, owner_name: str, batch=None) -> V.Vector:
         """dF_U/dp_U for the owner U, shaped like ``levels[U].params``.
@@ -57,7 +58,8 @@ class Coordinator:
         with contextlib.ExitStack() as stack:
             for lv in everyone:
                 stack.enter_context(lv.preserved_buffers())
-            adjoint = self._direct_gradients(owner, in_play, everyone, batch, rng_state)
+            loss, adjoint = self._direct_gradients(owner, in_play, everyone, batch, rng_state)
+            self.last_loss[owner_name] = loss
             for name in reversed(below):
                 v = adjoint[name]
                 if V.is_zero(v):
@@ -77,8 +79,8 @@ class Coordinator:
         return [g.detach() for g in adjoint[owner_name]]
 
     @staticmethod
-    def _direct_gradients(owner, in_play, everyone, batch, rng_state) -> dict[str, V.Vector]:
-        """dF/dp for the owner and every level below it, from one backward."""
+    def _direct_gradients(owner, in_play, everyone, batch, rng_state) -> tuple[float, dict[str, V.Vector]]:
+        """The owner's loss and dF/dp for the owner and every level below it, from one backward."""
         others = [lv for lv in everyone if all(lv is not p for p in in_play)]
         params = [p for lv in in_play for p in lv.params]
         with torch.random.fork_rng(devices=[]), frozen(others):
@@ -89,4 +91,4 @@ class Coordinator:
         for lv in in_play:
             out[lv.name] = [g.detach().clone() for g in grads[i : i + len(lv.params)]]
             i += len(lv.params)
-        return out
+        return float(loss.detach()), out

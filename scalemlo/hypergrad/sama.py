@@ -71,7 +71,12 @@ def sama(problem: ResponseProblem) -> dict[str, V.Vector]:
         group = groups[id(p)]
         state = optimizer.state.get(p, {})
         grad = last[i] if last is not None else None
-        if adam and "exp_avg" in state and grad is not None:
+        if adam and "exp_avg" in state:
+            if grad is None:
+                raise RuntimeError(
+                    f"method 'sama': level {lower.name!r} did not keep its last gradient; "
+                    "the engine sets Level.keep_last_grads for every level below a sama level"
+                )
             decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
             w.append(_adam_sensitivity(p, v, state, group, grad, decoupled))
         elif adam:
