@@ -123,20 +123,26 @@ class Engine:
         """One global iteration: every level whose turn it is steps, lowest first."""
         self.global_step += 1
         metrics: dict[str, float] = {}
+        if self.global_step == 1:
+            for name in self.graph.order:
+                if self.graph.uppers(name):
+                    self.levels[name].on_inner_loop_start()
         for name in reversed(self.graph.order):
             lv = self.levels[name]
             if self.global_step % self.period[name] or self.global_step <= lv.config.warmup_steps:
                 continue
+            lowers = self.graph.lowers(name)
             others = [o for o in self.levels.values() if o is not lv]
             for _ in range(lv.config.gradient_accumulation):
-                if self.graph.lowers(name):
-                    batch = lv.next_batch()
-                    grads = self.coordinator.hypergradient(name, batch)
+                if lowers:
+                    grads = self.coordinator.hypergradient(name, lv.next_batch())
                     lv.step_on_gradient(grads)
                     metrics[f"{name}/hypergrad_norm"] = float(V.norm(grads))
                     metrics[f"{name}/loss"] = self.coordinator.last_loss[name]
                 else:
                     metrics[f"{name}/loss"] = lv.step_on_own_loss(others)
+            for lower in lowers:
+                self.levels[lower].on_inner_loop_start()
         return metrics
 
     def hypergradient(self, name: str) -> list[torch.Tensor]:

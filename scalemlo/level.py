@@ -81,6 +81,13 @@ class Level:
         """Optional metrics, run by the engine every ``EngineConfig.valid_every`` iterations."""
         return None
 
+    def on_inner_loop_start(self) -> None:
+        """Optional hook: runs before this level's first step and after every step of a level directly above it.
+
+        The place to restart an inner problem, e.g. iMAML resets task
+        parameters to the meta-parameters (and clears the optimizer state).
+        """
+
     # ---- reaching other levels ----------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run this level's module (the one DeepSpeed wraps, parameters shared)."""

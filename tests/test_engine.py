@@ -240,3 +240,33 @@ def test_shipped_deepspeed_config_builds():
     engine = build(LevelConfig(method="cg", deepspeed_config=str(path), gradient_accumulation=2), dtype=torch.float32)
     ds = engine.levels["upper"].backend.engine
     assert ds.gradient_accumulation_steps() == 2 and ds.gradient_clipping() == 0.0
+
+
+def test_inner_loop_start_hook_runs_before_the_first_step_and_after_each_upper_step():
+    calls = []
+
+    class Hooked(Lower):
+        def on_inner_loop_start(self):
+            calls.append((self.steps, self.uppers["upper"].steps))
+
+    a, b, t = problem()
+    lower_module, upper_module = (
+        VectorModule(torch.zeros(4, dtype=torch.float64)),
+        VectorModule(torch.zeros(3, dtype=torch.float64)),
+    )
+    lower = Hooked(
+        "lower",
+        lower_module,
+        torch.optim.SGD(lower_module.parameters(), lr=0.1),
+        [(a, b, torch.zeros(4, dtype=torch.float64))],
+        config=LevelConfig(backend="torch"),
+    )
+    upper = Upper(
+        "upper",
+        upper_module,
+        torch.optim.SGD(upper_module.parameters(), lr=0.1),
+        [t],
+        config=LevelConfig(method="cg", backend="torch", unroll_steps=3),
+    )
+    Engine([lower, upper], {"upper": ["lower"]}, EngineConfig(max_steps=7, progress_bar=False)).run()
+    assert calls == [(0, 0), (3, 1), (6, 2)]
