@@ -14,5 +14,7 @@ from scalemlo.hypergrad.registry import register
 
 @register("finite_difference")
 def finite_difference(problem: ResponseProblem) -> dict[str, V.Vector]:
-    w = V.scale(problem.v, problem.lower.lr)
+    w = problem.v  # the adjoint is the method's to consume: scale it in place, no second buffer
+    for t in w:
+        t.mul_(problem.lower.lr)
     return negate(problem.mixed_difference(w, problem.config.fd_radius))

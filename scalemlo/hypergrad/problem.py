@@ -31,7 +31,8 @@ class ResponseProblem:
     Attributes:
         lower: the level X whose Hessian is (approximately) inverted.
         uppers: the levels Y whose responses are wanted (directly above X).
-        v: adjoint, shaped like ``lower.params`` (same dtypes).
+        v: adjoint, shaped like ``lower.params`` (same dtypes); it belongs to
+            the method, which may overwrite it to save a buffer.
         config: the LevelConfig of the level whose hypergradient is computed.
         state: the method's own memory for this (owner, lower) pair.
         everyone: every level of the program (to hold the others fixed).
