@@ -136,6 +136,12 @@ class Engine:
             for _ in range(lv.config.gradient_accumulation):
                 if lowers:
                     grads = self.coordinator.hypergradient(name, lv.next_batch())
+                    if not all(bool(torch.isfinite(g).all()) for g in grads):
+                        raise FloatingPointError(
+                            f"level {name!r}: the hypergradient (method {lv.config.method!r}) is not finite at "
+                            f"global step {self.global_step}; nothing was stepped. Check the lower levels' losses "
+                            "and the method's settings (e.g. neumann_alpha < 2 / largest Hessian eigenvalue)"
+                        )
                     lv.step_on_gradient(grads)
                     metrics[f"{name}/hypergrad_norm"] = float(V.norm(grads))
                     metrics[f"{name}/loss"] = self.coordinator.last_loss[name]

@@ -270,3 +270,15 @@ def test_inner_loop_start_hook_runs_before_the_first_step_and_after_each_upper_s
     )
     Engine([lower, upper], {"upper": ["lower"]}, EngineConfig(max_steps=7, progress_bar=False)).run()
     assert calls == [(0, 0), (3, 1), (6, 2)]
+
+
+def test_a_non_finite_hypergradient_stops_the_run_before_any_step():
+    config = LevelConfig(method="neumann", backend="torch", neumann_alpha=1e6, neumann_iterations=200)
+    engine = build(config, max_steps=3)
+    upper = engine.levels["upper"]
+    before = upper.module.p.detach().clone()
+    with pytest.raises(
+        FloatingPointError, match="level 'upper': the hypergradient \\(method 'neumann'\\) is not finite"
+    ):
+        engine.run()
+    assert torch.equal(upper.module.p.detach(), before)

@@ -213,3 +213,36 @@ def test_penalty_response_matches_closed_form_at_the_optimum():
     result = hypergradient("penalty", penalty_alpha=1e4, penalty_steps=2000, penalty_lr=0.3)
     assert cosine(result, reference) >= 0.9999
     assert rel_err(result, reference) <= 1e-3
+
+
+def test_cg_stops_at_convergence_instead_of_dividing_by_an_underflowed_curvature():
+    """float32, tiny curvature and a tiny upper gradient: iterating past convergence
+    used to give <d, Ad> = 0 and a NaN hypergradient (found by the hpo example)."""
+    import math
+
+    from scalemlo import Engine, EngineConfig, Level
+    from scalemlo.testing import VectorModule
+
+    class Lower(Level):
+        def training_step(self, batch):
+            return 0.5 * (self.uppers["up"]().exp() * self.module() ** 2).sum()
+
+    class Upper(Level):
+        def training_step(self, batch):
+            return 1e-22 * self.lowers["low"]().sum()
+
+    results = {}
+    for method in ("cg", "exact"):
+        lm, um = VectorModule(torch.ones(4)), VectorModule(torch.full((4,), math.log(1e-3)))
+        low = Lower("low", lm, torch.optim.SGD(lm.parameters(), lr=0.1), [None], config=LevelConfig(backend="torch"))
+        up = Upper(
+            "up",
+            um,
+            torch.optim.SGD(um.parameters(), lr=0.1),
+            [None],
+            config=LevelConfig(method=method, cg_iterations=5, backend="torch"),
+        )
+        engine = Engine([up, low], {"up": ["low"]}, EngineConfig(max_steps=0, progress_bar=False))
+        results[method] = engine.hypergradient("up")[0]
+    assert torch.isfinite(results["cg"]).all()
+    assert torch.allclose(results["cg"], results["exact"], rtol=1e-5, atol=0)

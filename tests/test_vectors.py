@@ -48,3 +48,10 @@ def test_grads_or_zeros_and_is_zero():
     like = [torch.ones(2), torch.ones(3)]
     out = V.grads_or_zeros([None, torch.ones(3)], like)
     assert torch.equal(out[0], torch.zeros(2)) and not V.is_zero(out) and V.is_zero([out[0]])
+
+
+@pytest.mark.parametrize("magnitude", [1e-22, 1.0, 1e25])
+def test_norm_neither_underflows_nor_overflows_in_float32(magnitude):
+    a = [torch.full((1000,), magnitude, dtype=torch.float32), torch.full((10,), -magnitude, dtype=torch.float32)]
+    expected = magnitude * 1010**0.5
+    assert float(V.norm(a)) == pytest.approx(expected, rel=1e-6)

@@ -42,9 +42,34 @@ def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
     return reduce_sum(local)
 
 
+def max_abs(a: Sequence[torch.Tensor]) -> float:
+    """Largest absolute entry of the whole vector."""
+    return max((float(x.abs().max()) for x in a if x.numel()), default=0.0)
+
+
 def norm(a: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Euclidean norm of the whole vector, as a float64 0-d tensor."""
-    return dot(a, a).sqrt()
+    """Euclidean norm of the whole vector, as a float64 0-d tensor.
+
+    Each tensor is scaled by its largest entry first when squares would
+    underflow or overflow its dtype (a 1e-22 gradient in float32 has a
+    squared norm below the smallest subnormal).
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    for x in a:
+        if not x.numel():
+            continue
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        top = float(x.abs().max())
+        if top == 0.0:
+            continue
+        tiny, huge = torch.finfo(x.dtype).tiny ** 0.5 * 1e3, torch.finfo(x.dtype).max ** 0.5 * 1e-3
+        if tiny < top < huge:
+            total = total + (x * x).sum().double().cpu()
+        else:
+            scaled = x / top
+            total = total + (scaled * scaled).sum().double().cpu() * top * top
+    return reduce_sum(total).sqrt()
 
 
 def clone(a: Sequence[torch.Tensor]) -> Vector:
