@@ -117,6 +117,12 @@ class DeepSpeedBackend:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
+        import torch.distributed as dist
+
+        if dist.get_world_size() == 1:
+            # One rank has nothing to reduce; DeepSpeed's ZeRO-0 reduction would
+            # still copy every gradient into flat buckets (+1x gradient memory).
+            self.engine.enable_backward_allreduce = False
         self.params = list(params)
         self.steps = 0
         self.last_grads: list[torch.Tensor] | None = None
