@@ -147,7 +147,7 @@ class EngineConfig:
     Attributes:
         max_steps: global iterations; each one steps every leaf level once.
         valid_every: run the validation hook every N global iterations (0: never).
-        log_every: log metrics every N global iterations.
+        log_every: log metrics every N global iterations (0: never).
         seed: seeds torch's generator when the engine is built (None: leave it).
         progress_bar: show a progress bar in ``run()``.
     """
@@ -161,7 +161,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _check_int("EngineConfig.max_steps", self.max_steps, 0)
         _check_int("EngineConfig.valid_every", self.valid_every, 0)
-        _check_int("EngineConfig.log_every", self.log_every, 1)
+        _check_int("EngineConfig.log_every", self.log_every, 0)
         if self.seed is not None:
             _check_int("EngineConfig.seed", self.seed, 0)
 

@@ -137,10 +137,12 @@ class Engine:
                 if lowers:
                     grads = self.coordinator.hypergradient(name, lv.next_batch())
                     if not all(bool(torch.isfinite(g).all()) for g in grads):
+                        lower_losses = {n: metrics.get(f"{n}/loss") for n in self.graph.descendants(name)}
                         raise FloatingPointError(
                             f"level {name!r}: the hypergradient (method {lv.config.method!r}) is not finite at "
-                            f"global step {self.global_step}; nothing was stepped. Check the lower levels' losses "
-                            "and the method's settings (e.g. neumann_alpha < 2 / largest Hessian eigenvalue)"
+                            f"global step {self.global_step}; nothing was stepped. Last losses of the levels "
+                            f"below it this iteration: {lower_losses} (a non-finite one means a level below "
+                            "diverged: lower its lr or clip it); otherwise check the method's settings"
                         )
                     lv.step_on_gradient(grads)
                     metrics[f"{name}/hypergrad_norm"] = float(V.norm(grads))

@@ -13,13 +13,13 @@ T = TypeVar("T")
 
 
 class MetricLogger:
-    """Logs a metrics dict every ``every`` global iterations."""
+    """Logs a metrics dict every ``every`` global iterations (0: never)."""
 
     def __init__(self, every: int):
         self.every = every
 
     def wants(self, step: int) -> bool:
-        return step % self.every == 0
+        return self.every > 0 and step % self.every == 0
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         text = " ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items()))

@@ -94,7 +94,7 @@ def test_level_config_errors(kwargs, message):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"max_steps": -1}, "max_steps must be >= 0"), ({"log_every": 0}, "log_every must be >= 1")],
+    [({"max_steps": -1}, "max_steps must be >= 0"), ({"log_every": -1}, "log_every must be >= 0")],
 )
 def test_engine_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
