@@ -30,15 +30,16 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "reweighting_worker.py"
 
 
-def configurations(sizes, methods, unrolls, with_betty):
-    """One round's configurations, in the order they run."""
+def configurations(sizes, methods, unrolls, unroll_sizes, with_betty):
+    """One round's configurations, in the order they run (unroll_steps > 1 only at ``unroll_sizes``)."""
     for size in sizes:
         yield {"system": "plain", "method": "none", "size": size, "unroll": 1}
         for method in methods:
             if with_betty:
                 yield {"system": "betty", "method": method, "size": size, "unroll": 1}
             for unroll in unrolls:
-                yield {"system": "scalemlo", "method": method, "size": size, "unroll": unroll}
+                if unroll == 1 or size in unroll_sizes:
+                    yield {"system": "scalemlo", "method": method, "size": size, "unroll": unroll}
 
 
 def key(cfg) -> tuple:
@@ -157,7 +158,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["4m", "124m"])
     parser.add_argument("--methods", nargs="+", default=["finite_difference", "sama"])
-    parser.add_argument("--unrolls", nargs="+", type=int, default=[1], help="scalemlo unroll_steps to measure")
+    parser.add_argument("--unrolls", nargs="+", type=int, default=[1, 5, 10], help="scalemlo unroll_steps to measure")
+    parser.add_argument("--unroll-sizes", nargs="+", default=["4m"], help="sizes at which unroll_steps > 1 run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -166,7 +168,7 @@ def main() -> None:
     with_betty = importlib.util.find_spec("betty") is not None
     if not with_betty:
         print("Betty is not installed: pip install --no-deps --ignore-requires-python betty-ml==0.2.1 (skipping it)")
-    configs = list(configurations(args.sizes, args.methods, args.unrolls, with_betty))
+    configs = list(configurations(args.sizes, args.methods, args.unrolls, args.unroll_sizes, with_betty))
     rounds: list[dict[tuple, dict]] = []
     start = time.time()
     for i in range(args.rounds):
