@@ -37,7 +37,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reweighting_worker import WeightNet, per_example_loss  # noqa: E402
+from reweighting_worker import WeightNet, betty_problems, per_example_loss, scalemlo_levels  # noqa: E402
 
 WARM, LM_LR = 3, 1e-2
 
@@ -72,16 +72,9 @@ def flat(params) -> torch.Tensor:
 
 
 def run_scalemlo(method: str) -> torch.Tensor:
-    from scalemlo import Engine, EngineConfig, Level, LevelConfig
+    from scalemlo import Engine, EngineConfig, LevelConfig
 
-    class LM(Level):
-        def training_step(self, batch):
-            losses = per_example_loss(self.module, batch[0])
-            return (self.uppers["reweight"](losses.detach()) * losses).mean()
-
-    class Reweight(Level):
-        def training_step(self, batch):
-            return per_example_loss(self.lowers["lm"].module, batch[0]).mean()
+    LM, Reweight = scalemlo_levels()
 
     train, meta = data()
     lm = tiny_lm()
@@ -102,16 +95,8 @@ def run_scalemlo(method: str) -> torch.Tensor:
 def run_betty(method: str) -> torch.Tensor:
     from betty.configs import Config, EngineConfig
     from betty.engine import Engine
-    from betty.problems import ImplicitProblem
 
-    class LM(ImplicitProblem):
-        def training_step(self, batch):
-            losses = per_example_loss(self.module, batch[0])
-            return (self.reweight(losses.detach()) * losses).mean()
-
-    class Reweight(ImplicitProblem):
-        def training_step(self, batch):
-            return per_example_loss(self.lm.module, batch[0]).mean()
+    LM, Reweight = betty_problems()
 
     train, meta = data()
     lm = tiny_lm()

@@ -91,8 +91,9 @@ def run_plain(args) -> tuple[list[float], int]:
     return times[args.warmup :], sum(p.numel() for p in lm.parameters())
 
 
-def run_scalemlo(args) -> tuple[list[float], int]:
-    from scalemlo import Engine, EngineConfig, Level, LevelConfig
+def scalemlo_levels():
+    """The two scalemlo level classes of the task: (LM, Reweight)."""
+    from scalemlo import Level
 
     class LM(Level):
         def training_step(self, batch):
@@ -103,6 +104,29 @@ def run_scalemlo(args) -> tuple[list[float], int]:
         def training_step(self, batch):
             return per_example_loss(self.lowers["lm"].module, batch[0]).mean()
 
+    return LM, Reweight
+
+
+def betty_problems():
+    """The two Betty problem classes of the task: (LM, Reweight)."""
+    from betty.problems import ImplicitProblem
+
+    class LM(ImplicitProblem):
+        def training_step(self, batch):
+            losses = per_example_loss(self.module, batch[0])
+            return (self.reweight(losses.detach()) * losses).mean()
+
+    class Reweight(ImplicitProblem):
+        def training_step(self, batch):
+            return per_example_loss(self.lm.module, batch[0]).mean()
+
+    return LM, Reweight
+
+
+def run_scalemlo(args) -> tuple[list[float], int]:
+    from scalemlo import Engine, EngineConfig, LevelConfig
+
+    LM, Reweight = scalemlo_levels()
     lm, weigher = make_lm(args.size), WeightNet()
     lower = LM("lm", lm, torch.optim.Adam(lm.parameters(), lr=LM_LR), batches(args.size, 4, 0))
     upper = Reweight(
@@ -127,16 +151,8 @@ def run_scalemlo(args) -> tuple[list[float], int]:
 def run_betty(args) -> tuple[list[float], int]:
     from betty.configs import Config, EngineConfig
     from betty.engine import Engine
-    from betty.problems import ImplicitProblem
 
-    class LM(ImplicitProblem):
-        def training_step(self, batch):
-            losses = per_example_loss(self.module, batch[0])
-            return (self.reweight(losses.detach()) * losses).mean()
-
-    class Reweight(ImplicitProblem):
-        def training_step(self, batch):
-            return per_example_loss(self.lm.module, batch[0]).mean()
+    LM, Reweight = betty_problems()
 
     lm, weigher = make_lm(args.size), WeightNet()
     hyper_type = {"finite_difference": "darts", "sama": "sama"}[args.method]

@@ -1,19 +1,13 @@
 """Smoke test of examples/darts (DARTS on digits, finite_difference): a few search and retrain steps."""
 
-import importlib.util
 import math
-from pathlib import Path
 
+import examples_helper
 import pytest
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "darts" / "train.py"
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("example_darts", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return examples_helper.load_example("darts")
 
 
 def test_smoke_search_moves_alpha_and_derives_an_architecture(capsys):

@@ -1,19 +1,13 @@
 """Smoke test of the Quickstart job, examples/hpo_logistic (a few steps)."""
 
-import importlib.util
 import math
-from pathlib import Path
 
+import examples_helper
 import pytest
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hpo_logistic" / "train.py"
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("example_hpo_logistic", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return examples_helper.load_example("hpo_logistic")
 
 
 def test_a_few_steps_learn_something(capsys):

@@ -1,19 +1,16 @@
 """Smoke test of examples/imaml_sinusoid (a few meta-iterations of every system)."""
 
-import importlib.util
 import math
 from pathlib import Path
 
+import examples_helper
 import pytest
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "imaml_sinusoid" / "train.py"
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("example_imaml_sinusoid", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return examples_helper.load_example("imaml_sinusoid")
 
 
 def test_smoke_run_meta_learns_through_scalemlo(capsys):

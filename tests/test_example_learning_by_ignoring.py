@@ -1,9 +1,9 @@
 """Smoke test of examples/learning_by_ignoring: a three-level reweight -> pretrain -> finetune program."""
 
-import importlib.util
 import math
 from pathlib import Path
 
+import examples_helper
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -11,10 +11,7 @@ EXAMPLE = ROOT / "examples" / "learning_by_ignoring"
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("example_learning_by_ignoring", EXAMPLE / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return examples_helper.load_example("learning_by_ignoring")
 
 
 @pytest.fixture(scope="module")

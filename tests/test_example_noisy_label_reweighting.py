@@ -1,9 +1,9 @@
 """Smoke test of examples/noisy_label_reweighting (Meta-Weight-Net on noisy digits)."""
 
-import importlib.util
 import math
 from pathlib import Path
 
+import examples_helper
 import pytest
 import torch
 
@@ -11,10 +11,7 @@ PATH = Path(__file__).resolve().parents[1] / "examples" / "noisy_label_reweighti
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("example_noisy_label_reweighting", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return examples_helper.load_example("noisy_label_reweighting")
 
 
 @pytest.fixture(scope="module")
