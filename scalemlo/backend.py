@@ -11,6 +11,12 @@ The hypergradient code never calls an optimizer: it hands a finished gradient
 to ``backward_from_grads``, which under DeepSpeed is a backward of the
 surrogate ``sum(<p, g>)``, so the upper level's gradient is reduced across
 ranks exactly once, by the same machinery as any other gradient.
+
+Besides stepping, a backend tells the hypergradient code where the level's
+vectors live (``coords``: whole parameters, or at ZeRO-3 the local partitions
+``p.ds_tensor``), how to take the level's own gradient in that layout
+(``gradient``: averaged over ranks, so every rank holds the same vector or its
+own slice of it), and how to reduce across ranks (``space``).
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ def import_deepspeed():
 class TorchBackend:
     """A plain torch optimizer with manual gradient accumulation and clipping."""
 
+    partitioned = False
+
     def __init__(self, params: Sequence[torch.nn.Parameter], optimizer, scheduler, config):
         self.params = list(params)
         self.optimizer = optimizer
@@ -66,7 +74,30 @@ class TorchBackend:
         self._micro = 0
         self.steps = 0
         self.last_grads: list[torch.Tensor] | None = None
+        self.space = _space(partitioned=False)
+        self.zero_stage = None
 
+    # ---- what the hypergradient code reads ------------------------------------
+    @property
+    def coords(self) -> list[torch.Tensor]:
+        """The tensors the level's vectors are shaped like, and that perturbations write."""
+        return self.params
+
+    def gradient(self, loss: torch.Tensor, retain_graph: bool = False) -> list[torch.Tensor]:
+        """d loss / d params in the layout of ``coords`` (one process: nothing to average)."""
+        from scalemlo.hypergrad.vectors import grads_or_zeros
+
+        return grads_or_zeros(
+            torch.autograd.grad(loss, self.params, allow_unused=True, retain_graph=retain_graph), self.params
+        )
+
+    def average(self, vector: list[torch.Tensor]) -> None:
+        """Average a vector over ranks in place (one process: nothing to do)."""
+
+    def release_gathered(self) -> None:
+        """Make writes to ``coords`` visible to the next forward (nothing to do without ZeRO-3)."""
+
+    # ---- stepping -----------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accumulation).backward()
 
@@ -119,20 +150,103 @@ class DeepSpeedBackend:
         )
         import torch.distributed as dist
 
-        if dist.get_world_size() == 1:
+        self.world_size = dist.get_world_size()
+        self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        if self.world_size == 1 and self.zero_stage == 0:
             # One rank has nothing to reduce; DeepSpeed's ZeRO-0 reduction would
             # still copy every gradient into flat buckets (+1x gradient memory).
+            # (ZeRO 1-2 fill their partitions in that reduction: keep it there.)
             self.engine.enable_backward_allreduce = False
+        self.partitioned = self.zero_stage == 3
+        self.space = _space(partitioned=self.partitioned and self.world_size > 1)
         self.params = list(params)
         self.steps = 0
         self.last_grads: list[torch.Tensor] | None = None
+        self._zero_optimizer = self.zero_stage > 0
 
+    # ---- what the hypergradient code reads ------------------------------------
+    @property
+    def coords(self) -> list[torch.Tensor]:
+        """Whole parameters, or at ZeRO-3 this rank's partitions (``p.ds_tensor``, flat)."""
+        if self.partitioned:
+            return [p.ds_tensor for p in self.params]
+        return self.params
+
+    def gradient(self, loss: torch.Tensor, retain_graph: bool = False) -> list[torch.Tensor]:
+        """d loss / d params in the layout of ``coords``, averaged over ranks.
+
+        ZeRO 0-2: autograd on the whole parameters, then an all-reduce when
+        there are several ranks. ZeRO-3: autograd cannot see partitioned
+        parameters, so the backward goes through ``engine.backward`` (which
+        gathers layer by layer and reduce-scatters), the local gradient
+        partitions are copied out and DeepSpeed's gradient buffers are cleared
+        again; no optimizer state changes. Every parameter of other levels
+        that the graph reaches must have been frozen when ``loss`` was built,
+        or its ``.grad`` be stashed by the caller.
+        """
+        from scalemlo.hypergrad.vectors import grads_or_zeros
+
+        if not self.partitioned:
+            grads = torch.autograd.grad(loss, self.params, allow_unused=True, retain_graph=retain_graph)
+            grads = grads_or_zeros(grads, self.params)
+            self.average(grads)
+            return grads
+        from deepspeed.utils import safe_get_local_grad
+
+        self.engine.zero_grad()  # DeepSpeed then copies (does not accumulate) into its partitions
+        for p in self.params:
+            buffer = safe_get_local_grad(p)
+            if buffer is not None:
+                buffer.zero_()  # a parameter the loss does not reach keeps no stale gradient
+        self._engine_backward(loss, retain_graph=retain_graph, scale_wrt_gas=False)
+        out = []
+        for p in self.params:
+            buffer = safe_get_local_grad(p)
+            out.append(torch.zeros_like(p.ds_tensor) if buffer is None else buffer.view_as(p.ds_tensor).clone())
+            if buffer is not None:
+                buffer.zero_()
+        self.engine.zero_grad()
+        return out
+
+    def average(self, vector: list[torch.Tensor]) -> None:
+        """Average whole-parameter vectors over ranks in place (ZeRO-3 partitions are already averaged)."""
+        if self.world_size == 1 or self.partitioned:
+            return
+        import torch.distributed as dist
+
+        for t in vector:
+            dist.all_reduce(t)
+            t.div_(self.world_size)
+
+    def release_gathered(self) -> None:
+        """Re-partition every gathered parameter, so that writes to ``coords`` reach the next forward.
+
+        ZeRO-3 keeps parameters gathered after some forwards (persistent small
+        ones, and everything after a ``no_grad`` forward that follows a
+        backward): a write into ``p.ds_tensor`` would then be invisible and a
+        finite difference would come out as exactly zero.
+        """
+        if self.partitioned:
+            self.engine.optimizer.parameter_offload.empty_partition_cache()
+
+    # ---- stepping -----------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+        self._engine_backward(loss)
+
+    def _engine_backward(self, loss: torch.Tensor, **kwargs) -> None:
+        if self._zero_optimizer:
+            # engine.forward does these two (ZeRO 1-3 accumulation bookkeeping, and
+            # the backward prologue through hooks on its outputs); levels run their
+            # modules directly, so that autograd works through them, and do it here.
+            self.engine.optimizer.clear_backward_seen_flag()
+            self.engine._backward_prologue()
+        self.engine.backward(loss, **kwargs)
 
     def backward_from_grads(self, grads: Sequence[torch.Tensor]) -> None:
+        if self.partitioned:
+            raise RuntimeError("a ZeRO-3 level cannot step on a hypergradient (checked when the engine is built)")
         surrogate = sum((p * g.detach().to(p.dtype)).sum() for p, g in zip(self.params, grads))
-        self.engine.backward(surrogate)
+        self.backward(surrogate)
 
     def step(self, keep_last_grads: bool = False) -> bool:
         """One micro-step (DeepSpeed steps at its accumulation boundary); see TorchBackend.step."""
@@ -150,6 +264,21 @@ class DeepSpeedBackend:
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "steps": self.steps}
+
+
+def _space(partitioned: bool):
+    # Imported late: scalemlo.hypergrad imports the level, which imports this module.
+    from scalemlo.hypergrad.vectors import Space
+
+    return Space(partitioned=partitioned)
+
+
+def zero_stage_of(cfg: dict, name: str) -> int:
+    """The ZeRO stage of a DeepSpeed config dict, checked."""
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"level {name!r}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return int(stage)
 
 
 def _deepspeed_config_for(config, name: str) -> dict:
@@ -181,10 +310,11 @@ def _deepspeed_config_for(config, name: str) -> dict:
     if cfg.get("train_batch_size") == "auto":
         del cfg["train_batch_size"]
     cfg.setdefault("steps_per_print", 10**9)
-    stage = cfg.get("zero_optimization", {}).get("stage", 0)
-    if stage != 0:
-        # Partition-local perturbation and gradient reads come with the ZeRO 1-3 work.
-        raise ValueError(f"level {name!r}: ZeRO stage {stage} is not supported yet; use stage 0")
+    stage = zero_stage_of(cfg, name)
+    if stage > 0:
+        # DeepSpeed asks for this flag for any optimizer outside its short list
+        # (torch's SGD among them); ZeRO works with any torch optimizer.
+        cfg.setdefault("zero_allow_untested_optimizer", True)
     for precision in ("fp16", "bf16"):
         if cfg.get(precision, {}).get("enabled"):
             raise ValueError(

@@ -77,6 +77,7 @@ class Engine:
             if self.levels[name].config.method == "sama" and self.graph.lowers(name):
                 for lower in self.graph.descendants(name):  # sama reads every level below's last step
                     self.levels[lower].keep_last_grads = True
+        self._check_zero_stages()
         for lv in levels:
             lv._build_backend()
         self.coordinator = Coordinator(self.levels, self.graph)
@@ -92,6 +93,44 @@ class Engine:
                         "each parameter belongs to one level"
                     )
                 owner[id(p)] = lv.name
+
+    def _check_zero_stages(self) -> None:
+        """Refuse ZeRO stages a level's role cannot use, before any engine is built.
+
+        ZeRO-3 parameters are partitioned: autograd cannot take gradients
+        with respect to them, so a ZeRO-3 level can be trained (its own
+        backward goes through DeepSpeed) and perturbed (partition-local), but
+        cannot step on a hypergradient or sit under a method that needs double
+        backward. sama reads the last gradient and optimizer state per
+        parameter, which ZeRO 1-3 keep in flat partitions.
+        """
+        stage = {name: lv.zero_stage for name, lv in self.levels.items()}
+        for name in self.graph.names:
+            if stage[name] == 3 and self.graph.lowers(name):
+                raise ValueError(
+                    f"level {name!r} uses ZeRO-3 but has levels below it: a ZeRO-3 level cannot step on a "
+                    "hypergradient yet. Use ZeRO stage 0-2 for it (ZeRO-3 is for the levels at the bottom, "
+                    "e.g. the model being fine-tuned)"
+                )
+            if not self.graph.lowers(name):
+                continue
+            config = self.levels[name].config
+            for lower in self.graph.descendants(name):
+                if config.method == "sama" and stage[lower] >= 1:
+                    raise ValueError(
+                        f"level {name!r} uses method 'sama', which needs per-parameter optimizer state of "
+                        f"level {lower!r}, but {lower!r} uses ZeRO stage {stage[lower]}; use stage 0 for "
+                        f"{lower!r}, or method 'finite_difference' for {name!r}"
+                    )
+                double_backward = config.method == "exact" or (
+                    config.method in ("neumann", "cg") and config.second_order == "autograd"
+                )
+                if stage[lower] == 3 and double_backward:
+                    fix = "another method" if config.method == "exact" else "second_order='finite_difference'"
+                    raise ValueError(
+                        f"level {name!r}: method {config.method!r} needs double backward through level "
+                        f"{lower!r}, which is ZeRO-3 partitioned; use {fix} in {name!r}'s LevelConfig"
+                    )
 
     def _periods(self) -> dict[str, int]:
         period: dict[str, int] = {}
@@ -136,7 +175,7 @@ class Engine:
             for _ in range(lv.config.gradient_accumulation):
                 if lowers:
                     grads = self.coordinator.hypergradient(name, lv.next_batch())
-                    if not all(bool(torch.isfinite(g).all()) for g in grads):
+                    if not _finite_on_every_rank(grads):
                         lower_losses = {n: metrics.get(f"{n}/loss") for n in self.graph.descendants(name)}
                         raise FloatingPointError(
                             f"level {name!r}: the hypergradient (method {lv.config.method!r}) is not finite at "
@@ -173,3 +212,15 @@ class Engine:
             for key, value in (result or {}).items():
                 out[f"valid/{name}/{key}"] = float(value)
         return out
+
+
+def _finite_on_every_rank(grads: list[torch.Tensor]) -> bool:
+    """True when the hypergradient is finite on every rank (all ranks then stop or step together)."""
+    finite = all(bool(torch.isfinite(g).all()) for g in grads)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor(1.0 if finite else 0.0)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = bool(flag.item() == 1.0)
+    return finite

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from scalemlo.backend import DeepSpeedBackend, TorchBackend
+from scalemlo.backend import DeepSpeedBackend, TorchBackend, zero_stage_of
 from scalemlo.config import LevelConfig
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,13 @@ class Level:
             self.backend = DeepSpeedBackend(self.module, self.params, optimizer, scheduler, self.config, self.name)
         else:
             self.backend = TorchBackend(self.params, optimizer, scheduler, self.config)
+
+    @property
+    def zero_stage(self) -> int:
+        """The ZeRO stage of this level's DeepSpeed config (0 for the torch backend)."""
+        if self.config.backend != "deepspeed":
+            return 0
+        return zero_stage_of(self.config.resolved_deepspeed_config(), self.name)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:

@@ -130,7 +130,22 @@ def test_deepspeed_refuses_float64_with_a_fix():
         Engine([lv], {})
 
 
-def test_unsupported_zero_stage_is_refused_before_compute():
-    cfg = LevelConfig(deepspeed_config={"zero_optimization": {"stage": 3}})
-    with pytest.raises(ValueError, match="ZeRO stage 3 is not supported yet"):
-        Engine([level("a", config=cfg)], {})
+def zero(stage, **kwargs):
+    return LevelConfig(deepspeed_config={"zero_optimization": {"stage": stage}}, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "upper, lower, message",
+    [
+        (zero(3), zero(0), "'up' uses ZeRO-3 but has levels below it"),
+        (zero(0, method="sama"), zero(1), "method 'sama', which needs per-parameter optimizer state"),
+        (zero(0, method="sama"), zero(3), "use stage 0 for 'low'"),
+        (zero(0, method="exact"), zero(3), "'exact' needs double backward .* use another method"),
+        (zero(0, method="cg"), zero(3), "use second_order='finite_difference'"),
+        (zero(0, method="neumann"), zero(3), "use second_order='finite_difference'"),
+        (zero(0), zero(5), "stage must be 0, 1, 2 or 3, got 5"),
+    ],
+)
+def test_zero_stage_a_role_cannot_use_is_refused_before_compute(upper, lower, message):
+    with pytest.raises(ValueError, match=message):
+        Engine([level("up", config=upper), level("low", config=lower)], {"up": ["low"]})

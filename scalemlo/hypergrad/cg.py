@@ -20,11 +20,11 @@ def cg(problem: ResponseProblem) -> dict[str, V.Vector]:
     alpha = problem.config.cg_alpha
     # CG is linear in v: solve for v / max|v| and scale back, so that tiny or
     # huge adjoints do not underflow or overflow the dot products.
-    scale = V.max_abs(problem.v)
+    scale = problem.space.max_abs(problem.v)
     w = V.zeros_like(problem.v)
     residual = V.scale(problem.v, alpha / scale)
     direction = V.clone(residual)
-    rr = V.dot(residual, residual)
+    rr = problem.space.dot(residual, residual)
     # Stop once converged: iterating on in float32 drives the residual into
     # subnormals, <d, Ad> underflows to 0 and the step becomes inf (NaN out).
     tolerance = float(rr) * torch.finfo(problem.v[0].dtype).eps ** 2
@@ -32,13 +32,13 @@ def cg(problem: ResponseProblem) -> dict[str, V.Vector]:
         if float(rr) <= tolerance:
             break
         a_dir = V.scale(problem.hvp(direction), alpha)
-        curvature = float(V.dot(direction, a_dir))
+        curvature = float(problem.space.dot(direction, a_dir))
         if not curvature > 0:
             break  # H is not positive definite along this direction: keep the iterate so far
         step = float(rr) / curvature
         V.axpy_(w, direction, step)
         V.axpy_(residual, a_dir, -step)
-        rr_next = V.dot(residual, residual)
+        rr_next = problem.space.dot(residual, residual)
         direction = V.add(residual, direction, float(rr_next / rr))
         rr = rr_next
     w = V.scale(w, scale)

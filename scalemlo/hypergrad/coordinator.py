@@ -62,11 +62,15 @@ class Coordinator:
             self.last_loss[owner_name] = loss
             for name in reversed(below):
                 v = adjoint[name]
-                if V.is_zero(v):
+                lower = self.levels[name]
+                # Per-rank pieces (this rank's batches) become one vector, the same on
+                # every rank: the data-parallel gradient of the whole objective.
+                lower.backend.average(v)
+                if lower.backend.space.is_zero(v):
                     continue
                 targets = [u for u in self.graph.uppers(name) if u == owner_name or u in below]
                 problem = ResponseProblem(
-                    lower=self.levels[name],
+                    lower=lower,
                     uppers=[self.levels[u] for u in targets],
                     v=v,
                     config=owner.config,
@@ -80,15 +84,37 @@ class Coordinator:
 
     @staticmethod
     def _direct_gradients(owner, in_play, everyone, batch, rng_state) -> tuple[float, dict[str, V.Vector]]:
-        """The owner's loss and dF/dp for the owner and every level below it, from one backward."""
+        """The owner's loss and dF/dp for the owner and every level below it, from one forward.
+
+        Whole-parameter levels get their gradients from one autograd pass;
+        each ZeRO-3 level (partitioned, so autograd cannot see it) from a
+        backward through its engine, in the layout of its ``coords``.
+        """
         others = [lv for lv in everyone if all(lv is not p for p in in_play)]
-        params = [p for lv in in_play for p in lv.params]
+        whole = [lv for lv in in_play if not lv.backend.partitioned]
+        partitioned = [lv for lv in in_play if lv.backend.partitioned]
+        params = [p for lv in whole for p in lv.params]
+        out: dict[str, V.Vector] = {}
         with torch.random.fork_rng(devices=[]), frozen(others):
             torch.set_rng_state(rng_state)
             loss = owner.loss(owner.current_batch() if batch is None else batch)
-            grads = V.grads_or_zeros(torch.autograd.grad(loss, params, allow_unused=True), params)
-        out, i = {}, 0
+            if params:
+                grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=bool(partitioned))
+                grads = V.grads_or_zeros(grads, params)
+                i = 0
+                for lv in whole:
+                    out[lv.name] = [g.detach().clone() for g in grads[i : i + len(lv.params)]]
+                    i += len(lv.params)
+            for k, lv in enumerate(partitioned):
+                # The backward also reaches the other levels in play; keep their .grad
+                # (e.g. mid-accumulation) out of it.
+                bystanders = [p for other in in_play if other is not lv for p in other.params]
+                stash = [p.grad for p in bystanders]
+                for p in bystanders:
+                    p.grad = None
+                out[lv.name] = lv.backend.gradient(loss, retain_graph=k < len(partitioned) - 1)
+                for p, g in zip(bystanders, stash):
+                    p.grad = g
         for lv in in_play:
-            out[lv.name] = [g.detach().clone() for g in grads[i : i + len(lv.params)]]
-            i += len(lv.params)
+            lv.backend.release_gathered()
         return float(loss.detach()), out

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 @register("exact")
 def exact(problem: ResponseProblem) -> dict[str, V.Vector]:
     params = problem.lower.params
+    problem.require_autograd("method 'exact'")
     size = sum(p.numel() for p in params)
     if size > problem.config.exact_max_params:
         raise ValueError(

@@ -30,14 +30,15 @@ from scalemlo.hypergrad.registry import register
 def penalty(problem: ResponseProblem) -> dict[str, V.Vector]:
     alpha = problem.config.penalty_alpha
     lr = problem.config.penalty_lr or problem.lower.lr
-    params = problem.lower.params
+    params = problem.coords
     # The copy is kept as an offset from p_X: p_X moves between calls, and a copy
     # kept in absolute terms would lag behind it by an error amplified by alpha.
     offset = problem.state.setdefault("offset", V.zeros_like(params))
     tilt = problem.lower_grad()
     at_lower = problem.upper_grads()
     copy = V.add(params, offset)
-    with V.swapped(params, copy):  # params hold the copy z, ``copy`` holds p_X
+    # Every evaluation ends with problem.release(), so the writes below reach the next forward at ZeRO-3.
+    with V.swapped(params, copy, before_write=problem.release):  # params hold the copy z, ``copy`` holds p_X
         for _ in range(problem.config.penalty_steps):
             grad = problem.lower_grad()
             V.axpy_(grad, tilt, -1.0)

@@ -9,6 +9,12 @@ where v is the adjoint (the gradient of the owner's objective that has
 reached X's parameters) and H_X = d^2 f_X / dp_X^2. Every method approximates
 H_X^{-1} v its own way and uses the products below; none of them touches an
 optimizer, and every evaluation of f_X leaves X's parameters bit-identical.
+
+Vectors on X are shaped like ``lower.coords``: X's whole parameters, or at
+ZeRO-3 this rank's partitions of them. Reductions over such vectors go
+through ``problem.space`` (``dot``, ``norm``, ``max_abs``), which sums over
+ranks when the vector is partitioned; a method that uses them stays correct
+at every ZeRO stage and rank count.
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ class ResponseProblem:
     Attributes:
         lower: the level X whose Hessian is (approximately) inverted.
         uppers: the levels Y whose responses are wanted (directly above X).
-        v: adjoint, shaped like ``lower.params`` (same dtypes); it belongs to
-            the method, which may overwrite it to save a buffer.
+        v: adjoint, shaped like ``lower.coords`` (same dtypes), the same on
+            every rank (or this rank's slice); it belongs to the method, which
+            may overwrite it to save a buffer.
         config: the LevelConfig of the level whose hypergradient is computed.
         state: the method's own memory for this (owner, lower) pair.
         everyone: every level of the program (to hold the others fixed).
@@ -48,13 +55,30 @@ class ResponseProblem:
     everyone: Sequence[Level]
     rng_state: torch.Tensor = field(repr=False)
 
+    @property
+    def space(self) -> V.Space:
+        """Reductions over X's vectors (sums over ranks when they are partitioned)."""
+        return self.lower.backend.space
+
+    @property
+    def coords(self) -> list[torch.Tensor]:
+        """X's parameters as the vectors see them (whole, or this rank's ZeRO-3 partitions)."""
+        return self.lower.backend.coords
+
+    def release(self) -> None:
+        """Make the next write into ``coords`` visible to the next forward (ZeRO-3)."""
+        self.lower.backend.release_gathered()
+
     # ---- evaluations ------------------------------------------------------------
     @contextlib.contextmanager
     def _evaluating(self, trainable: Sequence[Level]):
         others = [lv for lv in self.everyone if all(lv is not t for t in trainable)]
-        with torch.random.fork_rng(devices=[]), frozen(others):
-            torch.set_rng_state(self.rng_state)
-            yield
+        try:
+            with torch.random.fork_rng(devices=[]), frozen(others):
+                torch.set_rng_state(self.rng_state)
+                yield
+        finally:
+            self.release()
 
     def lower_loss(self) -> torch.Tensor:
         """f_X on X's current batch (the caller decides what requires grad)."""
@@ -68,17 +92,29 @@ class ResponseProblem:
         return self._split(grads)
 
     def lower_grad(self, create_graph: bool = False) -> V.Vector:
-        """d f_X / dp_X at the current point."""
+        """d f_X / dp_X at the current point, in the layout of ``coords``, averaged over ranks."""
         with self._evaluating([self.lower]):
-            params = self.lower.params
-            grads = torch.autograd.grad(self.lower_loss(), params, allow_unused=True, create_graph=create_graph)
-        return V.grads_or_zeros(grads, params)
+            if create_graph:
+                self.require_autograd("a dense Hessian")
+                params = self.lower.params
+                grads = torch.autograd.grad(self.lower_loss(), params, allow_unused=True, create_graph=True)
+                return V.grads_or_zeros(grads, params)
+            return self.lower.backend.gradient(self.lower_loss())
+
+    def require_autograd(self, what: str) -> None:
+        if self.lower.backend.partitioned:
+            raise ValueError(
+                f"level {self.lower.name!r} is ZeRO-3 partitioned, where autograd cannot differentiate twice; "
+                f"{what} needs double backward. Use second_order='finite_difference' (neumann, cg) or another "
+                "method (finite_difference, penalty)"
+            )
 
     # ---- second-order products ------------------------------------------------
     def hvp(self, w: Sequence[torch.Tensor]) -> V.Vector:
         """H_X w, by double backward or by a central difference of gradients (``config.second_order``)."""
         if self.config.second_order == "finite_difference":
             return self.central_difference(V.clone(w), self.config.fd_radius, lambda: [self.lower_grad()])[0]
+        self.require_autograd("second_order='autograd'")
         with self._evaluating([self.lower]):
             params = self.lower.params
             grads = torch.autograd.grad(self.lower_loss(), params, create_graph=True, allow_unused=True)
@@ -87,10 +123,13 @@ class ResponseProblem:
                 return V.zeros_like(params)
             inner = sum((g * wi.detach()).sum() for g, wi in pairs)
             out = torch.autograd.grad(inner, params, allow_unused=True)
-        return V.grads_or_zeros(out, params)
+        out = V.grads_or_zeros(out, params)
+        self.lower.backend.average(out)
+        return out
 
     def mixed_autograd(self, w: Sequence[torch.Tensor]) -> dict[str, V.Vector]:
         """(d^2 f_X / dp_Y dp_X) w for every upper Y, by double backward."""
+        self.require_autograd("second_order='autograd'")
         with self._evaluating([self.lower, *self.uppers]):
             params = self.lower.params
             upper_params = [p for y in self.uppers for p in y.params]
@@ -123,13 +162,13 @@ class ResponseProblem:
 
         ``w`` is overwritten (it holds the realized step afterwards).
         """
-        size = float(V.norm(w))
+        size = float(self.space.norm(w))
         if size == 0.0:
             return [V.zeros_like(t) for t in evaluate()]
         eps = radius / size
-        with V.perturbed(self.lower.params, w, eps):
+        with V.perturbed(self.coords, w, eps, before_write=self.release):
             plus = evaluate()
-        with V.perturbed(self.lower.params, w, -1.0):
+        with V.perturbed(self.coords, w, -1.0, before_write=self.release):
             minus = evaluate()
         return [[(a - b) / (2 * eps) for a, b in zip(pa, pb)] for pa, pb in zip(plus, minus)]
 

@@ -2,8 +2,10 @@
 
 A "vector" is a list of tensors shaped like a level's trainable parameters.
 Everything here is elementwise or a local reduction, so it runs unchanged on
-the local partitions of ZeRO-sharded parameters; the one place a reduction
-across ranks is needed is marked by ``reduce_sum``.
+the local partitions of ZeRO-3-sharded parameters. Reductions that must see
+the whole vector (dot products, norms, the largest entry) go through a
+:class:`Space`, which knows whether a level's vectors are whole on every rank
+or one slice per rank, and then sums the ranks' partial results.
 """
 
 from __future__ import annotations
@@ -14,15 +16,6 @@ from collections.abc import Sequence
 import torch
 
 Vector = list[torch.Tensor]
-
-
-def reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    """Sum of a per-rank partial reduction over the ranks that share a partition.
-
-    With ZeRO-0 every rank holds whole parameters, so nothing is summed; ZeRO-3
-    will all-reduce here.
-    """
-    return value
 
 
 def _local_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -39,7 +32,7 @@ def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
     local = torch.zeros((), dtype=torch.float64)
     for x, y in zip(a, b):
         local = local + _local_dot(x, y).cpu()
-    return reduce_sum(local)
+    return local
 
 
 def max_abs(a: Sequence[torch.Tensor]) -> float:
@@ -48,7 +41,12 @@ def max_abs(a: Sequence[torch.Tensor]) -> float:
 
 
 def norm(a: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Euclidean norm of the whole vector, as a float64 0-d tensor.
+    """Euclidean norm of the whole vector, as a float64 0-d tensor."""
+    return squared_norm(a).sqrt()
+
+
+def squared_norm(a: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares of the whole vector, as a float64 0-d tensor.
 
     Each tensor is scaled by its largest entry first when squares would
     underflow or overflow its dtype (a 1e-22 gradient in float32 has a
@@ -69,7 +67,46 @@ def norm(a: Sequence[torch.Tensor]) -> torch.Tensor:
         else:
             scaled = x / top
             total = total + (scaled * scaled).sum().double().cpu() * top * top
-    return reduce_sum(total).sqrt()
+    return total
+
+
+class Space:
+    """Where a level's vectors live: whole on every rank, or one slice per rank.
+
+    With whole vectors (ZeRO 0-2, or one rank) every reduction is local and
+    every rank computes the same number. With partitioned vectors (ZeRO-3 on
+    several ranks, where a vector is this rank's slice of each parameter) the
+    local partial sums are all-reduced, so every rank again gets the same
+    number and takes the same branch (a rank that stopped early would hang
+    the others in the next collective).
+    """
+
+    def __init__(self, partitioned: bool = False):
+        self.partitioned = partitioned
+
+    def _reduce(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.partitioned:
+            import torch.distributed as dist
+
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return value
+
+    def dot(self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+        """<a, b> over the whole vector (float64 0-d tensor)."""
+        return self._reduce(dot(a, b))
+
+    def norm(self, a: Sequence[torch.Tensor]) -> torch.Tensor:
+        """||a|| over the whole vector (float64 0-d tensor)."""
+        return self._reduce(squared_norm(a)).sqrt()
+
+    def max_abs(self, a: Sequence[torch.Tensor]) -> float:
+        """Largest absolute entry over the whole vector."""
+        return float(self._reduce(torch.tensor(max_abs(a), dtype=torch.float64), op="max"))
+
+    def is_zero(self, a: Sequence[torch.Tensor]) -> bool:
+        """True when every entry of the whole vector is zero."""
+        return self.max_abs(a) == 0.0
 
 
 def clone(a: Sequence[torch.Tensor]) -> Vector:
@@ -106,7 +143,7 @@ def grads_or_zeros(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Te
 
 
 @contextlib.contextmanager
-def perturbed(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], eps: float):
+def perturbed(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], eps: float, before_write=None):
     """Move ``params`` to ``params + eps * direction`` and back, bit for bit.
 
     ``p + eps*d - eps*d`` is not ``p`` in floating point (Betty leaves lower
@@ -117,7 +154,11 @@ def perturbed(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor],
     large step) from a sparse record. Peak extra memory: one parameter tensor.
 
     Yields nothing; while inside, ``direction`` holds the realized step.
+    ``before_write`` (if given) runs before each write into ``params`` (ZeRO-3
+    re-partitions gathered parameters there).
     """
+    if before_write is not None:
+        before_write()
     fixes: list[tuple[torch.Tensor, torch.Tensor] | None] = []
     largest = max((p.numel() for p in params), default=0)
     with torch.no_grad():
@@ -141,6 +182,8 @@ def perturbed(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor],
     try:
         yield
     finally:
+        if before_write is not None:
+            before_write()
         with torch.no_grad():
             for p, d, fix in zip(params, direction, fixes):
                 p.sub_(d.to(p.dtype))
@@ -149,10 +192,12 @@ def perturbed(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor],
 
 
 @contextlib.contextmanager
-def swapped(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]):
+def swapped(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor], before_write=None):
     """Exchange the contents of ``params`` and ``values`` in place for a while (exact)."""
 
     def swap() -> None:
+        if before_write is not None:
+            before_write()
         with torch.no_grad():
             for p, v in zip(params, values):
                 tmp = p.detach().clone()
