@@ -28,6 +28,30 @@ def test_perturbation_restores_bit_for_bit_even_where_naive_restore_fails(dtype)
     assert torch.equal(param.detach(), values)
 
 
+def test_perturbation_in_pieces_restores_bit_for_bit(monkeypatch):
+    monkeypatch.setattr(V, "_CHUNK", 7)  # a 5x9 tensor is perturbed in 7 pieces
+    g = torch.Generator().manual_seed(1)
+    values = torch.randn(5, 9, generator=g)
+    values[3, 4] = 1e-30  # next to a large step: subtracting the step back is inexact here
+    param = torch.nn.Parameter(values.clone())
+    other = torch.nn.Parameter(torch.randn(3, generator=g))
+    other_values = other.detach().clone()
+    step = [torch.randn(5, 9, generator=g), torch.randn(3, generator=g)]
+    expected = values + 0.3 * step[0]
+    with V.perturbed([param, other], step, 0.3):
+        assert torch.allclose(param.detach(), expected, atol=1e-6)
+    assert torch.equal(param.detach(), values) and torch.equal(other.detach(), other_values)
+
+
+def test_grads_or_zeros_copies_expansions_and_shared_tensors():
+    x = torch.nn.Parameter(torch.ones(3))
+    y = torch.nn.Parameter(torch.ones(3))
+    gx, gy = V.grads_or_zeros(torch.autograd.grad((x + y).sum(), [x, y]), [x, y])
+    gx.mul_(2.0)
+    assert torch.equal(gy, torch.ones(3)) and torch.equal(gx, torch.full((3,), 2.0))
+    assert gx.is_contiguous() and gx.stride() == (1,)
+
+
 def test_swapped_exchanges_and_restores():
     p = torch.nn.Parameter(torch.arange(4.0))
     other = [torch.ones(4)]

@@ -103,7 +103,7 @@ class Coordinator:
                 grads = V.grads_or_zeros(grads, params)
                 i = 0
                 for lv in whole:
-                    out[lv.name] = [g.detach().clone() for g in grads[i : i + len(lv.params)]]
+                    out[lv.name] = grads[i : i + len(lv.params)]  # own tensors (grads_or_zeros)
                     i += len(lv.params)
             for k, lv in enumerate(partitioned):
                 # The backward also reaches the other levels in play; keep their .grad

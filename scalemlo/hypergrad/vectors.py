@@ -138,8 +138,33 @@ def is_zero(a: Sequence[torch.Tensor]) -> bool:
 
 
 def grads_or_zeros(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> Vector:
-    """autograd.grad(..., allow_unused=True) output with None replaced by zeros."""
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, like)]
+    """autograd.grad(..., allow_unused=True) output with None replaced by zeros.
+
+    Every tensor returned is a contiguous tensor of its own, safe to modify
+    in place: autograd may hand back a view or an expansion (the gradient of
+    ``p.sum()`` is a stride-0 expansion) or one tensor for two inputs (the
+    gradient of ``x + y``); those are copied, the usual fresh gradient is not.
+    """
+    out, seen = [], set()
+    for g, p in zip(grads, like):
+        if g is None:
+            g = torch.zeros_like(p)
+        elif g._is_view() or not g.is_contiguous() or g.data_ptr() in seen:
+            g = g.clone(memory_format=torch.contiguous_format)
+        seen.add(g.data_ptr())
+        out.append(g)
+    return out
+
+
+# Perturbation works on pieces of at most this many elements, so its two
+# scratch buffers stay small (16 MB in float32) even for a 38M-element embedding.
+_CHUNK = 1 << 22
+
+
+def _pieces(p: torch.Tensor, d: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if p.numel() > _CHUNK and p.is_contiguous() and d.is_contiguous():
+        return list(zip(p.view(-1).split(_CHUNK), d.view(-1).split(_CHUNK)))
+    return [(p, d)]
 
 
 @contextlib.contextmanager
@@ -151,7 +176,8 @@ def perturbed(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor],
     is kept in place of ``direction`` (so ``direction`` is overwritten, and no
     second parameter-sized buffer is needed); restoring subtracts ``r`` and
     patches the few elements where that is not exact (tiny ``p`` next to a
-    large step) from a sparse record. Peak extra memory: one parameter tensor.
+    large step) from a sparse record. Peak extra memory: two scratch buffers
+    of at most ``_CHUNK`` elements, plus the sparse record.
 
     Yields nothing; while inside, ``direction`` holds the realized step.
     ``before_write`` (if given) runs before each write into ``params`` (ZeRO-3
@@ -159,13 +185,14 @@ def perturbed(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor],
     """
     if before_write is not None:
         before_write()
-    fixes: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-    largest = max((p.numel() for p in params), default=0)
+    fixes: list[tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]] = []
+    pieces = [piece for p, d in zip(params, direction) for piece in _pieces(p, d)]
+    largest = max((p.numel() for p, _ in pieces), default=0)
     with torch.no_grad():
-        # Two scratch buffers reused across tensors: no allocation per tensor.
-        before_buf = params[0].new_empty(largest) if largest else None
-        check_buf = params[0].new_empty(largest) if largest else None
-        for p, d in zip(params, direction):
+        # Two scratch buffers reused across pieces: no allocation per tensor.
+        before_buf = pieces[0][0].new_empty(largest) if largest else None
+        check_buf = pieces[0][0].new_empty(largest) if largest else None
+        for p, d in pieces:
             before = before_buf[: p.numel()].view_as(p)
             check = check_buf[: p.numel()].view_as(p)
             before.copy_(p)
@@ -175,9 +202,7 @@ def perturbed(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor],
             wrong = check.ne_(before)  # in place: check now holds the mask as 0/1
             if bool(wrong.any()):
                 mask = wrong.bool()
-                fixes.append((mask.nonzero(as_tuple=True), before[mask].clone()))
-            else:
-                fixes.append(None)
+                fixes.append((p, mask.nonzero(as_tuple=True), before[mask].clone()))
         del before_buf, check_buf
     try:
         yield
@@ -185,10 +210,10 @@ def perturbed(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor],
         if before_write is not None:
             before_write()
         with torch.no_grad():
-            for p, d, fix in zip(params, direction, fixes):
+            for p, d in zip(params, direction):
                 p.sub_(d.to(p.dtype))
-                if fix is not None:
-                    p[fix[0]] = fix[1]
+            for piece, where, values in fixes:
+                piece[where] = values
 
 
 @contextlib.contextmanager

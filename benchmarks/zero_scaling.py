@@ -1,0 +1,113 @@
+"""ZeRO-0 vs ZeRO-3 on two CPU ranks: per-rank memory and step time of MLO reweighting, and plain fine-tuning.
+
+    python benchmarks/zero_scaling.py                      # 124M at ZeRO-0 and ZeRO-3, 350M at ZeRO-3
+    python benchmarks/zero_scaling.py --configs 4m:0 4m:3  # quick check
+
+Each configuration (size:stage) is one ``deepspeed --num_gpus N`` launch of
+benchmarks/zero_worker.py, first plain data-parallel fine-tuning of the LM
+level alone, then scalemlo MLO (finite_difference). Writes
+``benchmarks/results/zero_scaling.json`` and ``.md`` and prints the table.
+Per-rank memory is the mean over ranks; "peak" includes building the whole
+model on each rank before DeepSpeed partitions it, "end" is the RSS after
+the last step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "zero_worker.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def records_in(text: str) -> list[dict]:
+    """Every ``{"rank": ...}`` JSON object in the launcher's output (ranks' lines may interleave)."""
+    decoder, out, i = json.JSONDecoder(), [], 0
+    while (i := text.find('{"rank"', i)) >= 0:
+        obj, end = decoder.raw_decode(text, i)
+        out.append(obj)
+        i = end
+    return out
+
+
+def launch(size: str, stage: int, system: str, ranks: int, steps: int, warmup: int) -> list[dict]:
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+           str(free_port()), str(WORKER), "--size", size, "--stage", str(stage), "--system", system,
+           "--steps", str(steps), "--warmup", str(warmup)]  # fmt: skip
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    found = records_in(proc.stdout)
+    if proc.returncode != 0 or len(found) != ranks:
+        raise RuntimeError(f"launch failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=["124m:0", "124m:3", "350m:3"], help="size:stage pairs")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--out", default=str(HERE / "results" / "zero_scaling"))
+    args = parser.parse_args()
+    rows = []
+    for spec in args.configs:
+        size, stage = spec.split(":")
+        for system in ("plain", "scalemlo"):
+            started = time.time()
+            per_rank = launch(size, int(stage), system, args.ranks, args.steps, args.warmup)
+            row = {
+                "system": system,
+                "method": per_rank[0]["method"],
+                "size": size,
+                "params": per_rank[0]["params"],
+                "zero_stage": int(stage),
+                "ranks": args.ranks,
+                "median_step_s": statistics.median(t for r in per_rank for t in r["step_s"]),
+                "peak_rss_mb_per_rank": statistics.mean(r["peak_rss_mb"] for r in per_rank),
+                "end_rss_mb_per_rank": statistics.mean(r["end_rss_mb"] for r in per_rank),
+                "launch_s": round(time.time() - started, 1),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    plain = {(r["size"], r["zero_stage"]): r for r in rows if r["system"] == "plain"}
+    for r in rows:
+        base = plain[(r["size"], r["zero_stage"])]
+        r["time_vs_plain_same_stage"] = r["median_step_s"] / base["median_step_s"]
+        r["end_rss_vs_plain_same_stage"] = r["end_rss_mb_per_rank"] / base["end_rss_mb_per_rank"]
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    header = (
+        "| system | size | ZeRO | ranks | step s | peak RSS/rank MB | end RSS/rank MB | time / plain "
+        "| end RSS / plain |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [
+        f"| {r['system']} | {r['size']} ({r['params'] / 1e6:.0f}M) | {r['zero_stage']} | {r['ranks']} | "
+        f"{r['median_step_s']:.2f} | {r['peak_rss_mb_per_rank']:.0f} | {r['end_rss_mb_per_rank']:.0f} | "
+        f"{r['time_vs_plain_same_stage']:.2f} | {r['end_rss_vs_plain_same_stage']:.2f} |"
+        for r in rows
+    ]
+    table = header + "\n".join(lines) + "\n"
+    Path(args.out + ".md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
