@@ -33,21 +33,31 @@ from reweighting_worker import LM_LR, META_LR, SIZES, WeightNet, batches, make_l
 SIZES = {**SIZES, "350m": dict(vocab_size=50257, n_embd=1024, n_layer=24, n_head=16, n_positions=1024)}
 
 
-def zero_settings(stage: int, hidden: int) -> dict:
-    """ZeRO buckets sized to the model, as Hugging Face's "auto" values size them.
+def zero_settings(stage: int) -> dict:
+    """ZeRO buckets sized to the model: "auto", which scalemlo fills from config.hidden_size as Hugging Face does.
 
-    DeepSpeed's defaults (5e8-element reduce and all-gather buckets: 2 GB each
-    in fp32) are sized for large GPUs and dominate per-rank memory at 124M.
+    DeepSpeed's defaults (5e8-element buckets: 2 GB each in fp32) are sized for
+    large GPUs and would dominate per-rank memory here.
     """
-    settings = {"stage": stage, "reduce_bucket_size": hidden * hidden}
+    settings = {"stage": stage, "reduce_bucket_size": "auto"}
     if stage == 3:
-        settings.update(
-            stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
-            stage3_param_persistence_threshold=10 * hidden,
-        )
+        settings.update(stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto")
     else:
-        settings.update(allgather_bucket_size=hidden * hidden)
+        settings.update(allgather_bucket_size="auto")
     return settings
+
+
+def live_mb() -> float:
+    """RSS after returning freed heap pages to the system (glibc malloc_trim): memory actually in use."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    return rss_mb()
 
 
 def rss_mb() -> float:
@@ -66,6 +76,7 @@ def main() -> None:
     parser.add_argument("--method", default="finite_difference")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--zero", default="{}", help="JSON merged into zero_optimization (e.g. live-parameter limits)")
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
 
@@ -81,7 +92,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     torch.manual_seed(0)
-    ds_config = {"zero_optimization": zero_settings(args.stage, SIZES[args.size]["n_embd"])}
+    ds_config = {"zero_optimization": {**zero_settings(args.stage), **json.loads(args.zero)}}
     # The LM is built whole on every rank and partitioned by deepspeed.initialize
     # (deepspeed.zero.Init, which would build it partitioned, fails on torch 2.13
     # with DeepSpeed 0.19.8: "Signature mismatch ... tensor_pynew"), so the peak
@@ -131,6 +142,8 @@ def main() -> None:
         "step_s": times[args.warmup :],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "end_rss_mb": rss_mb(),
+        "end_live_mb": live_mb(),
+        "zero": ds_config["zero_optimization"],
     }
     print(json.dumps(record), flush=True)
 

@@ -138,7 +138,7 @@ class DeepSpeedBackend:
     def __init__(self, module: torch.nn.Module, params, optimizer, scheduler, config, name: str):
         deepspeed = import_deepspeed()
         ensure_distributed()
-        ds_config = _deepspeed_config_for(config, name)
+        ds_config = _deepspeed_config_for(config, name, module)
         for p in module.parameters():
             if p.dtype == torch.float64:
                 raise ValueError(
@@ -281,7 +281,41 @@ def zero_stage_of(cfg: dict, name: str) -> int:
     return int(stage)
 
 
-def _deepspeed_config_for(config, name: str) -> dict:
+ZERO_AUTO_KEYS = (
+    "reduce_bucket_size",
+    "allgather_bucket_size",
+    "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold",
+)
+
+
+def _fill_zero_auto(zero: dict, module: torch.nn.Module | None, name: str) -> None:
+    """Fill ZeRO bucket sizes given as "auto" from the model's hidden size, as Hugging Face does.
+
+    reduce_bucket_size = allgather_bucket_size = h^2, stage3_prefetch_bucket_size = 0.9 h^2,
+    stage3_param_persistence_threshold = 10 h. Without a hidden size (a model
+    with no ``config.hidden_size``) "auto" is an error naming the keys.
+    """
+    wanted = [k for k in ZERO_AUTO_KEYS if zero.get(k) == "auto"]
+    if not wanted:
+        return
+    hidden = getattr(getattr(module, "config", None), "hidden_size", None)
+    if not isinstance(hidden, int):
+        raise ValueError(
+            f"level {name!r}: zero_optimization {wanted} are \"auto\", which needs the model's "
+            "config.hidden_size (a Hugging Face model); give numbers instead"
+        )
+    values = {
+        "reduce_bucket_size": hidden * hidden,
+        "allgather_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }
+    for key in wanted:
+        zero[key] = values[key]
+
+
+def _deepspeed_config_for(config, name: str, module: torch.nn.Module | None = None) -> dict:
     """The level's DeepSpeed config with our settings filled in.
 
     DeepSpeed 0.19 clips gradients at norm 1.0 when the config says nothing,
@@ -311,6 +345,7 @@ def _deepspeed_config_for(config, name: str) -> dict:
         del cfg["train_batch_size"]
     cfg.setdefault("steps_per_print", 10**9)
     stage = zero_stage_of(cfg, name)
+    _fill_zero_auto(cfg.get("zero_optimization", {}), module, name)
     if stage > 0:
         # DeepSpeed asks for this flag for any optimizer outside its short list
         # (torch's SGD among them); ZeRO works with any torch optimizer.
