@@ -94,7 +94,7 @@ def summarize(rounds: list[dict[tuple, dict]]) -> list[dict]:
         row["time_vs_plain"] = _spread(ratio_time)
         row["memory_vs_plain"] = _spread(ratio_mem)
         betty_key = ("betty", method, size, 1)
-        if system == "scalemlo" and betty_key in rounds[0]:
+        if system == "scalemlo" and unroll == 1 and betty_key in rounds[0]:  # Betty runs at unroll 1 only
             betty = [r[betty_key] for r in rounds]
             row["time_vs_betty"] = _spread(
                 [statistics.median(x["step_s"]) / statistics.median(b["step_s"]) for x, b in zip(per_round, betty)]
@@ -164,7 +164,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default=str(HERE / "results" / "latest"))
+    parser.add_argument("--no-accuracy", action="store_true", help="skip benchmarks/hypergradient_accuracy.py")
+    parser.add_argument(
+        "--attach-accuracy", action="store_true", help="only run the accuracy check and attach it to an existing --out"
+    )
     args = parser.parse_args()
+    if args.attach_accuracy:
+        attach_accuracy(Path(args.out))
+        return
     with_betty = importlib.util.find_spec("betty") is not None
     if not with_betty:
         print("Betty is not installed: pip install --no-deps --ignore-requires-python betty-ml==0.2.1 (skipping it)")
@@ -205,7 +212,41 @@ def main() -> None:
     )
     out.with_suffix(".md").write_text(f"Command: `{meta['command']}`  \nMachine: {meta['machine']}\n\n{text}")
     chart(rows, out.with_suffix(".png"))
+    if not args.no_accuracy:
+        attach_accuracy(out)
     print(f"wrote {out}.json / .md / .png")
+
+
+def attach_accuracy(out: Path) -> None:
+    """Run the float64 accuracy check and put its cosines beside the timings (json rows and md table)."""
+    result = HERE / "results" / "hypergradient_accuracy.json"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "hypergradient_accuracy.py")], env=env, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"hypergradient_accuracy.py failed:\n{proc.stderr[-3000:]}")
+    accuracy = json.loads(result.read_text())
+    data = json.loads(out.with_suffix(".json").read_text())
+    by_key = {(a["system"], a["method"]): a for a in accuracy}
+    for row in data["rows"]:
+        a = by_key.get((row["system"], row["method"]))
+        row["hypergradient_cosine_vs_float64"] = a["cosine_vs_float64"] if a else None
+        row["hypergradient_cosine_vs_float64_undetached"] = a["cosine_vs_float64_undetached"] if a else None
+    data["accuracy"] = accuracy
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    lines = [
+        "\nHypergradient cosine with a float64 reference (tiny GPT-2, benchmarks/hypergradient_accuracy.py):\n",
+        "| system | method | vs training dynamics (detached MWN input) | vs undetached objective |",
+        "|---|---|---|---|",
+        *[
+            f"| {a['system']} | {a['method']} | {a['cosine_vs_float64']:.4f} "
+            f"| {a['cosine_vs_float64_undetached']:.6f} |"
+            for a in accuracy
+        ],
+    ]
+    with out.with_suffix(".md").open("a") as fh:
+        fh.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -302,7 +302,7 @@ def _fill_zero_auto(zero: dict, module: torch.nn.Module | None, name: str) -> No
     hidden = getattr(getattr(module, "config", None), "hidden_size", None)
     if not isinstance(hidden, int):
         raise ValueError(
-            f"level {name!r}: zero_optimization {wanted} are \"auto\", which needs the model's "
+            f'level {name!r}: zero_optimization {wanted} are "auto", which needs the model\'s '
             "config.hidden_size (a Hugging Face model); give numbers instead"
         )
     values = {
