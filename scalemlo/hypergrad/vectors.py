@@ -199,9 +199,8 @@ def perturbed(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor],
             p.add_(d.to(p.dtype), alpha=eps)
             torch.sub(p, before, out=d)
             torch.sub(p, d, out=check)
-            wrong = check.ne_(before)  # in place: check now holds the mask as 0/1
-            if bool(wrong.any()):
-                mask = wrong.bool()
+            if not torch.equal(check, before):  # one fused pass; the mask only where needed (rare)
+                mask = check != before
                 fixes.append((p, mask.nonzero(as_tuple=True), before[mask].clone()))
         del before_buf, check_buf
     try:
