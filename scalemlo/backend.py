@@ -75,7 +75,6 @@ class TorchBackend:
         self.steps = 0
         self.last_grads: list[torch.Tensor] | None = None
         self.space = _space(partitioned=False)
-        self.zero_stage = None
 
     # ---- what the hypergradient code reads ------------------------------------
     @property
@@ -85,11 +84,7 @@ class TorchBackend:
 
     def gradient(self, loss: torch.Tensor, retain_graph: bool = False) -> list[torch.Tensor]:
         """d loss / d params in the layout of ``coords`` (one process: nothing to average)."""
-        from scalemlo.hypergrad.vectors import grads_or_zeros
-
-        return grads_or_zeros(
-            torch.autograd.grad(loss, self.params, allow_unused=True, retain_graph=retain_graph), self.params
-        )
+        return _autograd_gradient(loss, self.params, retain_graph)
 
     def average(self, vector: list[torch.Tensor]) -> None:
         """Average a vector over ranks in place (one process: nothing to do)."""
@@ -162,7 +157,6 @@ class DeepSpeedBackend:
         self.params = list(params)
         self.steps = 0
         self.last_grads: list[torch.Tensor] | None = None
-        self._zero_optimizer = self.zero_stage > 0
 
     # ---- what the hypergradient code reads ------------------------------------
     @property
@@ -184,29 +178,32 @@ class DeepSpeedBackend:
         that the graph reaches must have been frozen when ``loss`` was built,
         or its ``.grad`` be stashed by the caller.
         """
-        from scalemlo.hypergrad.vectors import grads_or_zeros
-
         if not self.partitioned:
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True, retain_graph=retain_graph)
-            grads = grads_or_zeros(grads, self.params)
+            grads = _autograd_gradient(loss, self.params, retain_graph)
             self.average(grads)
             return grads
         from deepspeed.utils import safe_get_local_grad
 
-        self.engine.zero_grad()  # DeepSpeed then copies (does not accumulate) into its partitions
-        for p in self.params:
-            buffer = safe_get_local_grad(p)
-            if buffer is not None:
-                buffer.zero_()  # a parameter the loss does not reach keeps no stale gradient
+        # Zeroed before (a parameter the loss does not reach must read 0) and after
+        # (the next training step must not see this gradient); zero_grad makes
+        # DeepSpeed copy into its partitions instead of accumulating.
+        self._clear_partition_grads()
         self._engine_backward(loss, retain_graph=retain_graph, scale_wrt_gas=False)
         out = []
         for p in self.params:
             buffer = safe_get_local_grad(p)
             out.append(torch.zeros_like(p.ds_tensor) if buffer is None else buffer.view_as(p.ds_tensor).clone())
+        self._clear_partition_grads()
+        return out
+
+    def _clear_partition_grads(self) -> None:
+        from deepspeed.utils import safe_get_local_grad
+
+        self.engine.zero_grad()
+        for p in self.params:
+            buffer = safe_get_local_grad(p)
             if buffer is not None:
                 buffer.zero_()
-        self.engine.zero_grad()
-        return out
 
     def average(self, vector: list[torch.Tensor]) -> None:
         """Average whole-parameter vectors over ranks in place (ZeRO-3 partitions are already averaged)."""
@@ -234,7 +231,7 @@ class DeepSpeedBackend:
         self._engine_backward(loss)
 
     def _engine_backward(self, loss: torch.Tensor, **kwargs) -> None:
-        if self._zero_optimizer:
+        if self.zero_stage > 0:
             # engine.forward does these two (ZeRO 1-3 accumulation bookkeeping, and
             # the backward prologue through hooks on its outputs); levels run their
             # modules directly, so that autograd works through them, and do it here.
@@ -264,6 +261,12 @@ class DeepSpeedBackend:
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "steps": self.steps}
+
+
+def _autograd_gradient(loss: torch.Tensor, params: list[torch.Tensor], retain_graph: bool) -> list[torch.Tensor]:
+    from scalemlo.hypergrad.vectors import grads_or_zeros
+
+    return grads_or_zeros(torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain_graph), params)
 
 
 def _space(partitioned: bool):

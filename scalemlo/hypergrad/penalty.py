@@ -37,8 +37,7 @@ def penalty(problem: ResponseProblem) -> dict[str, V.Vector]:
     tilt = problem.lower_grad()
     at_lower = problem.upper_grads()
     copy = V.add(params, offset)
-    # Every evaluation ends with problem.release(), so the writes below reach the next forward at ZeRO-3.
-    with V.swapped(params, copy, before_write=problem.release):  # params hold the copy z, ``copy`` holds p_X
+    with V.swapped(params, copy):  # params hold the copy z, ``copy`` holds p_X
         for _ in range(problem.config.penalty_steps):
             grad = problem.lower_grad()
             V.axpy_(grad, tilt, -1.0)

@@ -14,7 +14,10 @@ Vectors on X are shaped like ``lower.coords``: X's whole parameters, or at
 ZeRO-3 this rank's partitions of them. Reductions over such vectors go
 through ``problem.space`` (``dot``, ``norm``, ``max_abs``), which sums over
 ranks when the vector is partitioned; a method that uses them stays correct
-at every ZeRO stage and rank count.
+at every ZeRO stage and rank count. Every evaluation (and the coordinator's
+first one) ends by re-partitioning anything ZeRO-3 gathered (``release``),
+so a method may write ``coords`` between evaluations and the next forward
+sees the write.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ class ResponseProblem:
         return self.lower.backend.coords
 
     def release(self) -> None:
-        """Make the next write into ``coords`` visible to the next forward (ZeRO-3)."""
+        """Re-partition what ZeRO-3 gathered, so writes into ``coords`` reach the next forward."""
         self.lower.backend.release_gathered()
 
     # ---- evaluations ------------------------------------------------------------
@@ -166,9 +169,9 @@ class ResponseProblem:
         if size == 0.0:
             return [V.zeros_like(t) for t in evaluate()]
         eps = radius / size
-        with V.perturbed(self.coords, w, eps, before_write=self.release):
+        with V.perturbed(self.coords, w, eps):
             plus = evaluate()
-        with V.perturbed(self.coords, w, -1.0, before_write=self.release):
+        with V.perturbed(self.coords, w, -1.0):
             minus = evaluate()
         return [[(a - b) / (2 * eps) for a, b in zip(pa, pb)] for pa, pb in zip(plus, minus)]
 

@@ -85,10 +85,10 @@ class Space:
         self.partitioned = partitioned
 
     def _reduce(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        # ``value`` is always a fresh local result: reduced in place.
         if self.partitioned:
             import torch.distributed as dist
 
-            value = value.clone()
             dist.all_reduce(value, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return value
 
@@ -168,7 +168,7 @@ def _pieces(p: torch.Tensor, d: torch.Tensor) -> list[tuple[torch.Tensor, torch.
 
 
 @contextlib.contextmanager
-def perturbed(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], eps: float, before_write=None):
+def perturbed(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], eps: float):
     """Move ``params`` to ``params + eps * direction`` and back, bit for bit.
 
     ``p + eps*d - eps*d`` is not ``p`` in floating point (Betty leaves lower
@@ -180,11 +180,7 @@ def perturbed(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor],
     of at most ``_CHUNK`` elements, plus the sparse record.
 
     Yields nothing; while inside, ``direction`` holds the realized step.
-    ``before_write`` (if given) runs before each write into ``params`` (ZeRO-3
-    re-partitions gathered parameters there).
     """
-    if before_write is not None:
-        before_write()
     fixes: list[tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]] = []
     pieces = [piece for p, d in zip(params, direction) for piece in _pieces(p, d)]
     largest = max((p.numel() for p, _ in pieces), default=0)
@@ -206,8 +202,6 @@ def perturbed(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor],
     try:
         yield
     finally:
-        if before_write is not None:
-            before_write()
         with torch.no_grad():
             for p, d in zip(params, direction):
                 p.sub_(d.to(p.dtype))
@@ -216,12 +210,10 @@ def perturbed(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor],
 
 
 @contextlib.contextmanager
-def swapped(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor], before_write=None):
+def swapped(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]):
     """Exchange the contents of ``params`` and ``values`` in place for a while (exact)."""
 
     def swap() -> None:
-        if before_write is not None:
-            before_write()
         with torch.no_grad():
             for p, v in zip(params, values):
                 tmp = p.detach().clone()
