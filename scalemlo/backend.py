@@ -22,42 +22,13 @@ own slice of it), and how to reduce across ranks (``space``).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 
 import torch
 
+from scalemlo.distributed import ensure_distributed, import_deepspeed
+
 log = logging.getLogger(__name__)
-
-
-def ensure_distributed() -> None:
-    """Start a one-process gloo group when no launcher did.
-
-    DeepSpeed needs ``torch.distributed`` and ``LOCAL_RANK``; a plain
-    ``python script.py`` has neither. Under a launcher (deepspeed, torchrun)
-    the environment already names the rank and this defers to DeepSpeed.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        import deepspeed
-
-        deepspeed.init_distributed()
-        return
-    os.environ.setdefault("LOCAL_RANK", "0")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-
-
-def import_deepspeed():
-    """Import DeepSpeed, choosing the CPU accelerator where there is no GPU."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    return deepspeed
 
 
 class TorchBackend:

@@ -1,0 +1,148 @@
+"""Ranks, process groups and launcher arguments, for scripts that run alone or under a launcher.
+
+A scalemlo script is started in one of three ways, and the same code serves all three:
+
+- ``python script.py``: one process; scalemlo starts a one-process gloo group itself;
+- ``deepspeed --num_gpus N script.py``: the launcher sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``
+  and passes ``--local_rank=K`` on the command line (:func:`add_launcher_arguments` accepts it);
+- ``torchrun --nproc_per_node N script.py``: the same environment variables, no argument.
+
+Data parallelism is the user's: each rank must read its own batches. :func:`rank_share`
+cuts a global batch into equal contiguous shares, so that N ranks together see
+exactly the batch one process would, and a loss that is a mean over examples gives
+the same gradient (up to float rounding) on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+
+def import_deepspeed():
+    """Import DeepSpeed, choosing the CPU accelerator where there is no GPU."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
+def launched() -> bool:
+    """True when a launcher (deepspeed, torchrun) started this process."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def ensure_distributed() -> None:
+    """Start the process group: the launcher's, or a one-process gloo group without one.
+
+    DeepSpeed needs ``torch.distributed`` and ``LOCAL_RANK``; a plain
+    ``python script.py`` has neither. Idempotent.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    if launched():
+        import_deepspeed().init_distributed()
+        return
+    os.environ.setdefault("LOCAL_RANK", "0")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def rank() -> int:
+    """This process's global rank (0 without a launcher)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    """Number of ranks (1 without a launcher)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    """True on rank 0: the one that prints and writes files."""
+    return rank() == 0
+
+
+def add_launcher_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Accept the ``--local_rank`` / ``--local-rank`` argument that launchers pass.
+
+    The deepspeed launcher appends ``--local_rank=K`` to the script's
+    arguments (torch.distributed.launch ``--local-rank=K``); a parser that does
+    not know it stops with "unrecognized arguments". The value is also in
+    ``LOCAL_RANK``, which is what scalemlo reads.
+    """
+    parser.add_argument(
+        "--local_rank",
+        "--local-rank",
+        dest="local_rank",
+        type=int,
+        default=int(os.environ.get("LOCAL_RANK", 0)),
+        help="set by the deepspeed launcher; leave it alone",
+    )
+    return parser
+
+
+def rank_share(batch: Any, what: str = "batch") -> Any:
+    """This rank's contiguous share of a global batch.
+
+    ``batch`` is a tensor, or a tuple / list / dict of tensors with the same
+    first dimension B (other values are passed through). Rank r of N gets rows
+    ``[r B/N, (r+1) B/N)``. One process gets the batch itself.
+
+    Raises:
+        ValueError: B is not a multiple of the number of ranks (the shares would
+            differ in size, and the ranks' averaged gradient would no longer be
+            the gradient of the whole batch).
+    """
+    n = world_size()
+    if n == 1:
+        return batch
+    sizes = {t.shape[0] for t in _tensors(batch)}
+    if len(sizes) != 1:
+        raise ValueError(f"rank_share: the tensors of the {what} differ in their first dimension: {sorted(sizes)}")
+    (size,) = sizes
+    if size % n:
+        raise ValueError(
+            f"rank_share: a {what} of {size} examples cannot be split evenly over {n} ranks; "
+            f"use a {what} size that is a multiple of {n}"
+        )
+    share = size // n
+    start = rank() * share
+    return _slice(batch, start, start + share)
+
+
+def _tensors(batch: Any) -> list[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, Mapping):
+        return [t for v in batch.values() for t in _tensors(v)]
+    if isinstance(batch, Sequence) and not isinstance(batch, str):
+        return [t for v in batch for t in _tensors(v)]
+    return []
+
+
+def _slice(batch: Any, start: int, stop: int) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop]
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _slice(v, start, stop) for k, v in batch.items()})
+    if isinstance(batch, tuple):
+        return tuple(_slice(v, start, stop) for v in batch)
+    if isinstance(batch, list):
+        return [_slice(v, start, stop) for v in batch]
+    return batch
