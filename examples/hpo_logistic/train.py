@@ -1,6 +1,7 @@
 """Learn a per-feature weight decay for logistic regression with scalemlo.
 
-    python examples/hpo_logistic/train.py [--config PATH] [--max-steps N] [--seed S] [--method M]
+    python examples/hpo_logistic/train.py [--config PATH] [--max-steps N] [--seed S] [--method M] [--out JSON]
+    deepspeed --num_gpus 2 examples/hpo_logistic/train.py ...      # or: torchrun --nproc_per_node 2 ...
 
 A bilevel program on scikit-learn's breast-cancer data (569 examples, 30
 features), split into a small train split, a validation split and a test split:
@@ -13,8 +14,12 @@ features), split into a small train split, a validation split and a test split:
 
 It prints the validation and test numbers of logistic regression fitted to
 convergence with the initial decay (BEFORE) and with the learned decay (AFTER),
-and returns them from ``main()``. Each level runs in its own single-process
-DeepSpeed engine (ZeRO-0, fp32); no launcher or GPU is needed.
+and returns them from ``main()``. Each level runs in its own DeepSpeed engine
+(ZeRO-0, fp32); no launcher or GPU is needed. Under a launcher (N ranks) each
+rank trains on its contiguous 1/N share of the train split and of the
+validation split (``scalemlo.distributed.rank_share``); both losses are means
+over examples, so N ranks compute the one-process program up to float rounding.
+Only rank 0 prints and writes ``--out``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import scalemlo  # noqa: E402
 from scalemlo import Engine, EngineConfig, Level, LevelConfig  # noqa: E402
+from scalemlo.distributed import add_launcher_arguments, is_main_process, rank_share, world_size  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "config.yaml"
@@ -225,7 +231,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=None, help="override engine.max_steps (global iterations)")
     parser.add_argument("--seed", type=int, default=None, help="override the config's seed (data split and init)")
     parser.add_argument("--method", default=None, choices=sorted(scalemlo.METHODS), help="override hyper.level.method")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads during the run (default 1)")
+    parser.add_argument("--out", default=None, help="write the returned numbers as JSON here (rank 0 only)")
+    add_launcher_arguments(parser)  # the deepspeed launcher passes --local_rank
     return parser.parse_args(argv)
+
+
+def say(*args, **kwargs) -> None:
+    """print on rank 0 only (every rank computes the same numbers)."""
+    if is_main_process():
+        print(*args, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -233,11 +248,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # A 31-parameter model gains nothing from intra-op threads, and on a busy machine their
     # spinning makes each tiny op ~100x slower; restored on the way out (main() may be imported).
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     try:
-        return run(args)
+        result = run(args)
     finally:
         torch.set_num_threads(threads)
+    if args.out and is_main_process():
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -261,7 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     splits = load_splits(int(cfg["data"]["train_size"]), int(cfg["data"]["val_size"]), seed)
     x_train, y_train = splits["train"]
     features = x_train.shape[1]
-    print(
+    say(
         f"breast cancer: {features} features; train {len(x_train)} / val {len(splits['val'][0])} / "
         f"test {len(splits['test'][0])} examples (seed {seed})"
     )
@@ -271,8 +289,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     hyper_module = LogDecay(features, init_decay)
     w0, b0 = fit_to_convergence(x_train, y_train, hyper_module.log_decay)
     before = evaluate(w0, b0, splits)
-    print(f"BEFORE  decay = {init_decay:g} on every feature, model fitted to convergence")
-    print(f"        {describe(before)}")
+    say(f"BEFORE  decay = {init_decay:g} on every feature, model fitted to convergence")
+    say(f"        {describe(before)}")
 
     # The bilevel program; the lower level starts from that fit, i.e. at its optimum.
     linear = torch.nn.Linear(features, 1)
@@ -285,32 +303,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if model_cfg["optimizer"] != "sgd":
             raise ValueError("model.momentum is only used by model.optimizer=sgd")
         model_opt_kwargs["momentum"] = float(model_cfg["momentum"])
+    # Each rank trains on its share of the train split and of the validation split: the
+    # levels' losses are means over examples, and the library averages over ranks, so N
+    # ranks compute the one-process program (up to float rounding). The regularizer is
+    # the same on every rank, and stays itself under the average.
     model = Model(
         "model",
         linear,
         OPTIMIZERS[model_cfg["optimizer"]](linear.parameters(), **model_opt_kwargs),
-        data=[as_float32(splits["train"])],
+        data=[rank_share(as_float32(splits["train"]), "train split")],
         val=as_float32(splits["val"]),
     )
     hyper = Hyper(
         "hyper",
         hyper_module,
         OPTIMIZERS[cfg["hyper"]["optimizer"]](hyper_module.parameters(), lr=float(cfg["hyper"]["lr"])),
-        data=[as_float32(splits["val"])],
+        data=[rank_share(as_float32(splits["val"]), "validation split")],
         config=hyper_config,
     )
 
     def report(engine: Engine, metrics: dict) -> None:
         if "valid/model/val_loss" in metrics:
-            print(
+            say(
                 f"  step {engine.global_step:5d}: hyper steps {hyper.steps:4d} | model val loss "
                 f"{metrics['valid/model/val_loss']:.4f}  val acc {100 * metrics['valid/model/val_acc']:.1f}%"
             )
 
     engine = Engine([hyper, model], {"hyper": ["model"]}, engine_config, callbacks=[report])
-    print(
+    say(
         f"meta-learning: method={hyper_config.method}, {engine_config.max_steps} model steps, "
-        f"one hyper step every {engine.period['hyper']} (unroll_steps)"
+        f"one hyper step every {engine.period['hyper']} (unroll_steps); {world_size()} rank(s)"
     )
     engine.run()
 
@@ -321,14 +343,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     w1, b1 = fit_to_convergence(x_train, y_train, learned)
     after = evaluate(w1, b1, splits)
     decay = learned.exp()
-    print(
+    say(
         f"AFTER   learned decay: min {decay.min():.3g}  median {decay.median():.3g}  max {decay.max():.3g} "
         f"(started at {init_decay:g})"
     )
-    print(f"        engine's model:    {describe(continued)}")
-    print(f"        refit to converge: {describe(after)}")
+    say(f"        engine's model:    {describe(continued)}")
+    say(f"        refit to converge: {describe(after)}")
     wall = time.perf_counter() - start
-    print(
+    say(
         f"val_loss before={before['val_loss']:.4f} after={after['val_loss']:.4f} | "
         f"test_acc before={before['test_acc']:.4f} after={after['test_acc']:.4f} | {wall:.1f}s after imports"
     )
@@ -338,6 +360,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "after_engine_model": continued,
         "learned_log_decay": learned.tolist(),
         "hyper_steps": hyper.steps,
+        "world_size": world_size(),
         "seconds": wall,
     }
 
