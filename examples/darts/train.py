@@ -1,6 +1,7 @@
 """DARTS (differentiable architecture search) on scikit-learn digits with scalemlo.
 
-    python examples/darts/train.py [--config PATH] [--seed S | --seeds N] [--smoke] [--max-steps N]
+    python examples/darts/train.py [--config PATH] [--seed S | --seeds N] [--smoke] [--max-steps N] [--out JSON]
+    deepspeed --num_gpus 2 examples/darts/train.py ...      # or: torchrun --nproc_per_node 2 ...
 
 A bilevel program on scikit-learn's 8x8 digits (1797 images, 10 classes, shipped
 with scikit-learn: no download), split once with a fixed seed (``data.split_seed``)
@@ -22,7 +23,13 @@ After the search the derived architecture (argmax op per layer, 'zero' excluded)
 is retrained from scratch and its test accuracy compared with a random
 architecture (one random non-zero op per layer) and with the uniform mixture
 (every op, alpha fixed at 0), all retrained the same way. Each level runs in its
-own single-process DeepSpeed engine (ZeRO-0, fp32); no launcher or GPU needed.
+own DeepSpeed engine (ZeRO-0, fp32); no launcher or GPU needed.
+
+Under a launcher (N ranks) every rank draws the same global minibatches and
+trains on its contiguous 1/N share of each (``scalemlo.distributed.rank_share``);
+both losses are means over examples and the network has no batch statistics,
+so the search is the one-process search up to float rounding. The retraining
+is plain torch and runs on rank 0 only, which alone prints and writes ``--out``.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from scalemlo import Engine, EngineConfig, Level, LevelConfig  # noqa: E402
+from scalemlo.distributed import add_launcher_arguments, is_main_process, rank_share, world_size  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "config.yaml"
@@ -116,18 +124,23 @@ def load_splits(split_seed: int, train_size: int, val_size: int) -> dict[str, tu
 
 
 class Batches:
-    """Shuffled minibatches of a split; a fresh permutation (from its own generator) every pass."""
+    """Shuffled minibatches of a split; a fresh permutation (from its own generator) every pass.
 
-    def __init__(self, split: tuple[torch.Tensor, torch.Tensor], batch_size: int, seed: int):
+    ``shard``: yield this rank's contiguous share of each global minibatch (every rank
+    draws the same permutation), so that the ranks together see the one-process batch.
+    """
+
+    def __init__(self, split: tuple[torch.Tensor, torch.Tensor], batch_size: int, seed: int, shard: bool = False):
         self.x, self.y = split
         self.batch_size = batch_size
         self.gen = torch.Generator().manual_seed(seed)
+        self.shard = shard
 
     def __iter__(self):
         order = torch.randperm(len(self.x), generator=self.gen)
         for start in range(0, len(order) - self.batch_size + 1, self.batch_size):  # full batches only
             i = order[start : start + self.batch_size]
-            yield self.x[i], self.y[i]
+            yield rank_share((self.x[i], self.y[i]), "minibatch") if self.shard else (self.x[i], self.y[i])
 
 
 # ---- search space -------------------------------------------------------------------------------
@@ -221,7 +234,8 @@ def derive(alpha: torch.Tensor, ops: list[str]) -> list[str]:
     return [ops[keep[int(row[keep].argmax())]] for row in alpha.detach()]
 
 
-def search(cfg: dict, splits: dict, seed: int, max_steps: int, report_every: int, verbose: bool) -> dict:
+def build_search(cfg: dict, splits: dict, seed: int, max_steps: int) -> tuple[Engine, Weights, Arch]:
+    """The bilevel program of the search: the engine and its two levels (nothing run yet)."""
     ops, layers, channels = cfg["network"]["ops"], int(cfg["network"]["layers"]), int(cfg["network"]["channels"])
     torch.manual_seed(seed)
     net = Network(channels, [ops] * layers)
@@ -237,7 +251,7 @@ def search(cfg: dict, splits: dict, seed: int, max_steps: int, report_every: int
             momentum=float(w_cfg["momentum"]),
             weight_decay=float(w_cfg["weight_decay"]),
         ),
-        data=Batches(splits["train"], bs, seed),
+        data=Batches(splits["train"], bs, seed, shard=True),
     )
     arch = Arch(
         "arch",
@@ -248,20 +262,27 @@ def search(cfg: dict, splits: dict, seed: int, max_steps: int, report_every: int
             betas=(0.5, 0.999),
             weight_decay=float(a_cfg["weight_decay"]),
         ),
-        data=Batches(splits["val"], bs, seed + 1000),
+        data=Batches(splits["val"], bs, seed + 1000, shard=True),
         config=LevelConfig.from_dict(a_cfg["level"]),  # the upper level's config: how its hypergradient is made
     )
     engine_values = {**cfg["engine"], "max_steps": max_steps, "seed": seed}
     engine_values.setdefault("progress_bar", False)
     engine = Engine([weights, arch], {"arch": ["weights"]}, EngineConfig.from_dict(engine_values))
+    return engine, weights, arch
+
+
+def search(cfg: dict, splits: dict, seed: int, max_steps: int, report_every: int, verbose: bool) -> dict:
+    ops = cfg["network"]["ops"]
+    engine, weights, arch = build_search(cfg, splits, seed, max_steps)
+    arch_module = arch.module
     snapshots = []
 
     def snapshot():
-        with torch.no_grad():
-            x, y = splits["val"]
-            val_acc = float((weights.logits(x).argmax(-1) == y).float().mean())
         snapshots.append({"step": engine.global_step, "softmax": F.softmax(arch_module.alpha.detach(), -1).tolist()})
         if verbose:
+            with torch.no_grad():
+                x, y = splits["val"]
+                val_acc = float((weights.logits(x).argmax(-1) == y).float().mean())
             print(
                 f"  step {engine.global_step:4d} (arch steps {arch.steps:4d}): mixed net val acc {100 * val_acc:.1f}%"
             )
@@ -275,7 +296,11 @@ def search(cfg: dict, splits: dict, seed: int, max_steps: int, report_every: int
         if engine.global_step % report_every == 0 or engine.global_step == max_steps:
             snapshot()
     seconds = time.perf_counter() - start
+    with torch.no_grad():  # the upper objective on the whole validation split, at the end of the search
+        x, y = splits["val"]
+        val_loss = float(F.cross_entropy(weights.logits(x), y))
     return {
+        "val_loss": val_loss,
         "alpha": arch_module.alpha.detach().clone(),
         "snapshots": snapshots,
         "arch_steps": arch.steps,
@@ -316,9 +341,21 @@ def retrain(cfg: dict, splits: dict, layer_ops: list[list[str]], seed: int, step
 def run_seed(cfg: dict, splits: dict, seed: int, max_steps: int, retrain_steps: int, report_every: int, verbose: bool):
     ops, layers = cfg["network"]["ops"], int(cfg["network"]["layers"])
     if verbose:
-        print(f"\n=== seed {seed}: search ({max_steps} steps) ===")
+        print(f"\n=== seed {seed}: search ({max_steps} steps, {world_size()} rank(s)) ===")
     found = search(cfg, splits, seed, max_steps, report_every, verbose)
     derived = derive(found["alpha"], ops)
+    searched = {
+        "seed": seed,
+        "derived": derived,
+        "alpha": found["alpha"].tolist(),
+        "final_softmax": F.softmax(found["alpha"], -1).tolist(),
+        "search_val_loss": found["val_loss"],
+        "snapshots": found["snapshots"],
+        "arch_steps": found["arch_steps"],
+        "search_seconds": found["seconds"],
+    }
+    if not is_main_process():
+        return {**searched, "systems": None}  # the retraining (plain torch) is rank 0's
     nonzero = [o for o in ops if o != "zero"]
     gen = torch.Generator().manual_seed(10_000 + seed)
     random_archs = [
@@ -346,16 +383,7 @@ def run_seed(cfg: dict, splits: dict, seed: int, max_steps: int, retrain_steps: 
     results["darts"]["search_seconds"] = found["seconds"]
     if verbose:
         print(f"  derived architecture: {' -> '.join(derived)}  (search {found['seconds']:.1f}s)")
-    return {
-        "seed": seed,
-        "derived": derived,
-        "random_archs": random_archs,
-        "final_softmax": F.softmax(found["alpha"], -1).tolist(),
-        "snapshots": found["snapshots"],
-        "arch_steps": found["arch_steps"],
-        "search_seconds": found["seconds"],
-        "systems": results,
-    }
+    return {**searched, "random_archs": random_archs, "systems": results}
 
 
 def mean_std(values: list[float]) -> dict:
@@ -376,18 +404,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--retrain-steps", type=int, default=None, help="override retrain.steps")
     p.add_argument("--smoke", action="store_true", help=f"tiny fast run: {SMOKE}")
     p.add_argument("--quiet", action="store_true", help="print only the final table")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads during the run (default 1)")
+    p.add_argument("--out", default=None, help="write the returned numbers as JSON here (rank 0 only)")
+    add_launcher_arguments(p)  # the deepspeed launcher passes --local_rank
     return p.parse_args(argv)
+
+
+def say(*args, **kwargs) -> None:
+    """print on rank 0 only."""
+    if is_main_process():
+        print(*args, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     # Tiny convolutions gain nothing from intra-op threads on a busy 2-core machine; restored afterwards.
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     try:
-        return run(args)
+        result = run(args)
     finally:
         torch.set_num_threads(threads)
+    if args.out and is_main_process():
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -403,7 +443,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         retrain_steps = args.retrain_steps
     d = cfg["data"]
     splits = load_splits(int(d["split_seed"]), int(d["train_size"]), int(d["val_size"]))
-    print(
+    say(
         f"digits 8x8: train {len(splits['train'][0])} / val {len(splits['val'][0])} / test {len(splits['test'][0])} "
         f"(split seed {d['split_seed']}); ops: {', '.join(cfg['network']['ops'])}; "
         f"{cfg['network']['layers']} mixed layers x {cfg['network']['channels']} channels; "
@@ -414,9 +454,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs = []
     for seed in seeds:
         seed_start = time.perf_counter()
-        r = run_seed(cfg, splits, seed, max_steps, retrain_steps, report_every, not args.quiet)
+        r = run_seed(cfg, splits, seed, max_steps, retrain_steps, report_every, not args.quiet and is_main_process())
         r["seconds"] = time.perf_counter() - seed_start
         runs.append(r)
+    if not is_main_process():
+        return {"ops": cfg["network"]["ops"], "seeds": seeds, "runs": runs, "world_size": world_size()}
     systems = list(runs[0]["systems"])
     summary = {s: {"test_acc": mean_std([r["systems"][s]["test_acc"] for r in runs])} for s in systems}
     summary["search_seconds"] = mean_std([r["search_seconds"] for r in runs])
@@ -441,7 +483,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     total = time.perf_counter() - start
     print(f"total wall time {total:.1f}s after imports")
-    return {"ops": cfg["network"]["ops"], "seeds": seeds, "runs": runs, "summary": summary, "wall_s": total}
+    return {
+        "ops": cfg["network"]["ops"],
+        "seeds": seeds,
+        "runs": runs,
+        "summary": summary,
+        "world_size": world_size(),
+        "wall_s": total,
+    }
 
 
 if __name__ == "__main__":
