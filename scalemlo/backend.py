@@ -3,9 +3,10 @@
 Two implementations of one small interface:
 
 - ``DeepSpeedBackend``: the level's module inside its own DeepSpeed engine.
-  Backward passes go through ``engine.backward`` so DeepSpeed's reduction,
-  partitioning and loss scaling apply; gradient accumulation is DeepSpeed's.
-- ``TorchBackend``: a plain optimizer, for float64 oracles and debugging.
+  Backward passes go through DeepSpeed so its reduction, partitioning and
+  loss scaling apply; gradient accumulation is DeepSpeed's.
+- ``TorchBackend``: a plain optimizer (float64 oracles, debugging); on
+  several ranks it averages gradients over them, as data parallelism does.
 
 The hypergradient code never calls an optimizer: it hands a finished gradient
 to ``backward_from_grads``, which under DeepSpeed is a backward of the
@@ -13,55 +14,112 @@ surrogate ``sum(<p, g>)``, so the upper level's gradient is reduced across
 ranks exactly once, by the same machinery as any other gradient.
 
 Besides stepping, a backend tells the hypergradient code where the level's
-vectors live (``coords``: whole parameters, or at ZeRO-3 the local partitions
-``p.ds_tensor``), how to take the level's own gradient in that layout
-(``gradient``: averaged over ranks, so every rank holds the same vector or its
-own slice of it), and how to reduce across ranks (``space``).
+vectors live (``local_shards``: the whole parameters, or at ZeRO-3 this rank's
+partition of each, ``p.ds_tensor``), how to take the level's own gradient in
+that layout (``gradient``: averaged over ranks, so every rank holds the same
+vector or its own shard of it), how to reduce over such vectors
+(``across_ranks``), and what the last optimizer step was (``last_step``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from scalemlo.distributed import ensure_distributed, import_deepspeed
+from scalemlo.distributed import ensure_distributed, import_deepspeed, mean_over_ranks_, world_size
+from scalemlo.hypergrad.vectors import AcrossRanks, grads_or_zeros
 
 log = logging.getLogger(__name__)
 
 
-class TorchBackend:
-    """A plain torch optimizer with manual gradient accumulation and clipping."""
+@dataclass
+class LastStep:
+    """What the level's last optimizer step used (read by the hypergradient methods).
+
+    Attributes:
+        lrs: per trainable parameter, the learning rate of that step (a
+            scheduler has moved the optimizer's lr on by the time anyone asks).
+        fresh: per trainable parameter, True when the optimizer held no state
+            for it before the step (torch's first momentum step skips dampening).
+        grads: the gradients the step used, kept by reference (no copy) only
+            when the level was asked to (``keep_grads``); else None.
+    """
+
+    lrs: list[float]
+    fresh: list[bool]
+    grads: list[torch.Tensor] | None
+
+
+class _Backend:
+    """What both backends share: the learning rates per parameter and the record of the last step."""
+
+    def _init_common(self, params, optimizer, group_index: Sequence[int]) -> None:
+        self.params = list(params)
+        self.group_index = list(group_index)
+        self.steps = 0
+        self.last_step: LastStep | None = None
+        self.world_size = world_size()
+        self._optimizer_for_state = optimizer  # keyed by the parameters themselves
+
+    def current_lrs(self) -> list[float]:
+        """Per trainable parameter, the learning rate its parameter group has now."""
+        groups = self.optimizer.param_groups
+        return [float(groups[i]["lr"]) for i in self.group_index]
+
+    def step_lrs(self) -> list[float]:
+        """Per trainable parameter, the learning rate of the last step (the current one before any step)."""
+        return self.last_step.lrs if self.last_step is not None else self.current_lrs()
+
+    def _record_step(self, keep_grads: bool) -> None:
+        state = self._optimizer_for_state.state
+        self.last_step = LastStep(
+            lrs=self.current_lrs(),
+            fresh=[not state.get(p) for p in self.params],
+            grads=[p.grad for p in self.params] if keep_grads else None,
+        )
+
+    def average_over_ranks(self, vector: Sequence[torch.Tensor]) -> None:
+        """Average a vector that each rank computed from its own batches, in place (layout of ``local_shards``).
+
+        Afterwards it is the data-parallel vector of the whole objective, the
+        same on every rank. ZeRO-3 shards come out of DeepSpeed's
+        reduce-scatter averaged already: nothing to do for them.
+        """
+        if not self.partitioned:
+            mean_over_ranks_(vector)
+
+
+class TorchBackend(_Backend):
+    """A plain torch optimizer with manual gradient accumulation, rank averaging and clipping."""
 
     partitioned = False
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], optimizer, scheduler, config):
-        self.params = list(params)
+    def __init__(self, params: Sequence[torch.nn.Parameter], optimizer, scheduler, config, group_index):
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.accumulation = config.gradient_accumulation
         self.clipping = config.gradient_clipping
         self._micro = 0
-        self.steps = 0
-        self.last_grads: list[torch.Tensor] | None = None
-        self.space = _space(partitioned=False)
+        self._init_common(params, optimizer, group_index)
+        self.across_ranks = AcrossRanks(self.world_size, sharded=False)
 
     # ---- what the hypergradient code reads ------------------------------------
     @property
-    def coords(self) -> list[torch.Tensor]:
+    def local_shards(self) -> list[torch.Tensor]:
         """The tensors the level's vectors are shaped like, and that perturbations write."""
         return self.params
 
     def gradient(self, loss: torch.Tensor, retain_graph: bool = False) -> list[torch.Tensor]:
-        """d loss / d params in the layout of ``coords`` (one process: nothing to average)."""
-        return _autograd_gradient(loss, self.params, retain_graph)
-
-    def average(self, vector: list[torch.Tensor]) -> None:
-        """Average a vector over ranks in place (one process: nothing to do)."""
+        """d loss / d params in the layout of ``local_shards``, averaged over ranks."""
+        grads = _autograd_gradient(loss, self.params, retain_graph)
+        self.average_over_ranks(grads)
+        return grads
 
     def release_gathered(self) -> None:
-        """Make writes to ``coords`` visible to the next forward (nothing to do without ZeRO-3)."""
+        """Make writes to ``local_shards`` visible to the next forward (nothing to do without ZeRO-3)."""
 
     # ---- stepping -----------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
@@ -72,36 +130,31 @@ class TorchBackend:
             g = g.detach().to(p.dtype) / self.accumulation
             p.grad = g.clone() if p.grad is None else p.grad.add_(g)
 
-    def step(self, keep_last_grads: bool = False) -> bool:
+    def step(self, keep_grads: bool = False) -> bool:
         """One micro-step; the optimizer steps at the accumulation boundary. Returns True if it stepped.
 
-        ``keep_last_grads`` keeps references to the gradients of the step (for
-        sama) instead of letting them be freed; it copies nothing.
+        ``keep_grads`` keeps references to the gradients of the step in
+        ``last_step`` (for sama) instead of letting them be freed; it copies nothing.
         """
         self._micro += 1
         if self._micro % self.accumulation:
             return False
+        self.average_over_ranks([p.grad for p in self.params if p.grad is not None])
         if self.clipping > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.clipping)
+        self._record_step(keep_grads)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        self.last_grads = [p.grad for p in self.params] if keep_last_grads else None
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         return True
 
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
 
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "steps": self.steps, "micro": self._micro}
-
-
-class DeepSpeedBackend:
+class DeepSpeedBackend(_Backend):
     """The level's module wrapped in its own DeepSpeed engine."""
 
-    def __init__(self, module: torch.nn.Module, params, optimizer, scheduler, config, name: str):
+    def __init__(self, module: torch.nn.Module, params, optimizer, scheduler, config, name: str, group_index):
         deepspeed = import_deepspeed()
         ensure_distributed()
         ds_config = _deepspeed_config_for(config, name, module)
@@ -111,12 +164,11 @@ class DeepSpeedBackend:
                     f"level {name!r}: DeepSpeed 0.19 cannot reduce float64 gradients; "
                     "use LevelConfig(backend='torch') for float64 levels"
                 )
+        user_optimizer = optimizer
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
-        import torch.distributed as dist
-
-        self.world_size = dist.get_world_size()
+        self._init_common(params, user_optimizer, group_index)
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         if self.world_size == 1 and self.zero_stage == 0:
             # One rank has nothing to reduce; DeepSpeed's ZeRO-0 reduction would
@@ -124,34 +176,31 @@ class DeepSpeedBackend:
             # (ZeRO 1-2 fill their partitions in that reduction: keep it there.)
             self.engine.enable_backward_allreduce = False
         self.partitioned = self.zero_stage == 3
-        self.space = _space(partitioned=self.partitioned and self.world_size > 1)
-        self.params = list(params)
-        self.steps = 0
-        self.last_grads: list[torch.Tensor] | None = None
+        self.across_ranks = AcrossRanks(self.world_size, sharded=self.partitioned)
 
     # ---- what the hypergradient code reads ------------------------------------
     @property
-    def coords(self) -> list[torch.Tensor]:
+    def local_shards(self) -> list[torch.Tensor]:
         """Whole parameters, or at ZeRO-3 this rank's partitions (``p.ds_tensor``, flat)."""
         if self.partitioned:
             return [p.ds_tensor for p in self.params]
         return self.params
 
     def gradient(self, loss: torch.Tensor, retain_graph: bool = False) -> list[torch.Tensor]:
-        """d loss / d params in the layout of ``coords``, averaged over ranks.
+        """d loss / d params in the layout of ``local_shards``, averaged over ranks.
 
         ZeRO 0-2: autograd on the whole parameters, then an all-reduce when
         there are several ranks. ZeRO-3: autograd cannot see partitioned
-        parameters, so the backward goes through ``engine.backward`` (which
-        gathers layer by layer and reduce-scatters), the local gradient
-        partitions are copied out and DeepSpeed's gradient buffers are cleared
-        again; no optimizer state changes. Every parameter of other levels
-        that the graph reaches must have been frozen when ``loss`` was built,
-        or its ``.grad`` be stashed by the caller.
+        parameters, so DeepSpeed's backward machinery gathers layer by layer
+        and reduce-scatters; the backward reaches this level's parameters only
+        (other levels' parameters in the graph are left alone, their engines'
+        gradient hooks included), the local gradient partitions are copied out
+        and DeepSpeed's gradient buffers are cleared again; no optimizer state
+        changes.
         """
         if not self.partitioned:
             grads = _autograd_gradient(loss, self.params, retain_graph)
-            self.average(grads)
+            self.average_over_ranks(grads)
             return grads
         from deepspeed.utils import safe_get_local_grad
 
@@ -159,13 +208,32 @@ class DeepSpeedBackend:
         # (the next training step must not see this gradient); zero_grad makes
         # DeepSpeed copy into its partitions instead of accumulating.
         self._clear_partition_grads()
-        self._engine_backward(loss, retain_graph=retain_graph, scale_wrt_gas=False)
+        self._backward_to_own_params(loss, retain_graph)
         out = []
         for p in self.params:
             buffer = safe_get_local_grad(p)
             out.append(torch.zeros_like(p.ds_tensor) if buffer is None else buffer.view_as(p.ds_tensor).clone())
         self._clear_partition_grads()
         return out
+
+    def _backward_to_own_params(self, loss: torch.Tensor, retain_graph: bool) -> None:
+        """``engine.backward(loss)`` restricted to this level's parameters.
+
+        ``engine.backward`` runs back into every leaf the loss reaches. When
+        that includes another level's parameters (the owner's objective reads
+        the owner), their ZeRO-1/2 engine's gradient hooks fire, and that
+        engine's own next backward fails with "Gradient computed twice for
+        this partition". torch's ``backward(inputs=...)`` accumulates into the
+        given leaves only; around it runs what ``engine.backward`` runs around
+        ``loss.backward()`` (the ZeRO prologue, loss scaling, the epilogue that
+        reduce-scatters the last bucket).
+        """
+        engine = self.engine
+        engine.optimizer.clear_backward_seen_flag()
+        engine._backward_prologue()
+        scaled = engine.optimizer.scale_if_loss(loss)
+        torch.autograd.backward(scaled, inputs=self.params, retain_graph=retain_graph)
+        engine._backward_epilogue()
 
     def _clear_partition_grads(self) -> None:
         from deepspeed.utils import safe_get_local_grad
@@ -176,18 +244,8 @@ class DeepSpeedBackend:
             if buffer is not None:
                 buffer.zero_()
 
-    def average(self, vector: list[torch.Tensor]) -> None:
-        """Average whole-parameter vectors over ranks in place (ZeRO-3 partitions are already averaged)."""
-        if self.world_size == 1 or self.partitioned:
-            return
-        import torch.distributed as dist
-
-        for t in vector:
-            dist.all_reduce(t)
-            t.div_(self.world_size)
-
     def release_gathered(self) -> None:
-        """Re-partition every gathered parameter, so that writes to ``coords`` reach the next forward.
+        """Re-partition every gathered parameter, so that writes to ``local_shards`` reach the next forward.
 
         ZeRO-3 keeps parameters gathered after some forwards (persistent small
         ones, and everything after a ``no_grad`` forward that follows a
@@ -199,16 +257,13 @@ class DeepSpeedBackend:
 
     # ---- stepping -----------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
-        self._engine_backward(loss)
-
-    def _engine_backward(self, loss: torch.Tensor, **kwargs) -> None:
         if self.zero_stage > 0:
             # engine.forward does these two (ZeRO 1-3 accumulation bookkeeping, and
             # the backward prologue through hooks on its outputs); levels run their
             # modules directly, so that autograd works through them, and do it here.
             self.engine.optimizer.clear_backward_seen_flag()
             self.engine._backward_prologue()
-        self.engine.backward(loss, **kwargs)
+        self.engine.backward(loss)
 
     def backward_from_grads(self, grads: Sequence[torch.Tensor]) -> None:
         if self.partitioned:
@@ -216,35 +271,20 @@ class DeepSpeedBackend:
         surrogate = sum((p * g.detach().to(p.dtype)).sum() for p, g in zip(self.params, grads))
         self.backward(surrogate)
 
-    def step(self, keep_last_grads: bool = False) -> bool:
+    def step(self, keep_grads: bool = False) -> bool:
         """One micro-step (DeepSpeed steps at its accumulation boundary); see TorchBackend.step."""
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary:
-            # DeepSpeed frees .grad in step(); keep the tensors (no copy) for sama.
-            self.last_grads = [p.grad for p in self.params] if keep_last_grads else None
+            # Before engine.step: DeepSpeed frees .grad there, and its scheduler moves the lr on.
+            self._record_step(keep_grads)
         self.engine.step()
         if boundary:
             self.steps += 1
         return boundary
 
-    def zero_grad(self) -> None:
-        self.engine.zero_grad()
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "steps": self.steps}
-
 
 def _autograd_gradient(loss: torch.Tensor, params: list[torch.Tensor], retain_graph: bool) -> list[torch.Tensor]:
-    from scalemlo.hypergrad.vectors import grads_or_zeros
-
     return grads_or_zeros(torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain_graph), params)
-
-
-def _space(partitioned: bool):
-    # Imported late: scalemlo.hypergrad imports the level, which imports this module.
-    from scalemlo.hypergrad.vectors import Space
-
-    return Space(partitioned=partitioned)
 
 
 def zero_stage_of(cfg: dict, name: str) -> int:

@@ -78,6 +78,18 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def mean_over_ranks_(tensors: Sequence[torch.Tensor]) -> None:
+    """Average tensors over ranks in place (each rank's own tensors, whole); one process: nothing to do."""
+    if world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    n = dist.get_world_size()
+    for t in tensors:
+        dist.all_reduce(t)
+        t.div_(n)
+
+
 def add_launcher_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Accept the ``--local_rank`` / ``--local-rank`` argument that launchers pass.
 

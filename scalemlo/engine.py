@@ -14,6 +14,7 @@ so each lower level takes ``unroll_steps`` steps per step of its upper.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -22,7 +23,8 @@ import torch
 
 from scalemlo.config import EngineConfig
 from scalemlo.graph import LevelGraph
-from scalemlo.hypergrad import vectors as V
+from scalemlo.distributed import mean_over_ranks_, world_size
+from scalemlo.hypergrad import vectors
 from scalemlo.hypergrad.coordinator import Coordinator
 from scalemlo.level import Level
 from scalemlo.logging import MetricLogger, progress
@@ -174,7 +176,8 @@ class Engine:
             others = [o for o in self.levels.values() if o is not lv]
             for _ in range(lv.config.gradient_accumulation):
                 if lowers:
-                    grads = self.coordinator.hypergradient(name, lv.next_batch())
+                    batch = lv.next_batch()
+                    grads = self.coordinator.hypergradient(name, batch)
                     if not _finite_on_every_rank(grads):
                         lower_losses = {n: metrics.get(f"{n}/loss") for n in self.graph.descendants(name)}
                         raise FloatingPointError(
@@ -183,8 +186,8 @@ class Engine:
                             f"below it this iteration: {lower_losses} (a non-finite one means a level below "
                             "diverged: lower its lr or clip it); otherwise check the method's settings"
                         )
-                    lv.step_on_gradient(grads)
-                    metrics[f"{name}/hypergrad_norm"] = float(V.norm(grads))
+                    lv.step_on_gradient(grads, batch)
+                    metrics[f"{name}/hypergrad_norm"] = _norm_of_rank_average(grads)
                     metrics[f"{name}/loss"] = self.coordinator.last_loss[name]
                 else:
                     metrics[f"{name}/loss"] = lv.step_on_own_loss(others)
@@ -204,14 +207,40 @@ class Engine:
         return self.coordinator.hypergradient(name)
 
     def validate(self) -> dict[str, float]:
-        """Every level's ``validation_step`` metrics, prefixed ``valid/<level>/``."""
+        """Every level's ``validation_step`` metrics, prefixed ``valid/<level>/``.
+
+        Runs without gradients and with every module in eval mode (dropout
+        off, BatchNorm using and keeping its running statistics); each
+        submodule's previous mode is restored afterwards.
+        """
         out: dict[str, float] = {}
-        for name, lv in self.levels.items():
-            with torch.no_grad():
+        with _evaluation_mode([lv.module for lv in self.levels.values()]), torch.no_grad():
+            for name, lv in self.levels.items():
                 result = lv.validation_step()
-            for key, value in (result or {}).items():
-                out[f"valid/{name}/{key}"] = float(value)
+                for key, value in (result or {}).items():
+                    out[f"valid/{name}/{key}"] = float(value)
         return out
+
+
+@contextlib.contextmanager
+def _evaluation_mode(modules: list[torch.nn.Module]):
+    """Every submodule in eval mode for a while, each one's own previous mode restored after."""
+    saved = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
+def _norm_of_rank_average(grads: list[torch.Tensor]) -> float:
+    """The norm of the hypergradient the upper level steps on: each rank's own, averaged over ranks."""
+    if world_size() > 1:
+        grads = [g.clone() for g in grads]
+        mean_over_ranks_(grads)
+    return float(vectors.norm(grads))
 
 
 def _finite_on_every_rank(grads: list[torch.Tensor]) -> bool:

@@ -69,6 +69,9 @@ class Level:
         self._iterator: Iterator | None = None
         self.epoch = 0
         self.batch: Any = None
+        # The micro-batches of the last optimizer step, and of the one in progress.
+        self.step_batches: list[Any] = []
+        self._pending_batches: list[Any] = []
         # Set by the engine when an upper level uses sama, which needs the last gradient.
         self.keep_last_grads = False
 
@@ -128,20 +131,31 @@ class Level:
             if not isinstance(optimizer, torch.optim.Optimizer):
                 raise ValueError(f"level {self.name!r}: the optimizer factory returned {type(optimizer).__name__}")
         owned = {id(p) for p in self.params}
-        for group in optimizer.param_groups:
+        group_of: dict[int, int] = {}
+        for i, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 if id(p) not in owned:
                     raise ValueError(
                         f"level {self.name!r}: the optimizer holds a parameter that is not a trainable "
                         "parameter of this level's module"
                     )
+                group_of[id(p)] = i
+        missing = [n for n, p in self.module.named_parameters() if p.requires_grad and id(p) not in group_of]
+        if missing:
+            raise ValueError(
+                f"level {self.name!r}: trainable parameters {missing[:5]} are not in the optimizer; "
+                "give the optimizer every parameter with requires_grad=True, or set requires_grad=False"
+            )
+        group_index = [group_of[id(p)] for p in self.params]
         scheduler = self._scheduler_arg
         if scheduler is not None and callable(scheduler) and not hasattr(scheduler, "step"):
             scheduler = scheduler(optimizer)
         if self.config.backend == "deepspeed":
-            self.backend = DeepSpeedBackend(self.module, self.params, optimizer, scheduler, self.config, self.name)
+            self.backend = DeepSpeedBackend(
+                self.module, self.params, optimizer, scheduler, self.config, self.name, group_index
+            )
         else:
-            self.backend = TorchBackend(self.params, optimizer, scheduler, self.config)
+            self.backend = TorchBackend(self.params, optimizer, scheduler, self.config, group_index)
 
     @property
     def zero_stage(self) -> int:
@@ -157,7 +171,7 @@ class Level:
 
     @property
     def lr(self) -> float:
-        """The current learning rate of the first parameter group."""
+        """The current learning rate of the first parameter group (see ``backend.step_lrs()`` for all)."""
         return float(self.optimizer.param_groups[0]["lr"])
 
     @property
@@ -183,8 +197,17 @@ class Level:
         return batch
 
     def current_batch(self) -> Any:
-        """The batch of the last step (the next one if the level has not stepped yet)."""
+        """The batch of the last micro-step (the next one if the level has not stepped yet)."""
         return self.batch if self.batch is not None else self.next_batch()
+
+    def objective_batches(self) -> list[Any]:
+        """The micro-batches of the last optimizer step: the objective a hypergradient differentiates.
+
+        With ``gradient_accumulation`` k the step averaged k micro-batches, so
+        the level's objective as its uppers see it is the mean of its loss over
+        those k (before any step: the current batch).
+        """
+        return self.step_batches or [self.current_batch()]
 
     # ---- training -------------------------------------------------------------
     def loss(self, batch: Any) -> torch.Tensor:
@@ -203,13 +226,18 @@ class Level:
         with frozen(others):
             loss = self.loss(batch)
             self.backend.backward(loss)
-        self.backend.step(self.keep_last_grads)
+        self._micro_step(batch)
         return float(loss.detach())
 
-    def step_on_gradient(self, grads: list[torch.Tensor]) -> None:
-        """One micro-step on a gradient computed elsewhere (a hypergradient)."""
+    def step_on_gradient(self, grads: list[torch.Tensor], batch: Any) -> None:
+        """One micro-step on a gradient computed elsewhere (a hypergradient) from ``batch``."""
         self.backend.backward_from_grads(grads)
-        self.backend.step(self.keep_last_grads)
+        self._micro_step(batch)
+
+    def _micro_step(self, batch: Any) -> None:
+        self._pending_batches.append(batch)
+        if self.backend.step(self.keep_last_grads):
+            self.step_batches, self._pending_batches = self._pending_batches, []
 
     @contextlib.contextmanager
     def preserved_buffers(self):

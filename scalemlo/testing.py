@@ -98,8 +98,12 @@ def ridge_engine(
     dtype: torch.dtype = torch.float64,
     hyper_lr: float = 0.1,
     max_steps: int = 0,
+    model_config: LevelConfig | None = None,
 ) -> Engine:
-    """An engine over the ridge problem with the given state (full-batch data)."""
+    """An engine over the ridge problem with the given state (full-batch data).
+
+    ``model_config`` is the lower level's LevelConfig (default: ``backend`` with its defaults).
+    """
     model_module = VectorModule(theta.to(dtype))
     hyper_module = VectorModule(log_lambda.to(dtype))
     opt_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[model_optimizer]
@@ -108,7 +112,7 @@ def ridge_engine(
         model_module,
         opt_cls(model_module.parameters(), lr=model_lr),
         data=[(data.x.to(dtype), data.y.to(dtype))],
-        config=LevelConfig(backend=backend),
+        config=model_config or LevelConfig(backend=backend),
     )
     hyper = RidgeHyper(
         "hyper",
@@ -118,6 +122,146 @@ def ridge_engine(
         config=hyper_config,
     )
     return Engine([hyper, model], {"hyper": ["model"]}, EngineConfig(max_steps=max_steps, progress_bar=False))
+
+
+# ---- per-example reweighting of softmax regression (not quadratic) ---------------
+
+
+@dataclass
+class ReweightedSoftmax:
+    """Softmax regression whose training examples carry learned weights (float64).
+
+        f(theta, lam) = mean_i 2 sigmoid(lam_i) CE_i(theta) + 0.5 c |theta|^2
+        F(theta)      = scale * mean_j CE_val_j(theta)
+
+    Neither f nor its derivative in lam is quadratic in theta, so a central
+    difference has truncation error that depends on how far it steps (the
+    ridge oracles, quadratic in theta, hide a wrong step size). theta*(lam) is
+    found by Newton's method; the hypergradient closed form is
+    dF/dlam_i = -(2 sigmoid'(lam_i) / n) grad CE_i(theta*) . H^{-1} grad F(theta*).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    classes: int
+    c: float = 0.1
+    scale: float = 1.0
+
+    @classmethod
+    def make(cls, features: int = 4, classes: int = 3, n: int = 24, n_val: int = 30, seed: int = 0, scale=1.0):
+        g = torch.Generator().manual_seed(seed)
+        truth = torch.randn(features, classes, generator=g, dtype=torch.float64) * 2
+
+        def split(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+            x = torch.randn(count, features, generator=g, dtype=torch.float64)
+            y = torch.multinomial(torch.softmax(x @ truth, dim=1), 1, generator=g).squeeze(1)
+            return x, y
+
+        (x, y), (x_val, y_val) = split(n), split(n_val)
+        y[: n // 4] = (y[: n // 4] + 1) % classes  # a quarter of the training labels are wrong
+        return cls(x, y, x_val, y_val, classes, scale=scale)
+
+    def per_example(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = x @ theta.view(x.shape[1], self.classes)
+        return torch.nn.functional.cross_entropy(logits, y, reduction="none")
+
+    def lower(self, theta: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        weights = 2 * torch.sigmoid(lam)
+        return (weights * self.per_example(theta, self.x, self.y)).mean() + 0.5 * self.c * (theta**2).sum()
+
+    def upper(self, theta: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.per_example(theta, self.x_val, self.y_val).mean()
+
+    def solution(self, lam: torch.Tensor) -> torch.Tensor:
+        """theta*(lam) by Newton's method (to the float64 floor)."""
+        theta = torch.zeros(self.x.shape[1] * self.classes, dtype=torch.float64)
+        for _ in range(50):
+            grad = torch.autograd.functional.jacobian(lambda t: self.lower(t, lam), theta)
+            if float(grad.norm()) < 1e-14:
+                break
+            theta = theta - torch.linalg.solve(
+                torch.autograd.functional.hessian(lambda t: self.lower(t, lam), theta), grad
+            )
+        return theta
+
+    def _pieces(self, lam: torch.Tensor, theta: torch.Tensor):
+        hessian = torch.autograd.functional.hessian(lambda t: self.lower(t, lam), theta)
+        v = torch.autograd.functional.jacobian(self.upper, theta)
+        per_example_grads = torch.autograd.functional.jacobian(lambda t: self.per_example(t, self.x, self.y), theta)
+        d_weight = 2 * torch.sigmoid(lam) * (1 - torch.sigmoid(lam)) / len(self.y)
+        return hessian, v, per_example_grads, d_weight
+
+    def hypergradient(self, lam: torch.Tensor) -> torch.Tensor:
+        """dF/dlam at theta*(lam), implicit function theorem."""
+        hessian, v, grads, d_weight = self._pieces(lam, self.solution(lam))
+        return -d_weight * (grads @ torch.linalg.solve(hessian, v))
+
+    def unrolled_hypergradient(self, lam: torch.Tensor, lr: torch.Tensor | float) -> torch.Tensor:
+        """d/dlam F(theta - lr grad_theta f(theta, lam)) at theta = theta*(lam) (one SGD step; lr per element)."""
+        _, v, grads, d_weight = self._pieces(lam, self.solution(lam))
+        return -d_weight * (grads @ (lr * v))
+
+
+class SoftmaxModel(Level):
+    """Lower level of :class:`ReweightedSoftmax`; batches are (x, y, example index)."""
+
+    def __init__(self, *args, problem: ReweightedSoftmax, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.problem = problem
+
+    def training_step(self, batch):
+        x, y, index = batch
+        theta = self.module()
+        weights = 2 * torch.sigmoid(self.uppers["weights"]()[index])
+        ce = self.problem.per_example(theta, x, y)
+        return (weights * ce).mean() + 0.5 * self.problem.c * (theta**2).sum()
+
+
+class ExampleWeights(Level):
+    """Upper level of :class:`ReweightedSoftmax`: one weight logit per training example."""
+
+    def __init__(self, *args, problem: ReweightedSoftmax, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.problem = problem
+
+    def training_step(self, batch):
+        return self.problem.upper(self.lowers["model"]())
+
+
+def reweighted_softmax_engine(
+    problem: ReweightedSoftmax,
+    lam: torch.Tensor,
+    theta: torch.Tensor,
+    weights_config: LevelConfig,
+    model_optimizer: torch.optim.Optimizer | None = None,
+    micro_batches: int = 1,
+    model_config: LevelConfig | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> Engine:
+    """An engine over :class:`ReweightedSoftmax` at (lam, theta).
+
+    The training set is cut into ``micro_batches`` equal batches; with
+    ``model_config.gradient_accumulation`` equal to it, one step sees the whole
+    set. ``model_optimizer`` is a factory params -> optimizer (default SGD, lr 0.1).
+    """
+    model_module, weights_module = VectorModule(theta.to(dtype)), VectorModule(lam.to(dtype))
+    index = torch.arange(len(problem.y)).chunk(micro_batches)
+    batches = [(problem.x[i].to(dtype), problem.y[i], i) for i in index]
+    model = SoftmaxModel(
+        "model",
+        model_module,
+        model_optimizer or (lambda params: torch.optim.SGD(params, lr=0.1)),
+        data=batches,
+        config=model_config or LevelConfig(backend=weights_config.backend),
+        problem=problem,
+    )
+    weights = ExampleWeights(
+        "weights", weights_module, torch.optim.SGD(weights_module.parameters(), lr=0.1), [None], config=weights_config,
+        problem=problem,
+    )  # fmt: skip
+    return Engine([weights, model], {"weights": ["model"]}, EngineConfig(max_steps=0, progress_bar=False))
 
 
 # ---- a three-level chain of quadratics -------------------------------------------

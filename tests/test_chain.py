@@ -93,5 +93,5 @@ def test_sama_with_adam_reads_every_level_below():
         PROB, A, b, c, LevelConfig(method="sama", backend="torch"), LR, max_steps=4, optimizer=torch.optim.Adam
     )
     engine.run()
-    assert engine.levels["C"].backend.last_grads is not None
+    assert engine.levels["C"].backend.last_step.grads is not None
     assert torch.isfinite(engine.hypergradient("A")[0]).all()

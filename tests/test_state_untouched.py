@@ -99,7 +99,7 @@ def test_perturbed_evaluations_see_the_same_dropout_mask(monkeypatch):
     engine.run()
     fd = engine.hypergradient("reweight")
     # the same w = lr * v through an autograd mixed product
-    from scalemlo.hypergrad import vectors as V
+    from scalemlo.hypergrad import vectors
     from scalemlo.hypergrad.coordinator import Coordinator
     from scalemlo.hypergrad.problem import ResponseProblem
 
@@ -110,7 +110,7 @@ def test_perturbed_evaluations_see_the_same_dropout_mask(monkeypatch):
     problem = ResponseProblem(
         lower, [upper], adjoint["classifier"], upper.config, {}, list(engine.levels.values()), torch.get_rng_state()
     )
-    mixed = problem.mixed_autograd(V.scale(adjoint["classifier"], lower.lr))["reweight"]
+    mixed = problem.mixed_autograd(vectors.scale(adjoint["classifier"], lower.lr))["reweight"]
     reference = [d - m for d, m in zip(adjoint["reweight"], mixed)]
     num = sum(float((a - b).norm() ** 2) for a, b in zip(fd, reference)) ** 0.5
     den = sum(float(b.norm() ** 2) for b in reference) ** 0.5

@@ -22,10 +22,10 @@ from collections.abc import Mapping
 import torch
 
 from scalemlo.graph import LevelGraph
-from scalemlo.hypergrad import vectors as V
-from scalemlo.hypergrad.problem import ResponseProblem
+from scalemlo.hypergrad import vectors
+from scalemlo.hypergrad.problem import ResponseProblem, replayed_and_frozen
 from scalemlo.hypergrad.registry import get_method
-from scalemlo.level import Level, frozen
+from scalemlo.level import Level
 
 
 class Coordinator:
@@ -37,11 +37,13 @@ class Coordinator:
         self.method_state: dict[tuple[str, str], dict] = {}
         self.last_loss: dict[str, float] = {}  # the owner's objective at its last hypergradient
 
-    def hypergradient(self, owner_name: str, batch=None) -> V.Vector:
-        """dF_U/dp_U for the owner U, shaped like ``levels[U].params``.
+    def hypergradient(self, owner_name: str, batch=None) -> vectors.Vector:
+        """dF_U/dp_U for the owner U on this rank's batches, shaped like ``levels[U].params``.
 
         Leaves every level's parameters, buffers and optimizer state as they
         were (a stateful method, penalty, advances its own auxiliary copy).
+        Vectors on the levels below U are averaged over ranks; U's own result
+        is this rank's, for U's engine to average when it steps.
 
         Args:
             owner_name: the level whose hypergradient is wanted.
@@ -52,21 +54,21 @@ class Coordinator:
         if not below:
             raise ValueError(f"level {owner_name!r} has no level below it, so it has no hypergradient")
         method = get_method(owner.config.method)
-        in_play = [owner] + [self.levels[n] for n in below]
-        everyone = list(self.levels.values())
+        owner_and_below = [owner] + [self.levels[n] for n in below]
+        all_levels = list(self.levels.values())
         rng_state = torch.get_rng_state()
         with contextlib.ExitStack() as stack:
-            for lv in everyone:
+            for lv in all_levels:
                 stack.enter_context(lv.preserved_buffers())
-            loss, adjoint = self._direct_gradients(owner, in_play, everyone, batch, rng_state)
+            loss, adjoint = self._direct_gradients(owner, owner_and_below, all_levels, batch, rng_state)
             self.last_loss[owner_name] = loss
             for name in reversed(below):
-                v = adjoint[name]
                 lower = self.levels[name]
+                v = adjoint.pop(name)  # the problem owns it from here (a method may take its storage)
                 # Per-rank pieces (this rank's batches) become one vector, the same on
                 # every rank: the data-parallel gradient of the whole objective.
-                lower.backend.average(v)
-                if lower.backend.space.is_zero(v):
+                lower.backend.average_over_ranks(v)
+                if lower.backend.across_ranks.is_zero(v):
                     continue
                 targets = [u for u in self.graph.uppers(name) if u == owner_name or u in below]
                 problem = ResponseProblem(
@@ -75,46 +77,39 @@ class Coordinator:
                     v=v,
                     config=owner.config,
                     state=self.method_state.setdefault((owner_name, name), {}),
-                    everyone=everyone,
+                    all_levels=all_levels,
                     rng_state=rng_state,
                 )
                 for upper, response in method(problem).items():
-                    V.axpy_(adjoint[upper], response)
+                    vectors.axpy_(adjoint[upper], response)
         return [g.detach() for g in adjoint[owner_name]]
 
     @staticmethod
-    def _direct_gradients(owner, in_play, everyone, batch, rng_state) -> tuple[float, dict[str, V.Vector]]:
+    def _direct_gradients(
+        owner: Level, owner_and_below: list[Level], all_levels: list[Level], batch, rng_state: torch.Tensor
+    ) -> tuple[float, dict[str, vectors.Vector]]:
         """The owner's loss and dF/dp for the owner and every level below it, from one forward.
 
         Whole-parameter levels get their gradients from one autograd pass;
         each ZeRO-3 level (partitioned, so autograd cannot see it) from a
-        backward through its engine, in the layout of its ``coords``.
+        backward through its engine that reaches its own parameters only, in
+        the layout of its ``local_shards``.
         """
-        others = [lv for lv in everyone if all(lv is not p for p in in_play)]
-        whole = [lv for lv in in_play if not lv.backend.partitioned]
-        partitioned = [lv for lv in in_play if lv.backend.partitioned]
+        whole = [lv for lv in owner_and_below if not lv.backend.partitioned]
+        partitioned = [lv for lv in owner_and_below if lv.backend.partitioned]
         params = [p for lv in whole for p in lv.params]
-        out: dict[str, V.Vector] = {}
-        with torch.random.fork_rng(devices=[]), frozen(others):
-            torch.set_rng_state(rng_state)
+        out: dict[str, vectors.Vector] = {}
+        with replayed_and_frozen(rng_state, all_levels, owner_and_below):
             loss = owner.loss(owner.current_batch() if batch is None else batch)
             if params:
                 grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=bool(partitioned))
-                grads = V.grads_or_zeros(grads, params)
+                grads = vectors.grads_or_zeros(grads, params)
                 i = 0
                 for lv in whole:
                     out[lv.name] = grads[i : i + len(lv.params)]  # own tensors (grads_or_zeros)
                     i += len(lv.params)
             for k, lv in enumerate(partitioned):
-                # The backward also reaches the other levels in play; keep their .grad
-                # (e.g. mid-accumulation) out of it.
-                bystanders = [p for other in in_play if other is not lv for p in other.params]
-                stash = [p.grad for p in bystanders]
-                for p in bystanders:
-                    p.grad = None
                 out[lv.name] = lv.backend.gradient(loss, retain_graph=k < len(partitioned) - 1)
-                for p, g in zip(bystanders, stash):
-                    p.grad = g
-        for lv in in_play:
+        for lv in owner_and_below:
             lv.backend.release_gathered()
         return float(loss.detach()), out

@@ -1,8 +1,9 @@
 """Dense Hessian solve: the oracle and a debugging aid for small levels.
 
-Builds H_X row by row with double backward (in the parameters' dtype), solves
-H w = v in float64 and forms the mixed product by double backward. Cost:
-d backward passes and O(d^2) memory, so it refuses levels with more than
+Builds H_X row by row with double backward (in the parameters' dtype),
+averages it over ranks (each rank holds its own data), solves H w = v in
+float64 and forms the mixed product by double backward. Cost: d backward
+passes and O(d^2) memory, so it refuses levels with more than
 ``LevelConfig.exact_max_params`` parameters.
 """
 
@@ -12,7 +13,8 @@ import logging
 
 import torch
 
-from scalemlo.hypergrad import vectors as V
+from scalemlo.distributed import mean_over_ranks_
+from scalemlo.hypergrad import vectors
 from scalemlo.hypergrad.problem import ResponseProblem, negate
 from scalemlo.hypergrad.registry import register
 
@@ -20,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 @register("exact")
-def exact(problem: ResponseProblem) -> dict[str, V.Vector]:
+def exact(problem: ResponseProblem) -> dict[str, vectors.Vector]:
     params = problem.lower.params
     problem.require_autograd("method 'exact'")
     size = sum(p.numel() for p in params)
@@ -29,16 +31,17 @@ def exact(problem: ResponseProblem) -> dict[str, V.Vector]:
             f"method 'exact' on level {problem.lower.name!r}: {size} parameters exceed "
             f"exact_max_params={problem.config.exact_max_params}; use cg or neumann, or raise the limit"
         )
-    grads = problem.lower_grad(create_graph=True)
+    grads = problem.lower_grad_graph()
     flat_grad = torch.cat([g.reshape(-1) for g in grads])
     rows = []
     for i in range(size):
         if flat_grad.requires_grad:
             row = torch.autograd.grad(flat_grad[i], params, retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([r.reshape(-1) for r in V.grads_or_zeros(row, params)]))
+            rows.append(torch.cat([r.reshape(-1) for r in vectors.grads_or_zeros(row, params)]))
         else:
             rows.append(torch.zeros(size, dtype=flat_grad.dtype))
     hessian = torch.stack(rows).double()
+    mean_over_ranks_([hessian])  # this rank's Hessian -> the Hessian of the whole objective
     rhs = torch.cat([t.reshape(-1) for t in problem.v]).double()
     try:
         solution = torch.linalg.solve(hessian, rhs)

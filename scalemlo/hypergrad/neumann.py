@@ -6,17 +6,17 @@ products by double backward or by differences (``LevelConfig.second_order``).
 
 from __future__ import annotations
 
-from scalemlo.hypergrad import vectors as V
+from scalemlo.hypergrad import vectors
 from scalemlo.hypergrad.problem import ResponseProblem, negate
 from scalemlo.hypergrad.registry import register
 
 
 @register("neumann")
-def neumann(problem: ResponseProblem) -> dict[str, V.Vector]:
+def neumann(problem: ResponseProblem) -> dict[str, vectors.Vector]:
     alpha = problem.config.neumann_alpha
-    term = V.clone(problem.v)
-    total = V.clone(problem.v)
+    term = vectors.clone(problem.v)
+    total = vectors.clone(problem.v)
     for _ in range(problem.config.neumann_iterations):
-        V.axpy_(term, problem.hvp(term), -alpha)
-        V.axpy_(total, term)
-    return negate(problem.mixed(V.scale(total, alpha)))
+        vectors.axpy_(term, problem.hvp(term), -alpha)
+        vectors.axpy_(total, term)
+    return negate(problem.mixed_(vectors.scale(total, alpha)))

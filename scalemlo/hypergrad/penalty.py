@@ -8,7 +8,7 @@ where g = df_X/dp_X at the current p_X. The tilt -<g, z> makes p_X itself the
 stationary point of the unpenalized objective, so the estimate is right for
 quadratics at any p_X, not only at the lower optimum (which a level that
 itself learns through levels below it never sits at). ``penalty_steps``
-gradient steps (lr: ``penalty_lr`` or the lower level's) are taken per call,
+gradient steps (lr: ``penalty_lr``, or per parameter group the lower level's last step's) are taken per call,
 warm-started from the previous call's offset z - p_X. Then
 
     alpha (df_X/dp_Y (z) - df_X/dp_Y (p_X))  ~  -(d^2 f_X/dp_Y dp_X) H^{-1} v,
@@ -21,28 +21,31 @@ parameter sets.
 
 from __future__ import annotations
 
-from scalemlo.hypergrad import vectors as V
+from scalemlo.hypergrad import vectors
 from scalemlo.hypergrad.problem import ResponseProblem
 from scalemlo.hypergrad.registry import register
 
 
 @register("penalty")
-def penalty(problem: ResponseProblem) -> dict[str, V.Vector]:
+def penalty(problem: ResponseProblem) -> dict[str, vectors.Vector]:
     alpha = problem.config.penalty_alpha
-    lr = problem.config.penalty_lr or problem.lower.lr
-    params = problem.coords
+    lrs = problem.lower.backend.step_lrs()
+    if problem.config.penalty_lr:
+        lrs = [problem.config.penalty_lr] * len(lrs)
+    params = problem.local_shards
     # The copy is kept as an offset from p_X: p_X moves between calls, and a copy
     # kept in absolute terms would lag behind it by an error amplified by alpha.
-    offset = problem.state.setdefault("offset", V.zeros_like(params))
+    offset = problem.state.setdefault("offset", vectors.zeros_like(params))
     tilt = problem.lower_grad()
     at_lower = problem.upper_grads()
-    copy = V.add(params, offset)
-    with V.swapped(params, copy):  # params hold the copy z, ``copy`` holds p_X
+    copy = vectors.add(params, offset)
+    with vectors.swapped_(params, copy):  # params hold the copy z, ``copy`` holds p_X
         for _ in range(problem.config.penalty_steps):
             grad = problem.lower_grad()
-            V.axpy_(grad, tilt, -1.0)
-            V.axpy_(grad, problem.v, 1.0 / alpha)
-            V.axpy_(params, grad, -lr)
+            vectors.axpy_(grad, tilt, -1.0)
+            vectors.axpy_(grad, problem.v, 1.0 / alpha)
+            for p, g, lr in zip(params, grad, lrs):
+                vectors.axpy_([p], [g], -lr)
         at_copy = problem.upper_grads()
         for o, z, p in zip(offset, params, copy):
             o.copy_(z.detach() - p)

@@ -10,27 +10,51 @@ reached X's parameters) and H_X = d^2 f_X / dp_X^2. Every method approximates
 H_X^{-1} v its own way and uses the products below; none of them touches an
 optimizer, and every evaluation of f_X leaves X's parameters bit-identical.
 
-Vectors on X are shaped like ``lower.coords``: X's whole parameters, or at
-ZeRO-3 this rank's partitions of them. Reductions over such vectors go
-through ``problem.space`` (``dot``, ``norm``, ``max_abs``), which sums over
-ranks when the vector is partitioned; a method that uses them stays correct
-at every ZeRO stage and rank count. Every evaluation (and the coordinator's
-first one) ends by re-partitioning anything ZeRO-3 gathered (``release``),
-so a method may write ``coords`` between evaluations and the next forward
-sees the write.
+f_X is X's objective as its last optimizer step saw it: the mean of its loss
+over that step's micro-batches (``Level.objective_batches``; one batch
+without gradient accumulation). Every evaluation replays the same random
+state, so dropout masks agree between perturbed points.
+
+Vectors on X are shaped like ``lower.backend.local_shards``: X's whole
+parameters, or at ZeRO-3 this rank's partition of each. Reductions over such
+vectors go through ``problem.across_ranks`` (``dot``, ``norm``, ``max_abs``),
+which makes every rank agree; a method that uses them stays correct at every
+ZeRO stage and rank count. Every evaluation (and the coordinator's first one)
+ends by re-partitioning anything ZeRO-3 gathered, so a method may write
+``local_shards`` between evaluations and the next forward sees the write.
+
+Naming: a product whose name ends in ``_`` takes its vector argument's
+storage (the caller must not use that vector afterwards); the others leave
+their inputs alone.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from scalemlo.hypergrad import vectors as V
+from scalemlo.hypergrad import vectors
 from scalemlo.level import Level, frozen
+
+
+@contextlib.contextmanager
+def replayed_and_frozen(rng_state: torch.Tensor, all_levels: Sequence[Level], trainable: Sequence[Level]):
+    """Replay a CPU generator state and freeze every level but ``trainable`` for one evaluation.
+
+    Every evaluation within one hypergradient starts from the same generator
+    state, so dropout masks and sampling agree between perturbed points (a
+    difference of two different masks is noise); the caller's generator is
+    left as it was. Levels outside ``trainable`` get ``requires_grad=False``,
+    so no backward writes into them or builds a graph for them.
+    """
+    others = [lv for lv in all_levels if all(lv is not t for t in trainable)]
+    with torch.random.fork_rng(devices=[]), frozen(others):
+        torch.set_rng_state(rng_state)
+        yield
 
 
 @dataclass
@@ -40,69 +64,80 @@ class ResponseProblem:
     Attributes:
         lower: the level X whose Hessian is (approximately) inverted.
         uppers: the levels Y whose responses are wanted (directly above X).
-        v: adjoint, shaped like ``lower.coords`` (same dtypes), the same on
-            every rank (or this rank's slice); it belongs to the method, which
-            may overwrite it to save a buffer.
+        v: adjoint, shaped like ``lower.backend.local_shards``, the same on
+            every rank (or this rank's shard). Read it; a method that wants its
+            storage for w takes it with :meth:`take_v`.
         config: the LevelConfig of the level whose hypergradient is computed.
         state: the method's own memory for this (owner, lower) pair.
-        everyone: every level of the program (to hold the others fixed).
-        rng_state: CPU generator state replayed before each evaluation, so
-            dropout and sampling are identical at every perturbed point.
+        all_levels: every level of the program (to hold the others fixed).
+        rng_state: CPU generator state replayed before each evaluation.
     """
 
     lower: Level
     uppers: list[Level]
-    v: V.Vector
+    v: vectors.Vector | None
     config: Any
     state: dict
-    everyone: Sequence[Level]
+    all_levels: Sequence[Level]
     rng_state: torch.Tensor = field(repr=False)
 
     @property
-    def space(self) -> V.Space:
-        """Reductions over X's vectors (sums over ranks when they are partitioned)."""
-        return self.lower.backend.space
+    def across_ranks(self) -> vectors.AcrossRanks:
+        """Reductions over X's vectors that every rank agrees on."""
+        return self.lower.backend.across_ranks
 
     @property
-    def coords(self) -> list[torch.Tensor]:
-        """X's parameters as the vectors see them (whole, or this rank's ZeRO-3 partitions)."""
-        return self.lower.backend.coords
+    def local_shards(self) -> list[torch.Tensor]:
+        """X's parameters as its vectors see them (whole, or this rank's ZeRO-3 partitions)."""
+        return self.lower.backend.local_shards
 
-    def release(self) -> None:
-        """Re-partition what ZeRO-3 gathered, so writes into ``coords`` reach the next forward."""
-        self.lower.backend.release_gathered()
+    def take_v(self) -> vectors.Vector:
+        """Hand the adjoint's storage to the method (``v`` is None afterwards), to build w in place."""
+        v, self.v = self.v, None
+        return v
 
     # ---- evaluations ------------------------------------------------------------
     @contextlib.contextmanager
-    def _evaluating(self, trainable: Sequence[Level]):
-        others = [lv for lv in self.everyone if all(lv is not t for t in trainable)]
+    def _evaluating(self, trainable: Sequence[Level]) -> Iterator[None]:
         try:
-            with torch.random.fork_rng(devices=[]), frozen(others):
-                torch.set_rng_state(self.rng_state)
+            with replayed_and_frozen(self.rng_state, self.all_levels, trainable):
                 yield
         finally:
-            self.release()
+            self.lower.backend.release_gathered()
 
-    def lower_loss(self) -> torch.Tensor:
-        """f_X on X's current batch (the caller decides what requires grad)."""
-        return self.lower.loss(self.lower.current_batch())
+    def _summed_over_batches(self, per_loss: Callable[[torch.Tensor], vectors.Vector]) -> vectors.Vector:
+        """sum over X's objective batches b of per_loss(loss_b / k): a linear map applied to f_X."""
+        batches = self.lower.objective_batches()
+        total: vectors.Vector | None = None
+        for batch in batches:
+            part = per_loss(self.lower.loss(batch) / len(batches))
+            total = part if total is None else [a.add_(b) for a, b in zip(total, part)]
+        return total
 
-    def upper_grads(self) -> dict[str, V.Vector]:
+    def upper_grads(self) -> dict[str, vectors.Vector]:
         """dF_X/dp_Y at the current point, for every upper Y (one backward to the uppers only)."""
+        params = [p for y in self.uppers for p in y.params]
         with self._evaluating(self.uppers):
-            params = [p for y in self.uppers for p in y.params]
-            grads = V.grads_or_zeros(torch.autograd.grad(self.lower_loss(), params, allow_unused=True), params)
+            grads = self._summed_over_batches(
+                lambda loss: vectors.grads_or_zeros(torch.autograd.grad(loss, params, allow_unused=True), params)
+            )
         return self._split(grads)
 
-    def lower_grad(self, create_graph: bool = False) -> V.Vector:
-        """d f_X / dp_X at the current point, in the layout of ``coords``, averaged over ranks."""
+    def lower_grad(self) -> vectors.Vector:
+        """d f_X / dp_X at the current point, in the layout of ``local_shards``, averaged over ranks."""
         with self._evaluating([self.lower]):
-            if create_graph:
-                self.require_autograd("a dense Hessian")
-                params = self.lower.params
-                grads = torch.autograd.grad(self.lower_loss(), params, allow_unused=True, create_graph=True)
-                return V.grads_or_zeros(grads, params)
-            return self.lower.backend.gradient(self.lower_loss())
+            return self._summed_over_batches(self.lower.backend.gradient)
+
+    def lower_grad_graph(self) -> vectors.Vector:
+        """d f_X / dp_X with its graph kept (``create_graph``), for second derivatives; this rank's data only."""
+        self.require_autograd("a dense Hessian")
+        params = self.lower.params
+        with self._evaluating([self.lower]):
+            return self._summed_over_batches(
+                lambda loss: vectors.grads_or_zeros(
+                    torch.autograd.grad(loss, params, allow_unused=True, create_graph=True), params
+                )
+            )
 
     def require_autograd(self, what: str) -> None:
         if self.lower.backend.partitioned:
@@ -113,73 +148,79 @@ class ResponseProblem:
             )
 
     # ---- second-order products ------------------------------------------------
-    def hvp(self, w: Sequence[torch.Tensor]) -> V.Vector:
-        """H_X w, by double backward or by a central difference of gradients (``config.second_order``)."""
+    def _double_backward(self, w: Sequence[torch.Tensor], wrt: list[torch.Tensor]) -> Callable:
+        """loss -> d/d(wrt) <d loss/dp_X, w>: one Hessian-vector (wrt = p_X) or mixed (wrt = p_Y) product."""
+        params = self.lower.params
+
+        def product(loss: torch.Tensor) -> vectors.Vector:
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            pairs = [(g, wi) for g, wi in zip(grads, w) if g is not None]
+            if not pairs:
+                return vectors.zeros_like(wrt)
+            inner = sum((g * wi.detach()).sum() for g, wi in pairs)
+            return vectors.grads_or_zeros(torch.autograd.grad(inner, wrt, allow_unused=True), wrt)
+
+        return product
+
+    def hvp(self, w: Sequence[torch.Tensor]) -> vectors.Vector:
+        """H_X w, averaged over ranks, by double backward or by a central difference of gradients."""
         if self.config.second_order == "finite_difference":
-            return self.central_difference(V.clone(w), self.config.fd_radius, lambda: [self.lower_grad()])[0]
+            step = vectors.clone(w)
+            return self.central_difference_(step, self.config.fd_radius, lambda: [self.lower_grad()])[0]
         self.require_autograd("second_order='autograd'")
         with self._evaluating([self.lower]):
-            params = self.lower.params
-            grads = torch.autograd.grad(self.lower_loss(), params, create_graph=True, allow_unused=True)
-            pairs = [(g, wi) for g, wi in zip(grads, w) if g is not None]
-            if not pairs:
-                return V.zeros_like(params)
-            inner = sum((g * wi.detach()).sum() for g, wi in pairs)
-            out = torch.autograd.grad(inner, params, allow_unused=True)
-        out = V.grads_or_zeros(out, params)
-        self.lower.backend.average(out)
+            out = self._summed_over_batches(self._double_backward(w, self.lower.params))
+        self.lower.backend.average_over_ranks(out)
         return out
 
-    def mixed_autograd(self, w: Sequence[torch.Tensor]) -> dict[str, V.Vector]:
-        """(d^2 f_X / dp_Y dp_X) w for every upper Y, by double backward."""
+    def mixed_autograd(self, w: Sequence[torch.Tensor]) -> dict[str, vectors.Vector]:
+        """(d^2 f_X / dp_Y dp_X) w for every upper Y, by double backward (this rank's data)."""
         self.require_autograd("second_order='autograd'")
+        upper_params = [p for y in self.uppers for p in y.params]
         with self._evaluating([self.lower, *self.uppers]):
-            params = self.lower.params
-            upper_params = [p for y in self.uppers for p in y.params]
-            grads = torch.autograd.grad(self.lower_loss(), params, create_graph=True, allow_unused=True)
-            pairs = [(g, wi) for g, wi in zip(grads, w) if g is not None]
-            if not pairs:
-                return self._split(V.zeros_like(upper_params))
-            inner = sum((g * wi.detach()).sum() for g, wi in pairs)
-            out = torch.autograd.grad(inner, upper_params, allow_unused=True)
-        return self._split(V.grads_or_zeros(out, upper_params))
+            out = self._summed_over_batches(self._double_backward(w, upper_params))
+        return self._split(out)
 
-    def mixed_difference(self, w: V.Vector, radius: float) -> dict[str, V.Vector]:
-        """(d^2 f_X / dp_Y dp_X) w for every upper Y, by a central difference.
+    def mixed_difference_(self, w: vectors.Vector, radius: float) -> dict[str, vectors.Vector]:
+        """(d^2 f_X / dp_Y dp_X) w for every upper Y, by a central difference; takes ``w``'s storage.
 
         Needs only gradients with respect to the uppers at X's parameters
         moved to p_X +- eps w (eps = radius / ||w||): for data reweighting that
-        backward never enters X's model. ``w`` is overwritten.
+        backward never enters X's model.
         """
-        (grads,) = self.central_difference(w, radius, lambda: [self._flat_upper_grads()])
+        (grads,) = self.central_difference_(w, radius, lambda: [self._flat_upper_grads()])
         return self._split(grads)
 
-    def mixed(self, w: V.Vector) -> dict[str, V.Vector]:
-        """The mixed product by ``config.second_order``."""
+    def mixed_(self, w: vectors.Vector) -> dict[str, vectors.Vector]:
+        """The mixed product by ``config.second_order``; may take ``w``'s storage."""
         if self.config.second_order == "finite_difference":
-            return self.mixed_difference(w, self.config.fd_radius)
+            return self.mixed_difference_(w, self.config.fd_radius)
         return self.mixed_autograd(w)
 
-    def central_difference(self, w: V.Vector, radius: float, evaluate: Callable[[], list[V.Vector]]) -> list[V.Vector]:
-        """[evaluate(p + eps w) - evaluate(p - eps w)] / 2 eps on X's parameters, exactly restored.
+    def central_difference_(
+        self, direction: vectors.Vector, radius: float, evaluate: Callable[[], list[vectors.Vector]]
+    ) -> list[vectors.Vector]:
+        """[evaluate(p + eps d) - evaluate(p - eps d)] / 2 eps on X's parameters, exactly restored.
 
-        ``w`` is overwritten (it holds the realized step afterwards).
+        eps = radius / ||d||, so the parameters move by ``radius`` whatever the
+        scale of d. Takes ``direction``'s storage: it holds the realized step
+        afterwards (no second parameter-sized buffer).
         """
-        size = float(self.space.norm(w))
+        size = float(self.across_ranks.norm(direction))
         if size == 0.0:
-            return [V.zeros_like(t) for t in evaluate()]
+            return [vectors.zeros_like(t) for t in evaluate()]
         eps = radius / size
-        with V.perturbed(self.coords, w, eps):
+        with vectors.perturbed_(self.local_shards, direction, eps):
             plus = evaluate()
-        with V.perturbed(self.coords, w, -1.0):
+        with vectors.perturbed_(self.local_shards, direction, -1.0):  # the realized step, reversed
             minus = evaluate()
         return [[(a - b) / (2 * eps) for a, b in zip(pa, pb)] for pa, pb in zip(plus, minus)]
 
-    def _flat_upper_grads(self) -> V.Vector:
+    def _flat_upper_grads(self) -> vectors.Vector:
         grads = self.upper_grads()
         return [g for y in self.uppers for g in grads[y.name]]
 
-    def _split(self, flat: Sequence[torch.Tensor]) -> dict[str, V.Vector]:
+    def _split(self, flat: Sequence[torch.Tensor]) -> dict[str, vectors.Vector]:
         out, i = {}, 0
         for y in self.uppers:
             out[y.name] = list(flat[i : i + len(y.params)])
@@ -187,6 +228,6 @@ class ResponseProblem:
         return out
 
 
-def negate(responses: dict[str, V.Vector]) -> dict[str, V.Vector]:
+def negate(responses: dict[str, vectors.Vector]) -> dict[str, vectors.Vector]:
     """-x for every vector of a response dict."""
     return {name: [-t for t in vec] for name, vec in responses.items()}

@@ -5,27 +5,33 @@ The lower level's last step was p <- p + u(g). SAMA treats H^{-1} v as
 product by a central difference, so it stays first-order. du/dg is diagonal
 for the optimizers supported here:
 
-- SGD: -lr (times (1 - dampening), or 1 + momentum (1 - dampening) with Nesterov);
+- SGD: -lr, with momentum times (1 - dampening), or 1 + momentum (1 - dampening)
+  with Nesterov; on a parameter's first momentum step torch starts the buffer
+  at g itself (no dampening): 1, or 1 + momentum with Nesterov;
 - Adam / AdamW (torch's formula, u = -lr m_hat / (sqrt(s_hat) + eps)):
   du/dg = -lr [ (1 - b1) / (bc1 (sqrt(s_hat) + eps))
                - m_hat (1 - b2) g / (bc2 sqrt(s_hat) (sqrt(s_hat) + eps)^2) ]
   with m, s, t the state after the step and g that step's gradient.
+
+lr is the learning rate of the lower level's last step, per parameter group
+(a scheduler has moved the optimizer's lr on by the time the hypergradient
+is taken).
 """
 
 from __future__ import annotations
 
 import torch
 
-from scalemlo.hypergrad import vectors as V
+from scalemlo.hypergrad import vectors
 from scalemlo.hypergrad.problem import ResponseProblem, negate
 from scalemlo.hypergrad.registry import register
 
 
-def _adam_sensitivity(p, v, state, group, grad, decoupled: bool) -> torch.Tensor:
+def _adam_sensitivity(p, v, state, group, grad, lr: float, decoupled: bool) -> torch.Tensor:
     if group.get("amsgrad") or group.get("maximize"):
         raise ValueError("method 'sama' supports Adam/AdamW without amsgrad and maximize")
     beta1, beta2 = group["betas"]
-    eps, lr = group["eps"], group["lr"]
+    eps = group["eps"]
     t = float(state["step"])
     m, s = state["exp_avg"], state["exp_avg_sq"]
     g = grad
@@ -41,21 +47,23 @@ def _adam_sensitivity(p, v, state, group, grad, decoupled: bool) -> torch.Tensor
     return lr * ((1 - beta1) / (bc1 * denom) - curvature) * v
 
 
-def _sgd_sensitivity(v, group) -> torch.Tensor:
+def _sgd_sensitivity(v, group, lr: float, first_step: bool) -> torch.Tensor:
     momentum, dampening = group.get("momentum", 0), group.get("dampening", 0)
     if group.get("maximize"):
         raise ValueError("method 'sama' does not support SGD(maximize=True)")
+    # torch's momentum buffer is b = g on a parameter's first step, b = m b + (1 - dampening) g after.
+    db_dg = 1.0 if first_step else 1 - dampening
     if momentum == 0:
         factor = 1.0
     elif group.get("nesterov"):
-        factor = 1 + momentum * (1 - dampening)
+        factor = 1 + momentum * db_dg  # the step is g + m b
     else:
-        factor = 1 - dampening
-    return group["lr"] * factor * v
+        factor = db_dg
+    return lr * factor * v
 
 
 @register("sama")
-def sama(problem: ResponseProblem) -> dict[str, V.Vector]:
+def sama(problem: ResponseProblem) -> dict[str, vectors.Vector]:
     lower = problem.lower
     optimizer = lower.optimizer
     adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
@@ -64,24 +72,25 @@ def sama(problem: ResponseProblem) -> dict[str, V.Vector]:
             f"method 'sama' on level {lower.name!r}: optimizer {type(optimizer).__name__} is not supported; "
             "use Adam, AdamW or SGD, or another method"
         )
-    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    last = lower.backend.last_grads
+    last = lower.backend.last_step
+    lrs = lower.backend.step_lrs()
+    groups = [optimizer.param_groups[i] for i in lower.backend.group_index]
     w = []
     for i, (p, v) in enumerate(zip(lower.params, problem.v)):
-        group = groups[id(p)]
+        group, lr = groups[i], lrs[i]
         state = optimizer.state.get(p, {})
-        grad = last[i] if last is not None else None
-        if adam and "exp_avg" in state:
-            if grad is None:
+        if last is None or (adam and "exp_avg" not in state):
+            # No step taken yet (or its state was reset): no sensitivity exists; fall back to lr
+            # (as finite_difference).
+            w.append(lr * v)
+        elif adam:
+            if last.grads is None:
                 raise RuntimeError(
                     f"method 'sama': level {lower.name!r} did not keep its last gradient; "
                     "the engine sets Level.keep_last_grads for every level below a sama level"
                 )
             decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
-            w.append(_adam_sensitivity(p, v, state, group, grad, decoupled))
-        elif adam:
-            # No step taken yet: no curvature estimate exists; fall back to lr (as finite_difference).
-            w.append(group["lr"] * v)
+            w.append(_adam_sensitivity(p, v, state, group, last.grads[i], lr, decoupled))
         else:
-            w.append(_sgd_sensitivity(v, group))
-    return negate(problem.mixed_difference(w, problem.config.fd_radius))
+            w.append(_sgd_sensitivity(v, group, lr, first_step=last.fresh[i]))
+    return negate(problem.mixed_difference_(w, problem.config.fd_radius))

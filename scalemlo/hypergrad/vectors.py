@@ -2,10 +2,13 @@
 
 A "vector" is a list of tensors shaped like a level's trainable parameters.
 Everything here is elementwise or a local reduction, so it runs unchanged on
-the local partitions of ZeRO-3-sharded parameters. Reductions that must see
-the whole vector (dot products, norms, the largest entry) go through a
-:class:`Space`, which knows whether a level's vectors are whole on every rank
-or one slice per rank, and then sums the ranks' partial results.
+the local shards of ZeRO-3-partitioned parameters. Reductions that must see
+the whole vector (dot products, norms, the largest entry) go through
+:class:`AcrossRanks`, which knows whether a level's vectors are whole on every
+rank or one shard per rank, and makes every rank agree on the result.
+
+Naming: a function whose name ends in ``_`` writes one of its vector
+arguments (as in torch); every other function leaves its inputs alone.
 """
 
 from __future__ import annotations
@@ -70,39 +73,49 @@ def squared_norm(a: Sequence[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-class Space:
-    """Where a level's vectors live: whole on every rank, or one slice per rank.
+class AcrossRanks:
+    """Reductions over a level's vectors that every rank agrees on.
 
-    With whole vectors (ZeRO 0-2, or one rank) every reduction is local and
-    every rank computes the same number. With partitioned vectors (ZeRO-3 on
-    several ranks, where a vector is this rank's slice of each parameter) the
-    local partial sums are all-reduced, so every rank again gets the same
-    number and takes the same branch (a rank that stopped early would hang
-    the others in the next collective).
+    A level's vectors are either whole on every rank (ZeRO 0-2: each rank holds
+    the same vector) or sharded (ZeRO-3: each rank holds its slice of every
+    parameter). Dot products, norms and the largest entry are first taken
+    locally, then, when there are several ranks, all-reduced: summed over
+    shards, or averaged for whole vectors (which are equal on every rank, so
+    the average is the value). Either way every rank gets the same number and
+    takes the same branch: a method that stopped early on one rank only would
+    leave the others waiting in the next collective, and a vector that was
+    wrongly left unequal across ranks shows up as a wrong number instead of a
+    hang.
     """
 
-    def __init__(self, partitioned: bool = False):
-        self.partitioned = partitioned
+    def __init__(self, world_size: int = 1, sharded: bool = False):
+        self.world_size = world_size
+        self.sharded = sharded
 
-    def _reduce(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        # ``value`` is always a fresh local result: reduced in place.
-        if self.partitioned:
+    def _agree(self, local: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        # ``local`` is always a fresh local result: reduced in place.
+        if self.world_size > 1:
             import torch.distributed as dist
 
-            dist.all_reduce(value, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        return value
+            if op == "max":
+                dist.all_reduce(local, op=dist.ReduceOp.MAX)
+            else:
+                dist.all_reduce(local)
+                if not self.sharded:
+                    local /= self.world_size
+        return local
 
     def dot(self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
         """<a, b> over the whole vector (float64 0-d tensor)."""
-        return self._reduce(dot(a, b))
+        return self._agree(dot(a, b))
 
     def norm(self, a: Sequence[torch.Tensor]) -> torch.Tensor:
         """||a|| over the whole vector (float64 0-d tensor)."""
-        return self._reduce(squared_norm(a)).sqrt()
+        return self._agree(squared_norm(a)).sqrt()
 
     def max_abs(self, a: Sequence[torch.Tensor]) -> float:
         """Largest absolute entry over the whole vector."""
-        return float(self._reduce(torch.tensor(max_abs(a), dtype=torch.float64), op="max"))
+        return float(self._agree(torch.tensor(max_abs(a), dtype=torch.float64), op="max"))
 
     def is_zero(self, a: Sequence[torch.Tensor]) -> bool:
         """True when every entry of the whole vector is zero."""
@@ -110,14 +123,17 @@ class Space:
 
 
 def clone(a: Sequence[torch.Tensor]) -> Vector:
+    """A detached copy."""
     return [x.detach().clone() for x in a]
 
 
 def zeros_like(a: Sequence[torch.Tensor]) -> Vector:
+    """Zeros shaped like ``a``."""
     return [torch.zeros_like(x) for x in a]
 
 
 def scale(a: Sequence[torch.Tensor], alpha: float) -> Vector:
+    """alpha * a (new tensors)."""
     return [x * alpha for x in a]
 
 
@@ -131,10 +147,6 @@ def axpy_(y: Sequence[torch.Tensor], x: Sequence[torch.Tensor], alpha: float = 1
     with torch.no_grad():
         for yi, xi in zip(y, x):
             yi.add_(xi.to(yi.dtype), alpha=alpha)
-
-
-def is_zero(a: Sequence[torch.Tensor]) -> bool:
-    return all(not bool(x.any()) for x in a)
 
 
 def grads_or_zeros(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> Vector:
@@ -168,18 +180,19 @@ def _pieces(p: torch.Tensor, d: torch.Tensor) -> list[tuple[torch.Tensor, torch.
 
 
 @contextlib.contextmanager
-def perturbed(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], eps: float):
-    """Move ``params`` to ``params + eps * direction`` and back, bit for bit.
+def perturbed_(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], eps: float):
+    """Move ``params`` to ``params + eps * direction`` and back, bit for bit; writes ``direction``.
 
     ``p + eps*d - eps*d`` is not ``p`` in floating point (Betty leaves lower
     levels perturbed this way). Here the realized step ``r = fl(p + eps*d) - p``
-    is kept in place of ``direction`` (so ``direction`` is overwritten, and no
-    second parameter-sized buffer is needed); restoring subtracts ``r`` and
-    patches the few elements where that is not exact (tiny ``p`` next to a
-    large step) from a sparse record. Peak extra memory: two scratch buffers
-    of at most ``_CHUNK`` elements, plus the sparse record.
+    is written into ``direction`` (the trailing underscore: its storage is
+    reused, so no second parameter-sized buffer is needed); restoring
+    subtracts ``r`` and patches the few elements where that is not exact (tiny
+    ``p`` next to a large step) from a sparse record. A second call with
+    ``eps=-1`` then moves to exactly ``p - r``. Peak extra memory: two scratch
+    buffers of at most ``_CHUNK`` elements, plus the sparse record.
 
-    Yields nothing; while inside, ``direction`` holds the realized step.
+    Yields nothing; from entry on, ``direction`` holds the realized step.
     """
     fixes: list[tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]] = []
     pieces = [piece for p, d in zip(params, direction) for piece in _pieces(p, d)]
@@ -210,8 +223,8 @@ def perturbed(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor],
 
 
 @contextlib.contextmanager
-def swapped(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]):
-    """Exchange the contents of ``params`` and ``values`` in place for a while (exact)."""
+def swapped_(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]):
+    """Exchange the contents of ``params`` and ``values`` in place for a while (exact); writes both."""
 
     def swap() -> None:
         with torch.no_grad():

@@ -1,29 +1,45 @@
-"""Data reweighting on a tiny GPT-2 at every ZeRO stage on several ranks, against one float64 process.
+"""Every ZeRO stage combination on several ranks, against one-process float64 references and closed forms.
 
 Launched once by ``tests/test_distributed_zero.py`` (``deepspeed --num_gpus 2``);
-every configuration runs inside that one launch. For each configuration the
-script trains a few MLO steps (lower level with gradient accumulation 2, upper
-level on hypergradients), then takes one more hypergradient and records, on
-rank 0, the relative error of the final parameters and of the hypergradient
-(averaged over ranks) against the same program in float64 on one process
-whose batches are the ranks' batches concatenated. It also records whether a
-hypergradient left the ZeRO-3 partitions and fp32 master copies bit-identical.
+every case runs inside that one launch. Two programs:
 
-Writes a JSON list of records to ``--out``.
+- **reweighting**: a tiny GPT-2 (lower level, gradient accumulation 2) under a
+  Meta-Weight-Net (upper level, whose objective also holds a small L2 term on
+  its own parameters, so the owner's loss reaches the owner: the case where a
+  ZeRO-3 lower level's backward used to fire a ZeRO-1/2 upper engine's hooks).
+  For each (method, upper stage, lower stage) the script trains a few MLO
+  steps, takes one more hypergradient and records, on rank 0, the relative
+  error of the final parameters and of the rank-averaged hypergradient
+  against the same program in float64 on one process whose batches are the
+  ranks' batches concatenated, and whether a hypergradient left the ZeRO-3
+  partitions and fp32 master copies bit-identical.
+- **ridge**: ridge regression with per-feature L2 hyperparameters, its training
+  set split over the ranks (each rank holds one half), against the implicit-
+  function closed form on the whole set (exact, cg, neumann).
+
+Every case is run under a try: a failing case is recorded with its error and
+the next one runs (each rank takes the same branches, so a failure does not
+desynchronize the collectives). The records are rewritten after every case,
+so a launch that dies still leaves what it checked. Writes a JSON list to
+``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import traceback
 
 import torch
 import torch.nn.functional as F
 
 from scalemlo import Engine, EngineConfig, Level, LevelConfig
+from scalemlo.testing import RidgeData, ridge_engine
 
 VOCAB, SEQ, BATCH, STEPS, ACCUMULATION = 64, 8, 4, 2, 2
+WEIGHT_DECAY = 1e-2  # the upper objective's L2 term on the weight net
 
 
 def tiny_gpt2(dtype: torch.dtype) -> torch.nn.Module:
@@ -58,32 +74,45 @@ class Model(Level):
 
 class Weights(Level):
     def training_step(self, ids):
-        return per_example_loss(self.lowers["model"], ids).mean()
+        meta = per_example_loss(self.lowers["model"], ids).mean()
+        return meta + WEIGHT_DECAY * sum((p**2).sum() for p in self.module.parameters())
 
 
 def batches(kind: str, ranks: list[int], count: int) -> list[torch.Tensor]:
-    """Batch i of each rank in ``ranks``, concatenated (one rank: that rank's own batches)."""
+    """Batch i of each rank in ``ranks``, concatenated (one rank: that rank's own batches).
+
+    Sequences count up by one (mod VOCAB) from a random start; in training
+    batches half the sequences are random tokens instead (noise the weight
+    net can learn to down-weight), so the hypergradient is far from zero.
+    """
     out = []
     for i in range(count):
         parts = []
         for r in ranks:
             g = torch.Generator().manual_seed(1000 * r + 10 * i + (kind == "meta"))
-            parts.append(torch.randint(0, VOCAB, (BATCH, SEQ), generator=g))
+            start = torch.randint(0, VOCAB, (BATCH, 1), generator=g)
+            ids = (start + torch.arange(SEQ)) % VOCAB
+            if kind == "train":
+                ids[::2] = torch.randint(0, VOCAB, (BATCH // 2, SEQ), generator=g)
+            parts.append(ids)
         out.append(torch.cat(parts))
     return out
 
 
-def build(stage: int | None, ranks: list[int], method: str, **upper_kwargs) -> Engine:
-    """stage None: the float64 torch-backend reference on one process."""
-    dtype = torch.float64 if stage is None else torch.float32
-    if stage is None:
+def ds_config(stage: int) -> dict:
+    return {"zero_optimization": {"stage": stage}}
+
+
+def build(stages: tuple[int, int] | None, ranks: list[int], method: str, **upper_kwargs) -> Engine:
+    """stages (upper, lower), or None: the float64 torch-backend reference on one process."""
+    dtype = torch.float64 if stages is None else torch.float32
+    if stages is None:
         lower_cfg = LevelConfig(backend="torch", gradient_accumulation=ACCUMULATION)
         upper_cfg = LevelConfig(backend="torch", method=method, **upper_kwargs)
     else:
-        lower_cfg = LevelConfig(
-            gradient_accumulation=ACCUMULATION, deepspeed_config={"zero_optimization": {"stage": stage}}
-        )
-        upper_cfg = LevelConfig(method=method, **upper_kwargs)
+        upper_stage, lower_stage = stages
+        lower_cfg = LevelConfig(gradient_accumulation=ACCUMULATION, deepspeed_config=ds_config(lower_stage))
+        upper_cfg = LevelConfig(method=method, deepspeed_config=ds_config(upper_stage), **upper_kwargs)
     lm, net = tiny_gpt2(dtype), weight_net(dtype)
     model = Model("model", lm, torch.optim.Adam(lm.parameters(), lr=1e-3), batches("train", ranks, 8), config=lower_cfg)
     weights = Weights(
@@ -108,27 +137,45 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def run(stage, ranks, method, **kw) -> dict:
-    """Train, then one more hypergradient; returns flat parameters and the rank-averaged hypergradient."""
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a, b, dim=0))
+
+
+def rank_average(t: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
-    engine = build(stage, ranks, method, **kw)
+    t = t.clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def run(stages, ranks, method, **kw) -> dict:
+    """Train, then one more hypergradient; returns flat parameters and the rank-averaged hypergradient.
+
+    ``stages`` is (upper stage, lower stage), a single int (the lower stage, upper at ZeRO-0), or None
+    (the float64 reference).
+    """
+    if isinstance(stages, int):
+        stages = (0, stages)
+    engine = build(stages, ranks, method, **kw)
     engine.run()
     model = engine.levels["model"]
+    zero3 = stages is not None and stages[1] == 3
     untouched = None
-    if stage == 3:
+    if zero3:
         from deepspeed.utils import safe_get_local_fp32_param
 
-        coords = [t.clone() for t in model.backend.coords]
+        shards = [t.clone() for t in model.backend.local_shards]
         masters = [safe_get_local_fp32_param(p).clone() for p in model.params]
     hg = flat(engine.hypergradient("weights"))
-    if stage == 3:
-        untouched = all(torch.equal(a, b) for a, b in zip(coords, model.backend.coords)) and all(
+    if zero3:
+        untouched = all(torch.equal(a, b) for a, b in zip(shards, model.backend.local_shards)) and all(
             torch.equal(a, safe_get_local_fp32_param(p)) for a, p in zip(masters, model.params)
         )
-    if stage is not None and dist.get_world_size() > 1:
-        dist.all_reduce(hg)
-        hg /= dist.get_world_size()
+    if stages is not None:
+        hg = rank_average(hg)
     return {
         "model": flat(full_params(model)),
         "weights": flat(full_params(engine.levels["weights"])),
@@ -137,60 +184,124 @@ def run(stage, ranks, method, **kw) -> dict:
     }
 
 
-CASES = [
-    # (method, upper kwargs, stages)
+def full_params_initial() -> list[torch.Tensor]:
+    return [p.detach().double() for p in tiny_gpt2(torch.float32).parameters()]
+
+
+# (method, upper kwargs, lower stages it allows); every upper stage 0-2 runs each.
+FD2 = {"second_order": "finite_difference"}
+REWEIGHTING_CASES = [
     ("finite_difference", {}, [0, 1, 2, 3]),
-    ("cg", {"second_order": "finite_difference", "cg_iterations": 3}, [0, 3]),
-    ("cg", {"second_order": "autograd", "cg_iterations": 3}, [1, 2]),
-    ("neumann", {"second_order": "finite_difference", "neumann_iterations": 3, "neumann_alpha": 0.1}, [3]),
-    ("penalty", {"penalty_steps": 2}, [3]),
+    ("penalty", {"penalty_steps": 2}, [0, 1, 2, 3]),
+    ("cg", {**FD2, "cg_iterations": 3}, [0, 1, 2, 3]),
+    ("cg", {"second_order": "autograd", "cg_iterations": 3}, [0, 1, 2]),
+    ("neumann", {**FD2, "neumann_iterations": 3, "neumann_alpha": 0.1}, [0, 1, 2, 3]),
+    ("neumann", {"second_order": "autograd", "neumann_iterations": 3, "neumann_alpha": 0.1}, [0, 1, 2]),
     ("sama", {}, [0]),
 ]
+UPPER_STAGES = [0, 1, 2]
+
+# ridge: (method, kwargs, lower stages); the upper level (log lambda) runs at each upper stage too.
+RIDGE_CASES = [
+    ("exact", {}, [0, 1, 2]),
+    ("cg", {"cg_iterations": 12}, [0, 1, 2]),
+    ("cg", {"cg_iterations": 12, **FD2, "fd_radius": 1e-3}, [3]),
+    ("neumann", {"neumann_iterations": 300, "neumann_alpha": 0.3}, [1]),
+]
+
+
+def reweighting_record(rank: int, world: int, method: str, kw: dict, reference: dict, stages) -> dict:
+    got = run(stages, [rank], method, **kw)
+    return {
+        "model_rel_err": rel(got["model"], reference["model"]),
+        "model_moved": rel(got["model"], flat(full_params_initial())),
+        "weights_rel_err": rel(got["weights"], reference["weights"]),
+        "hypergradient_rel_err": rel(got["hypergradient"], reference["hypergradient"]),
+        "hypergradient_cosine": cosine(got["hypergradient"], reference["hypergradient"]),
+        "hypergradient_norm": float(got["hypergradient"].norm()),
+        "reference_norm": float(reference["hypergradient"].norm()),
+        "zero3_untouched": got["untouched"],
+    }
+
+
+def ridge_record(rank: int, world: int, method: str, kw: dict, stages) -> dict:
+    """Each rank holds 1/world of the ridge training set; the closed form uses all of it."""
+    data = RidgeData.make(n=40)
+    share = len(data.y) // world
+    mine = RidgeData(data.x[rank * share : (rank + 1) * share], data.y[rank * share : (rank + 1) * share],
+                     data.x_val, data.y_val)  # fmt: skip
+    log_lambda = torch.linspace(-1.0, 0.5, 6, dtype=torch.float64)
+    theta = data.solution(log_lambda)
+    upper_stage, lower_stage = stages
+    config = LevelConfig(method=method, deepspeed_config=ds_config(upper_stage), **kw)
+    engine = ridge_engine(
+        mine, log_lambda, theta, config, backend="deepspeed", dtype=torch.float32,
+        model_config=LevelConfig(deepspeed_config=ds_config(lower_stage)),
+    )  # fmt: skip
+    got = rank_average(engine.hypergradient("hyper")[0].double())
+    reference = data.hypergradient(log_lambda)
+    return {
+        "hypergradient_rel_err": rel(got, reference),
+        "hypergradient_cosine": cosine(got, reference),
+        "hypergradient_norm": float(got.norm()),
+        "reference_norm": float(reference.norm()),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
+    parser.add_argument("--only", default=None, help="run only the cases whose name contains this")
     args = parser.parse_args()
     import deepspeed
 
-    deepspeed.init_distributed()
+    torch.set_num_threads(1)  # tiny models, one core per rank: more threads only contend
+    # A rank that waits in a collective its peer never joins fails after this long, with a traceback.
+    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=180))
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    records = []
-    for method, kw, stages in CASES:
-        reference = run(None, list(range(world)), method, **kw)
-        for stage in stages:
-            got = run(stage, [rank], method, **kw)
-            records.append(
-                {
-                    "method": method,
-                    "settings": kw,
-                    "stage": stage,
-                    "world_size": world,
-                    "model_rel_err": rel(got["model"], reference["model"]),
-                    "model_moved": rel(got["model"], flat(full_params_initial())),
-                    "weights_rel_err": rel(got["weights"], reference["weights"]),
-                    "hypergradient_rel_err": rel(got["hypergradient"], reference["hypergradient"]),
-                    "hypergradient_cosine": float(
-                        F.cosine_similarity(got["hypergradient"], reference["hypergradient"], dim=0)
-                    ),
-                    "hypergradient_norm": float(got["hypergradient"].norm()),
-                    "zero3_untouched": got["untouched"],
-                }
-            )
-            if rank == 0:
-                print(json.dumps(records[-1]), flush=True)
-    if rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(records, fh, indent=1)
+    records: list[dict] = []
 
+    def case(program: str, method: str, kw: dict, stages, measure) -> None:
+        name = f"{program}/{method}/{json.dumps(kw, sort_keys=True)}/upper{stages[0]}/lower{stages[1]}"
+        if args.only and args.only not in name:
+            return
+        record = {"program": program, "method": method, "settings": kw, "upper_stage": stages[0],
+                  "stage": stages[1], "world_size": world, "name": name}  # fmt: skip
+        try:
+            record.update(measure())
+        except Exception as exc:  # recorded, so the test names the case; the next case still runs
+            record["error"] = f"{type(exc).__name__}: {exc}"
+            record["traceback"] = traceback.format_exc()[-3000:]
+        records.append(record)
+        if rank == 0:
+            print(json.dumps({k: v for k, v in record.items() if k != "traceback"}), flush=True)
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out + ".tmp", "w") as fh:
+                json.dump(records, fh, indent=1)
+            os.replace(args.out + ".tmp", args.out)
 
-def full_params_initial() -> list[torch.Tensor]:
-    return [p.detach().double() for p in tiny_gpt2(torch.float32).parameters()]
+    references: dict[str, dict] = {}  # one float64 run per method and settings, shared by its stages
+
+    def reference(method: str, kw: dict) -> dict:
+        key = method + json.dumps(kw, sort_keys=True)
+        if key not in references:
+            references[key] = run(None, list(range(world)), method, **kw)
+        return references[key]
+
+    for method, kw, lower_stages in REWEIGHTING_CASES:
+        for upper_stage in UPPER_STAGES:
+            for lower_stage in lower_stages:
+                stages = (upper_stage, lower_stage)
+                case("reweighting", method, kw, stages,
+                     lambda: reweighting_record(rank, world, method, kw, reference(method, kw), stages))  # fmt: skip
+    for method, kw, lower_stages in RIDGE_CASES:
+        for upper_stage in UPPER_STAGES:
+            for lower_stage in lower_stages:
+                stages = (upper_stage, lower_stage)
+                case("ridge", method, kw, stages, lambda: ridge_record(rank, world, method, kw, stages))
 
 
 if __name__ == "__main__":
