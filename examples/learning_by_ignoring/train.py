@@ -19,12 +19,22 @@ Run from the repository root:
 
     python examples/learning_by_ignoring/train.py            # one seed
     python examples/learning_by_ignoring/train.py --seeds 3  # seeds 0,1,2 and a mean ± std table
+    deepspeed --num_gpus 2 examples/learning_by_ignoring/train.py ...   # or torchrun --nproc_per_node 2
+
+Under a launcher (N ranks) every level reads the whole global batch and trains on
+its rank's contiguous rows of it; each data term is that rank's sum times N / n
+(n: the global batch size), so that the library's average over ranks is the
+mean over the whole batch, as in one process, even where N does not divide n
+(the 1167 source examples). Every rank holds all the weight logits, so the
+weighted loss's normalizer (n, or sum w over the global batch) is the global one.
+Only rank 0 prints and writes --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import math
 import os
@@ -42,6 +52,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from scalemlo import Engine, EngineConfig, Level, LevelConfig  # noqa: E402
+from scalemlo.distributed import add_launcher_arguments, is_main_process, rank, world_size  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -171,6 +182,31 @@ class SourceBatches:
             yield self.x[i], self.y[i], self.idx[i]
 
 
+# ---- this rank's part of a global batch ----------------------------------------------------
+
+
+def share(n: int) -> slice:
+    """This rank's contiguous rows of a global batch of n examples (all of them on one rank).
+
+    The shares differ by at most one row when the number of ranks does not divide n.
+    """
+    r, size = rank(), world_size()
+    return slice(r * n // size, (r + 1) * n // size)
+
+
+def mean_cross_entropy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy over the global batch (x, y), as this rank's part of it.
+
+    N ranks: the sum over this rank's rows times N / n, whose average over the ranks
+    (the library's) is the mean over all n rows. One rank: the mean itself.
+    """
+    size = world_size()
+    if size == 1:
+        return F.cross_entropy(model(x), y)
+    rows = share(len(y))
+    return F.cross_entropy(model(x[rows]), y[rows], reduction="sum") * (size / len(y))
+
+
 # ---- the three levels -------------------------------------------------------------------
 
 
@@ -204,7 +240,7 @@ class Finetune(Level):
 
     def training_step(self, batch):
         x, y = batch
-        loss = F.cross_entropy(self.module(x), y)
+        loss = mean_cross_entropy(self.module, x, y)
         if self.mu:
             b = self.uppers["pretrain"].module.parameters()
             loss = loss + 0.5 * self.mu * sum(((c - bi) ** 2).sum() for c, bi in zip(self.module.parameters(), b))
@@ -221,9 +257,11 @@ class Pretrain(Level):
 
     def training_step(self, batch):
         x, y, idx = batch
-        losses = F.cross_entropy(self.module(x), y, reduction="none")
-        w = self.uppers["reweight"](idx)
-        loss = (w * losses).sum() / (w.sum() if self.normalize else len(losses))
+        w = self.uppers["reweight"](idx)  # the weights of the whole global batch: the normalizer is global
+        denominator = w.sum() if self.normalize else len(y)
+        rows = share(len(y))  # this rank's examples; times N below, so that the ranks' average is the sum / n
+        losses = F.cross_entropy(self.module(x[rows]), y[rows], reduction="none")
+        loss = (w[rows] * losses).sum() * world_size() / denominator
         return loss + 0.5 * self.weight_decay * sum((p**2).sum() for p in self.module.parameters())
 
 
@@ -238,7 +276,7 @@ class Reweight(Level):
 
     def training_step(self, batch):
         x, y = batch
-        return F.cross_entropy(self.level("finetune")(x), y)
+        return mean_cross_entropy(self.level("finetune"), x, y)
 
     def validation_step(self):
         c = self.level("finetune")
@@ -329,9 +367,12 @@ def run_system(cfg: dict, domains: dict, system: str, seed: int) -> dict:
     history = engine.run()
     wall = time.perf_counter() - start
     weights = weigher().detach()
+    with torch.no_grad():  # the top level's objective at the end
+        val_loss = float(F.cross_entropy(net_c(domains["val"][0]), domains["val"][1]))
     out = {
         "test_acc": accuracy(net_c, domains["test"]),
         "val_acc": accuracy(net_c, domains["val"]),
+        "val_loss": val_loss,
         "pretrained_test_acc": accuracy(net_b, domains["test"]),
         **weight_stats(weights, harmful),
         "reweight_steps": reweight.steps,
@@ -368,7 +409,16 @@ def run_seed(cfg: dict, seed: int, systems: list[str], verbose: bool = True) -> 
     return {"seed": seed, "n_source": len(domains["harmful"]), "systems": results}
 
 
-SUMMARY_KEYS = ("test_acc", "val_acc", "pretrained_test_acc", "w_harmful", "w_useful", "weight_auc", "wall_s")
+SUMMARY_KEYS = (
+    "test_acc",
+    "val_acc",
+    "val_loss",
+    "pretrained_test_acc",
+    "w_harmful",
+    "w_useful",
+    "weight_auc",
+    "wall_s",
+)
 
 
 def summarize(runs: list[dict], systems: list[str]) -> dict:
@@ -407,6 +457,8 @@ def parse_args(argv):
     p.add_argument("--systems", nargs="+", default=None, help="subset of the reference systems and method names")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the models are tiny)")
     p.add_argument("--quiet", action="store_true", help="print only the final table")
+    p.add_argument("--out", default=None, help="write the returned numbers as JSON here (rank 0 only)")
+    add_launcher_arguments(p)  # the deepspeed launcher passes --local_rank
     return p.parse_args(argv)
 
 
@@ -428,12 +480,24 @@ def main(argv=None) -> dict:
         systems = args.systems
     seeds = list(range(args.seeds)) if args.seeds > 0 else [args.seed]
     start = time.perf_counter()
-    runs = [run_seed(cfg, seed, systems, verbose=not args.quiet) for seed in seeds]
+    main_process = is_main_process()
+    runs = [run_seed(cfg, seed, systems, verbose=not args.quiet and main_process) for seed in seeds]
     summary = summarize(runs, systems)
-    print_table(summary, len(seeds))
     total = time.perf_counter() - start
-    print(f"total wall time {total:.1f}s ({total / len(seeds):.1f}s per seed)")
-    return {"config": cfg, "seeds": seeds, "runs": runs, "summary": summary, "wall_s": total}
+    result = {
+        "config": cfg,
+        "seeds": seeds,
+        "runs": runs,
+        "summary": summary,
+        "world_size": world_size(),
+        "wall_s": total,
+    }
+    if main_process:
+        print_table(summary, len(seeds))
+        print(f"total wall time {total:.1f}s ({total / len(seeds):.1f}s per seed, {world_size()} rank(s))")
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1, default=lambda t: t.tolist()))
+    return result
 
 
 if __name__ == "__main__":
