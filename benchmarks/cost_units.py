@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(HERE / "results" / "cost_units.json"))
     args = parser.parse_args()
-    from scalemlo.hypergrad import vectors as V
+    from scalemlo.hypergrad import vectors
 
     torch.manual_seed(0)
     lm, weigher = make_lm(args.size), WeightNet()
@@ -60,7 +60,7 @@ def main() -> None:
     direction = [torch.randn_like(p) * 1e-3 for p in params]
 
     def perturb_and_restore():
-        with V.perturbed(params, direction, 1.0):
+        with vectors.perturbed_(params, direction, 1.0):
             pass
 
     parts = {

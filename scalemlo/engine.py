@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from scalemlo.config import EngineConfig
-from scalemlo.graph import LevelGraph
 from scalemlo.distributed import mean_over_ranks_, world_size
+from scalemlo.graph import LevelGraph
 from scalemlo.hypergrad import vectors
 from scalemlo.hypergrad.coordinator import Coordinator
 from scalemlo.level import Level
@@ -200,7 +200,8 @@ class Engine:
 
         Steps nothing: every level's parameters, buffers and optimizer state
         are left bit-identical (the penalty method advances its own auxiliary
-        copy). Uses each level's current batch.
+        copy). Uses ``name``'s current batch and, for each level below it,
+        the micro-batches of its last optimizer step.
         """
         if name not in self.levels:
             raise ValueError(f"unknown level {name!r}; known levels: {sorted(self.levels)}")

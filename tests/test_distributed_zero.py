@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 
 SUITE = Path(__file__).parent / "distributed" / "zero_suite.py"
+# Developers: SCALEMLO_ZERO_SUITE_ONLY=upper2/lower3 runs only the cases whose name contains it.
+ONLY = os.environ.get("SCALEMLO_ZERO_SUITE_ONLY")
 sys.path.insert(0, str(SUITE.parent))
 try:
     import zero_suite as suite
@@ -42,7 +44,7 @@ def launch(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero") / "records.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()),
-           str(SUITE), "--out", str(out)]  # fmt: skip
+           str(SUITE), "--out", str(out)] + (["--only", ONLY] if ONLY else [])  # fmt: skip
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
         tail, returncode = proc.stdout[-3000:] + proc.stderr[-3000:], proc.returncode
@@ -60,6 +62,8 @@ def case_names(program, cases):
 
 
 def record_of(launch, name):
+    if ONLY and ONLY not in name:
+        pytest.skip(f"SCALEMLO_ZERO_SUITE_ONLY={ONLY}")
     r = launch["records"].get(name)
     if r is None:
         pytest.fail(f"the launch ended (exit {launch['returncode']}) before case {name}; its output:\n{launch['tail']}")
@@ -71,7 +75,9 @@ def record_of(launch, name):
 
 # float32 on two ranks against float64 on one; the finite-difference ones carry the
 # difference quotient's float32 rounding (penalty amplifies it by alpha = 100).
-TOLERANCE = {"finite_difference": 1e-3, "sama": 5e-3, "cg": 1e-3, "neumann": 1e-3, "penalty": 5e-2}
+# Measured (2 ranks, CPU): fd 3e-5, sama 2e-4, cg 5e-5, neumann 1e-4, penalty 7e-4 (alpha = 100 times
+# float32 rounding); parameters after training 6e-6.
+TOLERANCE = {"finite_difference": 1e-4, "sama": 1e-3, "cg": 1e-3, "neumann": 1e-3, "penalty": 5e-3}
 
 
 @pytest.mark.parametrize("name", list(case_names("reweighting", suite.REWEIGHTING_CASES)))
@@ -79,18 +85,21 @@ def test_reweighting_matches_float64_single_process(launch, name):
     r = record_of(launch, name)
     assert r["model_moved"] > 1e-2  # the run trained something
     assert r["model_rel_err"] < 1e-4
-    assert r["weights_rel_err"] < 1e-4
+    assert r["weights_rel_err"] < 1e-3  # sama 1.2e-4 (its sensitivity divides by sqrt(s)), others <= 2e-5
     assert r["reference_norm"] > 1e-3  # the oracle's hypergradient is not ~0 (a relative error means something)
     assert r["hypergradient_rel_err"] < TOLERANCE[r["method"]]
     assert r["hypergradient_cosine"] > 0.999
     if r["stage"] == 3:
         assert r["zero3_untouched"] is True  # partitions and fp32 masters bit-identical after a hypergradient
+    assert r["local_rel_diff"] > 1e-3  # a rank's own hypergradient is not the average: the check below can fail
+    assert r["logged_norm_rel_err"] < 1e-6  # the logged hypergrad_norm is the global one
 
 
 @pytest.mark.parametrize("name", list(case_names("ridge", suite.RIDGE_CASES)))
 def test_ridge_split_over_ranks_matches_the_closed_form(launch, name):
     r = record_of(launch, name)
-    tolerance = 1e-2 if r["method"] == "neumann" else 1e-4  # neumann: truncation of the series
+    # measured: exact, cg, neumann ~1e-7 (float32); cg with finite-difference products 4e-5
+    tolerance = 1e-3 if r["settings"].get("second_order") == "finite_difference" else 1e-5
     assert r["hypergradient_rel_err"] < tolerance
     assert r["hypergradient_cosine"] > 0.9999
 

@@ -282,3 +282,37 @@ def test_a_non_finite_hypergradient_stops_the_run_before_any_step():
     ):
         engine.run()
     assert torch.equal(upper.module.p.detach(), before)
+
+
+def test_validation_runs_in_eval_mode_and_restores_each_modules_mode():
+    """Dropout off and BatchNorm statistics untouched during validation_step; afterwards every
+    submodule is back in its own mode (one the user had put in eval stays in eval)."""
+    seen = {}
+
+    class Net(Level):
+        def training_step(self, batch):
+            return self.module(batch).pow(2).mean()
+
+        def validation_step(self):
+            x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+            seen["modes"] = [m.training for m in self.module.modules()]
+            seen["repeatable"] = torch.equal(self.module(x), self.module(x))
+            return {"out": float(self.module(x).sum())}
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Linear(4, 16), torch.nn.BatchNorm1d(16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 1)
+    )
+    module[3].eval()  # the user's choice, to be kept
+    data = [torch.randn(8, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    level = Net("net", module, torch.optim.SGD(module.parameters(), lr=0.1), data, config=LevelConfig(backend="torch"))
+    engine = Engine([level], {}, EngineConfig(max_steps=2, progress_bar=False))
+    engine.run()
+    modes_before = [m.training for m in module.modules()]
+    stats_before = (module[1].running_mean.clone(), module[1].running_var.clone(), int(module[1].num_batches_tracked))
+    metrics = engine.validate()
+    assert "valid/net/out" in metrics
+    assert seen["modes"] == [False] * len(modes_before) and seen["repeatable"]
+    assert [m.training for m in module.modules()] == modes_before == [True, True, True, True, False]
+    assert torch.equal(module[1].running_mean, stats_before[0]) and torch.equal(module[1].running_var, stats_before[1])
+    assert int(module[1].num_batches_tracked) == stats_before[2]
