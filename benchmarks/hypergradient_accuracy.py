@@ -151,7 +151,8 @@ def references() -> dict[str, torch.Tensor]:
 
     for step in range(WARM + 1):
         if step == WARM:
-            state_before = copy.deepcopy(opt.state)
+            # per parameter: deepcopy(opt.state) would copy the keys too, and no parameter would be found
+            state_before = {p: copy.deepcopy(opt.state[p]) for p in params if p in opt.state}
             theta_prev = [p.detach().clone() for p in params]
         weigher.requires_grad_(False)
         opt.zero_grad()
