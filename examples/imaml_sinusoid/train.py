@@ -27,12 +27,23 @@ Run from the repository root:
 
     python examples/imaml_sinusoid/train.py            # one seed
     python examples/imaml_sinusoid/train.py --seeds 3  # seeds 0,1,2 and a mean ± std table
+    deepspeed --num_gpus 2 examples/imaml_sinusoid/train.py ...   # or torchrun --nproc_per_node 2
+
+Under a launcher (N ranks) the unit of data is a task: every rank draws the same
+meta-batch of T tasks and holds all T tasks' parameters (so the tasks level is
+the same on every rank), but evaluates the support and query losses only on its
+contiguous share of the tasks, times N (times N / T for the mean query loss), so
+that the library's average over ranks gives the one-process sums and means; the
+proximal term is the same on every rank. Shares may differ by one task when N
+does not divide T. The plain-torch systems (random_init, pretrained, fomaml) and
+the meta-test run on rank 0 only, which alone prints and writes --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import statistics
@@ -46,6 +57,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from scalemlo import Engine, EngineConfig, Level, LevelConfig  # noqa: E402
+from scalemlo.distributed import add_launcher_arguments, is_main_process, rank, world_size  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "config.yaml"
@@ -132,6 +144,12 @@ def per_task_mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((pred - y) ** 2).mean(dim=(1, 2))
 
 
+def share(n_tasks: int) -> slice:
+    """This rank's contiguous share of the T tasks of a meta-batch (all of them on one rank)."""
+    r, size = rank(), world_size()
+    return slice(r * n_tasks // size, (r + 1) * n_tasks // size)
+
+
 def stacked(phi: list[torch.Tensor], n_tasks: int) -> list[torch.Tensor]:
     return [p.detach().unsqueeze(0).expand(n_tasks, *p.shape).clone() for p in phi]
 
@@ -143,8 +161,9 @@ class TaskParams(torch.nn.Module):
         super().__init__()
         self.weights = torch.nn.ParameterList([torch.nn.Parameter(p) for p in stacked(list(mlp.parameters()), n_tasks)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return batched_forward(list(self.weights), x)
+    def forward(self, x: torch.Tensor, tasks: slice = slice(None)) -> torch.Tensor:
+        """The tasks ``tasks`` (default: all) on x [len(tasks), N, 1]."""
+        return batched_forward([w[tasks] for w in self.weights], x)
 
 
 # ---- the two levels (iMAML) -----------------------------------------------------------------------------
@@ -156,7 +175,11 @@ class TaskLevel(Level):
         self.lam, self.tasks, self.sampler = lam, tasks, sampler
 
     def training_step(self, batch):
-        support = per_task_mse(self.module(batch["xs"]), batch["ys"]).sum()
+        if world_size() == 1:
+            support = per_task_mse(self.module(batch["xs"]), batch["ys"]).sum()
+        else:  # this rank's tasks, times N: the ranks' average is the sum over all tasks
+            mine = share(len(batch["xs"]))
+            support = per_task_mse(self.module(batch["xs"][mine], mine), batch["ys"][mine]).sum() * world_size()
         phi = list(self.uppers["meta"].module.parameters())
         prox = sum(((theta - p.unsqueeze(0)) ** 2).sum() for theta, p in zip(self.module.weights, phi))
         return support + 0.5 * self.lam * prox
@@ -174,7 +197,12 @@ class MetaLevel(Level):
     """Upper level: mean over tasks of the query MSE of the adapted parameters."""
 
     def training_step(self, batch):
-        return per_task_mse(self.lowers["tasks"](batch["xq"]), batch["yq"]).mean()
+        if world_size() == 1:
+            return per_task_mse(self.lowers["tasks"](batch["xq"]), batch["yq"]).mean()
+        # this rank's tasks, times N / T: the ranks' average is the mean over all T tasks
+        n_tasks, mine = len(batch["xq"]), share(len(batch["xq"]))
+        query = per_task_mse(self.lowers["tasks"](batch["xq"][mine], mine), batch["yq"][mine])
+        return query.sum() * (world_size() / n_tasks)
 
 
 # ---- training of each system -----------------------------------------------------------------------------
@@ -279,7 +307,10 @@ def run_seed(cfg: dict, seed: int, systems: list[str]) -> dict[str, dict]:
     torch.manual_seed(seed)
     phi0 = make_mlp(int(cfg["model"]["hidden"]))
     out: dict[str, dict] = {}
+    main_process = is_main_process()
     for system in systems:
+        if not main_process and system != "imaml":
+            continue  # plain torch, one process: rank 0's
         start = time.perf_counter()
         extra: dict[str, Any] = {}
         if system == "random_init":
@@ -291,6 +322,8 @@ def run_seed(cfg: dict, seed: int, systems: list[str]) -> dict[str, dict]:
         else:
             phi, extra["meta_steps"] = train_imaml(phi0, cfg, seed)
         wall = time.perf_counter() - start
+        if not main_process:
+            continue  # the meta-test is rank 0's too
         result = {**meta_test(phi, test_tasks, int(inner["steps"]), float(inner["lr"])), "wall_s": wall, **extra}
         result["phi_norm"] = float(torch.sqrt(sum((p**2).sum() for p in phi)))
         out[system] = result
@@ -335,6 +368,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="a tiny fast run (10 meta-iterations, 20 test tasks)")
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS, help="a subset of the systems")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--out", default=None, help="write the returned numbers as JSON here (rank 0 only)")
+    add_launcher_arguments(p)  # the deepspeed launcher passes --local_rank
     return p.parse_args(argv)
 
 
@@ -357,11 +392,23 @@ def main(argv: list[str] | None = None) -> dict:
         seeds = list(range(args.seeds)) if args.seeds > 0 else [args.seed]
         steps = int(cfg["inner"]["steps"])
         runs = [run_seed(cfg, seed, args.systems) for seed in seeds]
+        if not is_main_process():
+            return {"config": cfg, "seeds": seeds, "world_size": world_size()}
         summary = summarize(runs, args.systems, steps)
         print_table(summary, steps, len(seeds))
         total = time.perf_counter() - start
-        print(f"total wall time {total:.1f}s ({total / len(seeds):.1f}s per seed)")
-        return {"config": cfg, "seeds": seeds, "runs": runs, "summary": summary, "wall_s": total}
+        print(f"total wall time {total:.1f}s ({total / len(seeds):.1f}s per seed, {world_size()} rank(s))")
+        result = {
+            "config": cfg,
+            "seeds": seeds,
+            "runs": runs,
+            "summary": summary,
+            "world_size": world_size(),
+            "wall_s": total,
+        }
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+        return result
     finally:
         torch.set_num_threads(threads)
 
