@@ -23,16 +23,32 @@ vector or its own shard of it), how to reduce over such vectors
 
 from __future__ import annotations
 
+import difflib
+import functools
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from scalemlo.distributed import ensure_distributed, import_deepspeed, mean_over_ranks_, world_size
+from scalemlo.distributed import (
+    ensure_distributed,
+    finite_on_every_rank,
+    import_deepspeed,
+    mean_over_ranks_,
+    rank,
+    world_size,
+)
 from scalemlo.hypergrad.vectors import AcrossRanks, grads_or_zeros
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_TAG = "state"  # DeepSpeed's sub-directory inside a level's checkpoint directory
+
+# What a micro-step did (Backend.step).
+ACCUMULATING, STEPPED, NONFINITE = "accumulating", "stepped", "nonfinite"
 
 
 @dataclass
@@ -81,6 +97,24 @@ class _Backend:
             grads=[p.grad for p in self.params] if keep_grads else None,
         )
 
+    def progress_state(self) -> dict:
+        """Step counters and the last step's record (not its gradients), for a checkpoint."""
+        last = self.last_step
+        return {
+            "steps": self.steps,
+            "micro": getattr(self, "_micro", 0),
+            "last_step": None if last is None else {"lrs": last.lrs, "fresh": last.fresh},
+        }
+
+    def load_progress_state(self, state: dict) -> None:
+        self.steps = state["steps"]
+        if hasattr(self, "_micro"):
+            self._micro = state["micro"]
+        last = state["last_step"]
+        # The gradients of the last step are not saved: the loop takes a new lower step before
+        # any hypergradient reads them.
+        self.last_step = None if last is None else LastStep(lrs=last["lrs"], fresh=last["fresh"], grads=None)
+
     def average_over_ranks(self, vector: Sequence[torch.Tensor]) -> None:
         """Average a vector that each rank computed from its own batches, in place (layout of ``local_shards``).
 
@@ -97,7 +131,9 @@ class TorchBackend(_Backend):
 
     partitioned = False
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], optimizer, scheduler, config, group_index):
+    def __init__(self, module: torch.nn.Module, params: Sequence[torch.nn.Parameter], optimizer, scheduler, config,
+                 group_index):  # fmt: skip
+        self.module = module
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.accumulation = config.gradient_accumulation
@@ -121,6 +157,28 @@ class TorchBackend(_Backend):
     def release_gathered(self) -> None:
         """Make writes to ``local_shards`` visible to the next forward (nothing to do without ZeRO-3)."""
 
+    # ---- checkpoints -----------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        """Module (parameters, buffers), optimizer and scheduler state, written by rank 0 (ranks agree)."""
+        if rank() == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            state = {
+                "module": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            }
+            with open(directory / "torch_state.pt", "wb") as fh:
+                torch.save(state, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(directory / "torch_state.pt", weights_only=False)
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
     # ---- stepping -----------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accumulation).backward()
@@ -130,16 +188,23 @@ class TorchBackend(_Backend):
             g = g.detach().to(p.dtype) / self.accumulation
             p.grad = g.clone() if p.grad is None else p.grad.add_(g)
 
-    def step(self, keep_grads: bool = False) -> bool:
-        """One micro-step; the optimizer steps at the accumulation boundary. Returns True if it stepped.
+    def step(self, keep_grads: bool = False) -> str:
+        """One micro-step; the optimizer steps at the accumulation boundary.
 
-        ``keep_grads`` keeps references to the gradients of the step in
-        ``last_step`` (for sama) instead of letting them be freed; it copies nothing.
+        Returns ``ACCUMULATING`` (not a boundary), ``STEPPED``, or ``NONFINITE``
+        (a boundary whose gradients are not finite on some rank: they are
+        dropped and nothing is stepped, on every rank). ``keep_grads`` keeps
+        references to the gradients of the step in ``last_step`` (for sama)
+        instead of letting them be freed; it copies nothing.
         """
         self._micro += 1
         if self._micro % self.accumulation:
-            return False
-        self.average_over_ranks([p.grad for p in self.params if p.grad is not None])
+            return ACCUMULATING
+        grads = [p.grad for p in self.params if p.grad is not None]
+        self.average_over_ranks(grads)
+        if not finite_on_every_rank(grads):
+            self.optimizer.zero_grad(set_to_none=True)
+            return NONFINITE
         if self.clipping > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.clipping)
         self._record_step(keep_grads)
@@ -148,22 +213,17 @@ class TorchBackend(_Backend):
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
-        return True
+        return STEPPED
 
 
 class DeepSpeedBackend(_Backend):
     """The level's module wrapped in its own DeepSpeed engine."""
 
-    def __init__(self, module: torch.nn.Module, params, optimizer, scheduler, config, name: str, group_index):
+    def __init__(self, module: torch.nn.Module, params, optimizer, scheduler, ds_config: dict, name: str,
+                 group_index):  # fmt: skip
+        """``ds_config``: the level's resolved DeepSpeed config (:func:`deepspeed_config_for`)."""
         deepspeed = import_deepspeed()
         ensure_distributed()
-        ds_config = _deepspeed_config_for(config, name, module)
-        for p in module.parameters():
-            if p.dtype == torch.float64:
-                raise ValueError(
-                    f"level {name!r}: DeepSpeed 0.19 cannot reduce float64 gradients; "
-                    "use LevelConfig(backend='torch') for float64 levels"
-                )
         user_optimizer = optimizer
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
@@ -255,6 +315,19 @@ class DeepSpeedBackend(_Backend):
         if self.partitioned:
             self.engine.optimizer.parameter_offload.empty_partition_cache()
 
+    # ---- checkpoints -----------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        """DeepSpeed's own checkpoint of the engine (every rank writes its partitions)."""
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={}, save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        loaded, _ = self.engine.load_checkpoint(
+            str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if loaded is None:
+            raise ValueError(f"DeepSpeed could not load the checkpoint in {directory}")
+        self.release_gathered()
+
     # ---- stepping -----------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
         if self.zero_stage > 0:
@@ -271,16 +344,32 @@ class DeepSpeedBackend(_Backend):
         surrogate = sum((p * g.detach().to(p.dtype)).sum() for p, g in zip(self.params, grads))
         self.backward(surrogate)
 
-    def step(self, keep_grads: bool = False) -> bool:
-        """One micro-step (DeepSpeed steps at its accumulation boundary); see TorchBackend.step."""
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        if boundary:
+    def step(self, keep_grads: bool = False) -> str:
+        """One micro-step (DeepSpeed steps at its accumulation boundary); see TorchBackend.step.
+
+        Non-finite gradients: at ZeRO-0 they are checked here (after the
+        boundary's all-reduce) and dropped, so the optimizer skips every
+        parameter (its lr scheduler still moves on); at ZeRO 1-3 DeepSpeed's
+        own overflow check skips the step on every rank.
+        """
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
+            return ACCUMULATING
+        finite = True
+        if self.zero_stage == 0:
+            finite = finite_on_every_rank([p.grad for p in self.params if p.grad is not None])
+            if not finite:
+                for p in self.params:
+                    p.grad = None
+        if finite:
             # Before engine.step: DeepSpeed frees .grad there, and its scheduler moves the lr on.
             self._record_step(keep_grads)
+        skipped_before = self.engine.skipped_steps
         self.engine.step()
-        if boundary:
-            self.steps += 1
-        return boundary
+        if not finite or self.engine.skipped_steps > skipped_before:
+            return NONFINITE
+        self.steps += 1
+        return STEPPED
 
 
 def _autograd_gradient(loss: torch.Tensor, params: list[torch.Tensor], retain_graph: bool) -> list[torch.Tensor]:
@@ -329,7 +418,52 @@ def _fill_zero_auto(zero: dict, module: torch.nn.Module | None, name: str) -> No
         zero[key] = values[key]
 
 
-def _deepspeed_config_for(config, name: str, module: torch.nn.Module | None = None) -> dict:
+def _check_batch_sizes(cfg: dict, name: str) -> None:
+    """train_batch_size = micro batch x gradient accumulation x ranks, as DeepSpeed requires (checked now).
+
+    scalemlo feeds each level its batches itself, so these numbers are
+    DeepSpeed's bookkeeping only; "auto" (or leaving them out) is fine.
+    """
+    gas, ranks = cfg["gradient_accumulation_steps"], world_size()
+    total, micro = cfg.get("train_batch_size", "auto"), cfg.get("train_micro_batch_size_per_gpu", "auto")
+    if total == "auto":
+        cfg.pop("train_batch_size", None)
+    if micro == "auto":
+        if total != "auto" and total % (gas * ranks):
+            raise ValueError(
+                f"level {name!r}: deepspeed_config train_batch_size={total} is not a multiple of "
+                f'gradient_accumulation_steps={gas} x {ranks} rank(s); fix it or set it to "auto"'
+            )
+        cfg["train_micro_batch_size_per_gpu"] = 1 if total == "auto" else total // (gas * ranks)
+    elif total != "auto" and total != micro * gas * ranks:
+        raise ValueError(
+            f"level {name!r}: deepspeed_config train_batch_size={total} conflicts with "
+            f"train_micro_batch_size_per_gpu={micro} x gradient_accumulation_steps={gas} x {ranks} rank(s) = "
+            f'{micro * gas * ranks}; make them agree, or set train_batch_size to "auto"'
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def known_deepspeed_keys() -> frozenset[str]:
+    """Every key DeepSpeed's config code mentions (the string literals of its config and constants modules).
+
+    DeepSpeed ignores top-level keys it does not know, so a typo
+    ("zero_optimisation") silently changes nothing; this list lets scalemlo
+    refuse it. It is a superset of the real keys, read from the installed
+    DeepSpeed, so no valid key of any version is refused.
+    """
+    import re
+
+    root = Path(import_deepspeed().__file__).parent
+    keys: set[str] = set()
+    for file in root.rglob("*.py"):
+        if "config" in file.name or "constants" in file.name:
+            keys |= set(re.findall(r"""["']([a-z][a-z0-9_]*)["']""", file.read_text(errors="ignore")))
+    keys |= {"zenflow"}  # parsed in a module whose name says neither
+    return frozenset(keys)
+
+
+def deepspeed_config_for(config, name: str, module: torch.nn.Module | None = None) -> dict:
     """The level's DeepSpeed config with our settings filled in.
 
     DeepSpeed 0.19 clips gradients at norm 1.0 when the config says nothing,
@@ -337,6 +471,19 @@ def _deepspeed_config_for(config, name: str, module: torch.nn.Module | None = No
     comes from ``LevelConfig.gradient_clipping`` unless the config sets it.
     """
     cfg = config.resolved_deepspeed_config()
+    unknown = [key for key in cfg if key not in known_deepspeed_keys()]
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, known_deepspeed_keys(), n=1) for k in unknown}
+        hint = "; ".join(f"{k!r}: did you mean {m[0]!r}?" for k, m in hints.items() if m)
+        raise ValueError(
+            f"level {name!r}: deepspeed_config has keys DeepSpeed does not know: {unknown} "
+            f"(DeepSpeed would ignore them silently){'; ' + hint if hint else ''}"
+        )
+    if module is not None and any(p.dtype == torch.float64 for p in module.parameters()):
+        raise ValueError(
+            f"level {name!r}: DeepSpeed 0.19 cannot reduce float64 gradients; "
+            "use LevelConfig(backend='torch') for float64 levels"
+        )
     gas = cfg.get("gradient_accumulation_steps", "auto")
     if gas == "auto":
         cfg["gradient_accumulation_steps"] = config.gradient_accumulation
@@ -353,10 +500,7 @@ def _deepspeed_config_for(config, name: str, module: torch.nn.Module | None = No
             f"level {name!r}: deepspeed_config has gradient_clipping={clip} but "
             f"LevelConfig.gradient_clipping={config.gradient_clipping}; make them agree"
         )
-    if cfg.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-        cfg["train_micro_batch_size_per_gpu"] = 1
-    if cfg.get("train_batch_size") == "auto":
-        del cfg["train_batch_size"]
+    _check_batch_sizes(cfg, name)
     cfg.setdefault("steps_per_print", 10**9)
     stage = zero_stage_of(cfg, name)
     _fill_zero_auto(cfg.get("zero_optimization", {}), module, name)

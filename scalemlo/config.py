@@ -13,6 +13,7 @@ from typing import Any
 
 BACKENDS = ("deepspeed", "torch")
 SECOND_ORDER = ("autograd", "finite_difference")
+NONFINITE = ("raise", "skip")
 
 
 def _method_names() -> tuple[str, ...]:
@@ -150,6 +151,16 @@ class EngineConfig:
         log_every: log metrics every N global iterations (0: never).
         seed: seeds torch's generator when the engine is built (None: leave it).
         progress_bar: show a progress bar in ``run()``.
+        checkpoint_dir: where ``save_checkpoint()`` writes ``checkpoint-<step>``
+            directories and a ``latest`` file (None: no default location).
+        save_every: save a checkpoint every N global iterations and at the end
+            of ``run()`` (0: only when ``save_checkpoint()`` is called).
+        keep_last: keep only the newest K complete checkpoints in
+            ``checkpoint_dir`` (0: keep all).
+        nonfinite: what a non-finite lower-level loss or gradient does:
+            "raise" (stop with FloatingPointError before anything is written)
+            or "skip" (drop that batch, draw the next one, count it in the
+            metrics as ``<level>/skipped_batches``); the same on every rank.
     """
 
     max_steps: int = 100
@@ -157,6 +168,10 @@ class EngineConfig:
     log_every: int = 10
     seed: int | None = None
     progress_bar: bool = True
+    checkpoint_dir: str | None = None
+    save_every: int = 0
+    keep_last: int = 0
+    nonfinite: str = "raise"
 
     def __post_init__(self) -> None:
         _check_int("EngineConfig.max_steps", self.max_steps, 0)
@@ -164,6 +179,14 @@ class EngineConfig:
         _check_int("EngineConfig.log_every", self.log_every, 0)
         if self.seed is not None:
             _check_int("EngineConfig.seed", self.seed, 0)
+        if self.checkpoint_dir is not None and (not isinstance(self.checkpoint_dir, (str, os.PathLike))
+                                                or not str(self.checkpoint_dir)):  # fmt: skip
+            raise ValueError(f"EngineConfig.checkpoint_dir must be a directory path, got {self.checkpoint_dir!r}")
+        _check_int("EngineConfig.save_every", self.save_every, 0)
+        _check_int("EngineConfig.keep_last", self.keep_last, 0)
+        if (self.save_every or self.keep_last) and self.checkpoint_dir is None:
+            raise ValueError("EngineConfig.save_every / keep_last need EngineConfig.checkpoint_dir: set where to save")
+        _check_choice("EngineConfig.nonfinite", self.nonfinite, NONFINITE)
 
     @classmethod
     def from_dict(cls, values: dict) -> EngineConfig:

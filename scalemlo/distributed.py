@@ -90,6 +90,18 @@ def mean_over_ranks_(tensors: Sequence[torch.Tensor]) -> None:
         t.div_(n)
 
 
+def finite_on_every_rank(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when every tensor is finite on every rank (all ranks get the same answer and branch alike)."""
+    finite = all(bool(torch.isfinite(t.sum())) for t in tensors)  # one pass; inf/NaN survive the sum
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor(1.0 if finite else 0.0)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = bool(flag.item() == 1.0)
+    return finite
+
+
 def add_launcher_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Accept the ``--local_rank`` / ``--local-rank`` argument that launchers pass.
 

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from scalemlo import checkpoint
 from scalemlo.config import EngineConfig
-from scalemlo.distributed import mean_over_ranks_, world_size
+from scalemlo.distributed import finite_on_every_rank, mean_over_ranks_, world_size
 from scalemlo.graph import LevelGraph
 from scalemlo.hypergrad import vectors
 from scalemlo.hypergrad.coordinator import Coordinator
@@ -66,6 +69,8 @@ class Engine:
         for lv in levels:
             if lv.data is None:
                 raise ValueError(f"level {lv.name!r} has no data: pass data=... (any iterable or DataLoader)")
+            if hasattr(lv.data, "__len__") and len(lv.data) == 0:
+                raise ValueError(f"level {lv.name!r}: its data is empty (len 0); give it at least one batch")
         self._check_shared_parameters(levels)
         self.callbacks = list(callbacks)
         self.period = self._periods()
@@ -80,9 +85,15 @@ class Engine:
                 for lower in self.graph.descendants(name):  # sama reads every level below's last step
                     self.levels[lower].keep_last_grads = True
         self._check_zero_stages()
+        for lv in levels:  # every optimizer and DeepSpeed config checked before any engine is built
+            lv._prepare()
+        if self.config.checkpoint_dir is not None:
+            checkpoint.check_writable(self.config.checkpoint_dir)
         for lv in levels:
             lv._build_backend()
         self.coordinator = Coordinator(self.levels, self.graph)
+        self._checked_losses = False
+        self._started = False  # the first on_inner_loop_start calls have run
 
     @staticmethod
     def _check_shared_parameters(levels: list[Level]) -> None:
@@ -146,9 +157,13 @@ class Engine:
 
     # ---- the loop -----------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
-        """Run ``config.max_steps`` global iterations; returns the logged metrics."""
+        """Run global iterations until ``config.max_steps`` (counted from 0, so a resumed
+        engine runs the rest); returns the logged metrics, those before a resume included."""
         logger = MetricLogger(self.config.log_every)
-        for _ in progress(range(self.config.max_steps), self.config.progress_bar, "scalemlo"):
+        every = self.config.save_every
+        saved_at = None
+        self.check_losses()
+        for _ in progress(range(self.global_step, self.config.max_steps), self.config.progress_bar, "scalemlo"):
             metrics = self.step()
             validating = bool(self.config.valid_every) and self.global_step % self.config.valid_every == 0
             if validating:
@@ -158,27 +173,102 @@ class Engine:
                 self.history.append({"step": self.global_step, **metrics})
                 for callback in self.callbacks:
                     callback(self, metrics)
+            if every and self.global_step % every == 0:
+                self.save_checkpoint()
+                saved_at = self.global_step
+        if every and saved_at != self.global_step and self.global_step > 0:
+            self.save_checkpoint()
         return self.history
+
+    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
+        """Save the whole program (every rank must call this); returns the checkpoint's directory.
+
+        ``path`` defaults to ``<checkpoint_dir>/checkpoint-<global step>``. See
+        :mod:`scalemlo.checkpoint` for what is saved and how a crash mid-save is
+        kept from looking complete. ``keep_last`` prunes older checkpoints of
+        ``checkpoint_dir`` afterwards.
+        """
+        if path is None:
+            if self.config.checkpoint_dir is None:
+                raise ValueError("save_checkpoint() needs a path, or EngineConfig.checkpoint_dir")
+            path = Path(self.config.checkpoint_dir) / f"{checkpoint.PREFIX}{self.global_step}"
+        saved = checkpoint.save(self, path)
+        if self.config.keep_last:
+            checkpoint.prune(self.config.checkpoint_dir, self.config.keep_last)
+        return saved
+
+    def load_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
+        """Restore the whole program from a checkpoint (every rank must call this); returns its directory.
+
+        ``path`` is a checkpoint directory, or a directory of them (its
+        ``latest`` is loaded); default ``checkpoint_dir``. ``run()`` then
+        continues up to ``max_steps``, drawing exactly the batches and random
+        numbers the saved run would have drawn next.
+
+        Raises:
+            scalemlo.checkpoint.CheckpointError: missing, incomplete or corrupt (naming the last
+                complete checkpoint), or saved by another program (naming the differences).
+        """
+        if path is None:
+            if self.config.checkpoint_dir is None:
+                raise ValueError("load_checkpoint() needs a path, or EngineConfig.checkpoint_dir")
+            path = self.config.checkpoint_dir
+        loaded = checkpoint.load(self, path)
+        self._started = self._checked_losses = self.global_step > 0
+        return loaded
+
+    def _start(self) -> None:
+        """Once, before the first step: every level with levels above it starts its inner loop."""
+        if self._started:
+            return
+        self._started = True
+        for name in self.graph.order:
+            if self.graph.uppers(name):
+                self.levels[name].on_inner_loop_start()
+
+    def check_losses(self) -> None:
+        """Evaluate every level's ``training_step`` once on the batch it will take first, and check it.
+
+        A loss that is not a floating-point scalar, does not depend on any
+        trainable parameter, or a level whose data is empty fails here, before
+        any level has stepped (an upper level's first look at its objective
+        can otherwise come after a long warm-up). Nothing is consumed or
+        changed: the batch stays the level's next, the random generators and
+        buffers are restored, no backward runs. ``run()`` calls it once.
+        """
+        if self._checked_losses:
+            return
+        self._start()
+        all_levels = list(self.levels.values())
+        # Drawn (not consumed) outside the forked generators: starting a pass may draw from them.
+        batches = {name: self.levels[name].current_batch() for name in reversed(self.graph.order)}
+        with contextlib.ExitStack() as stack:
+            for lv in all_levels:
+                stack.enter_context(lv.preserved_buffers())
+            stack.enter_context(torch.random.fork_rng(devices=[]))
+            for name, batch in batches.items():
+                self.levels[name].loss(batch, require_grad=True)
+        for lv in all_levels:
+            lv.backend.release_gathered()
+        self._checked_losses = True
 
     def step(self) -> dict[str, float]:
         """One global iteration: every level whose turn it is steps, lowest first."""
+        self._start()
         self.global_step += 1
         metrics: dict[str, float] = {}
-        if self.global_step == 1:
-            for name in self.graph.order:
-                if self.graph.uppers(name):
-                    self.levels[name].on_inner_loop_start()
         for name in reversed(self.graph.order):
             lv = self.levels[name]
             if self.global_step % self.period[name] or self.global_step <= lv.config.warmup_steps:
                 continue
             lowers = self.graph.lowers(name)
             others = [o for o in self.levels.values() if o is not lv]
+            nonfinite = self.config.nonfinite
             for _ in range(lv.config.gradient_accumulation):
                 if lowers:
                     batch = lv.next_batch()
                     grads = self.coordinator.hypergradient(name, batch)
-                    if not _finite_on_every_rank(grads):
+                    if nonfinite == "raise" and not finite_on_every_rank(grads):
                         lower_losses = {n: metrics.get(f"{n}/loss") for n in self.graph.descendants(name)}
                         raise FloatingPointError(
                             f"level {name!r}: the hypergradient (method {lv.config.method!r}) is not finite at "
@@ -186,11 +276,14 @@ class Engine:
                             f"below it this iteration: {lower_losses} (a non-finite one means a level below "
                             "diverged: lower its lr or clip it); otherwise check the method's settings"
                         )
-                    lv.step_on_gradient(grads, batch)
+                    lv.step_on_gradient(grads, batch, nonfinite)  # "skip": its boundary drops them
                     metrics[f"{name}/hypergrad_norm"] = _norm_of_rank_average(grads)
                     metrics[f"{name}/loss"] = self.coordinator.last_loss[name]
                 else:
-                    metrics[f"{name}/loss"] = lv.step_on_own_loss(others)
+                    metrics[f"{name}/loss"] = lv.step_on_own_loss(others, nonfinite)
+            if lv.skipped_batches or lv.skipped_steps:
+                metrics[f"{name}/skipped_batches"] = lv.skipped_batches
+                metrics[f"{name}/skipped_steps"] = lv.skipped_steps
             for lower in lowers:
                 self.levels[lower].on_inner_loop_start()
         return metrics
@@ -201,11 +294,15 @@ class Engine:
         Steps nothing: every level's parameters, buffers and optimizer state
         are left bit-identical (the penalty method advances its own auxiliary
         copy). Uses ``name``'s current batch and, for each level below it,
-        the micro-batches of its last optimizer step.
+        the micro-batches of its last optimizer step. On several ranks it is
+        the average over ranks (what the level would step on, the same on
+        every rank), so every rank must call it.
         """
         if name not in self.levels:
             raise ValueError(f"unknown level {name!r}; known levels: {sorted(self.levels)}")
-        return self.coordinator.hypergradient(name)
+        grads = self.coordinator.hypergradient(name)
+        mean_over_ranks_(grads)
+        return grads
 
     def validate(self) -> dict[str, float]:
         """Every level's ``validation_step`` metrics, prefixed ``valid/<level>/``.
@@ -242,15 +339,3 @@ def _norm_of_rank_average(grads: list[torch.Tensor]) -> float:
         grads = [g.clone() for g in grads]
         mean_over_ranks_(grads)
     return float(vectors.norm(grads))
-
-
-def _finite_on_every_rank(grads: list[torch.Tensor]) -> bool:
-    """True when the hypergradient is finite on every rank (all ranks then stop or step together)."""
-    finite = all(bool(torch.isfinite(g).all()) for g in grads)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        flag = torch.tensor(1.0 if finite else 0.0)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        finite = bool(flag.item() == 1.0)
-    return finite

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
 import torch
 
-from scalemlo.backend import DeepSpeedBackend, TorchBackend, zero_stage_of
+from scalemlo.backend import (
+    ACCUMULATING,
+    NONFINITE,
+    DeepSpeedBackend,
+    TorchBackend,
+    deepspeed_config_for,
+    zero_stage_of,
+)
 from scalemlo.config import LevelConfig
+from scalemlo.data import DataCursor
+from scalemlo.distributed import finite_on_every_rank
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +75,15 @@ class Level:
         self._program: Mapping[str, Level] = MappingProxyType({})
         self._uppers: tuple[str, ...] = ()
         self._lowers: tuple[str, ...] = ()
-        self._iterator: Iterator | None = None
-        self.epoch = 0
+        self.cursor = DataCursor(data, name) if data is not None else None
         self.batch: Any = None
         # The micro-batches of the last optimizer step, and of the one in progress.
         self.step_batches: list[Any] = []
         self._pending_batches: list[Any] = []
         # Set by the engine when an upper level uses sama, which needs the last gradient.
         self.keep_last_grads = False
+        self.skipped_batches = 0  # non-finite losses left out (EngineConfig.nonfinite="skip")
+        self.skipped_steps = 0  # optimizer steps not taken for non-finite gradients
 
     # ---- what the user writes -------------------------------------------------
     def training_step(self, batch: Any) -> torch.Tensor:
@@ -120,7 +130,8 @@ class Level:
         self._program = MappingProxyType(dict(program))
         self._uppers, self._lowers = uppers, lowers
 
-    def _build_backend(self) -> None:
+    def _prepare(self) -> None:
+        """Resolve and check the optimizer, scheduler and DeepSpeed config; nothing is built or run."""
         optimizer = self._optimizer_arg
         if not isinstance(optimizer, torch.optim.Optimizer):
             if not callable(optimizer):
@@ -150,12 +161,19 @@ class Level:
         scheduler = self._scheduler_arg
         if scheduler is not None and callable(scheduler) and not hasattr(scheduler, "step"):
             scheduler = scheduler(optimizer)
-        if self.config.backend == "deepspeed":
-            self.backend = DeepSpeedBackend(
-                self.module, self.params, optimizer, scheduler, self.config, self.name, group_index
-            )
+        ds_config = (
+            deepspeed_config_for(self.config, self.name, self.module) if self.config.backend == "deepspeed" else None
+        )
+        self._prepared = (optimizer, scheduler, group_index, ds_config)
+
+    def _build_backend(self) -> None:
+        optimizer, scheduler, group_index, ds_config = self._prepared
+        if ds_config is not None:
+            self.backend = DeepSpeedBackend(self.module, self.params, optimizer, scheduler, ds_config, self.name,
+                                            group_index)  # fmt: skip
         else:
-            self.backend = TorchBackend(self.params, optimizer, scheduler, self.config, group_index)
+            self.backend = TorchBackend(self.module, self.params, optimizer, scheduler, self.config, group_index)
+        del self._prepared
 
     @property
     def zero_stage(self) -> int:
@@ -180,25 +198,19 @@ class Level:
         return self.backend.steps if self.backend is not None else 0
 
     # ---- data -----------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """Completed passes over the data (see :mod:`scalemlo.data`)."""
+        return self.cursor.epoch if self.cursor is not None else 0
+
     def next_batch(self) -> Any:
         """The next batch, cycling the data; it becomes ``self.batch``."""
-        if self._iterator is None:
-            self._iterator = iter(self.data)
-        try:
-            batch = next(self._iterator)
-        except StopIteration:
-            self.epoch += 1
-            self._iterator = iter(self.data)
-            try:
-                batch = next(self._iterator)
-            except StopIteration:
-                raise ValueError(f"level {self.name!r}: its data yielded no batches") from None
-        self.batch = batch
-        return batch
+        self.batch = self.cursor.next()
+        return self.batch
 
     def current_batch(self) -> Any:
-        """The batch of the last micro-step (the next one if the level has not stepped yet)."""
-        return self.batch if self.batch is not None else self.next_batch()
+        """The batch of the last micro-step (before the first: the one it will take, not consumed)."""
+        return self.batch if self.batch is not None else self.cursor.peek()
 
     def objective_batches(self) -> list[Any]:
         """The micro-batches of the last optimizer step: the objective a hypergradient differentiates.
@@ -210,34 +222,95 @@ class Level:
         return self.step_batches or [self.current_batch()]
 
     # ---- training -------------------------------------------------------------
-    def loss(self, batch: Any) -> torch.Tensor:
-        """``training_step`` with a check that it returned a scalar tensor."""
+    def loss(self, batch: Any, require_grad: bool = False) -> torch.Tensor:
+        """``training_step`` with a check that it returned a floating-point scalar tensor.
+
+        ``require_grad``: also check that the loss depends on some trainable
+        parameter (the engine's first look at every level, before any step).
+        """
         loss = self.training_step(batch)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ValueError(
                 f"level {self.name!r}: training_step must return a scalar tensor, got "
                 f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}"
             )
+        if not loss.is_floating_point():
+            raise ValueError(
+                f"level {self.name!r}: training_step returned a loss of dtype {loss.dtype}; it must be a "
+                "floating-point tensor (float32, bfloat16, float16 or float64)"
+            )
+        if require_grad and not loss.requires_grad:
+            raise ValueError(
+                f"level {self.name!r}: training_step returned a loss that does not require grad: it was "
+                "computed under torch.no_grad(), detached (.item(), .detach(), .numpy()) or from no "
+                "trainable parameter; return the tensor autograd can differentiate"
+            )
         return loss
 
-    def step_on_own_loss(self, others: Iterable[Level]) -> float:
-        """One micro-step on this level's own loss; other levels are held fixed."""
+    def step_on_own_loss(self, others: Iterable[Level], nonfinite: str = "raise") -> float:
+        """One micro-step on this level's own loss; other levels are held fixed.
+
+        A non-finite loss (on any rank) raises FloatingPointError before the
+        backward (``nonfinite="raise"``), or is left out of the step and
+        counted in ``skipped_batches`` (``"skip"``); returns the loss value.
+        """
         batch = self.next_batch()
         with frozen(others):
             loss = self.loss(batch)
+            if not finite_on_every_rank([loss.detach()]):
+                if nonfinite == "raise":
+                    raise FloatingPointError(
+                        f"level {self.name!r}: its loss is {float(loss.detach())} on this rank (non-finite on at "
+                        f"least one rank) in its step {self.steps + 1}; nothing was stepped. Lower its lr or clip "
+                        "its gradients, or pass EngineConfig(nonfinite='skip') to leave such batches out"
+                    )
+                self.skipped_batches += 1
+                # The batch contributes zero, through a backward all the same: DeepSpeed's ZeRO
+                # bookkeeping expects one per micro-step. A NaN that still leaks into the gradients
+                # is caught at the step's boundary.
+                loss = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
             self.backend.backward(loss)
-        self._micro_step(batch)
+        self._micro_step(batch, nonfinite)
         return float(loss.detach())
 
-    def step_on_gradient(self, grads: list[torch.Tensor], batch: Any) -> None:
+    def step_on_gradient(self, grads: list[torch.Tensor], batch: Any, nonfinite: str = "raise") -> None:
         """One micro-step on a gradient computed elsewhere (a hypergradient) from ``batch``."""
         self.backend.backward_from_grads(grads)
-        self._micro_step(batch)
+        self._micro_step(batch, nonfinite)
 
-    def _micro_step(self, batch: Any) -> None:
+    def _micro_step(self, batch: Any, nonfinite: str) -> None:
         self._pending_batches.append(batch)
-        if self.backend.step(self.keep_last_grads):
+        outcome = self.backend.step(self.keep_last_grads)
+        if outcome == NONFINITE:
+            if nonfinite == "raise":
+                raise FloatingPointError(
+                    f"level {self.name!r}: non-finite gradients in its step {self.steps + 1}; the step was not "
+                    "taken (parameters and optimizer state unchanged). Lower its lr or clip its gradients, or "
+                    "pass EngineConfig(nonfinite='skip') to skip such steps"
+                )
+            self.skipped_steps += 1
+        if outcome != ACCUMULATING:
             self.step_batches, self._pending_batches = self._pending_batches, []
+
+    # ---- checkpoints (per rank; parameters and optimizer state are the backend's) ----------
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's progress: data position, the batches of the last steps, step counters."""
+        return {
+            "data": self.cursor.state_dict(),
+            "batch": self.batch,
+            "step_batches": self.step_batches,
+            "pending_batches": self._pending_batches,
+            "backend": self.backend.progress_state(),
+            "skipped": (self.skipped_batches, self.skipped_steps),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cursor.load_state_dict(state["data"])
+        self.batch = state["batch"]
+        self.step_batches = list(state["step_batches"])
+        self._pending_batches = list(state["pending_batches"])
+        self.backend.load_progress_state(state["backend"])
+        self.skipped_batches, self.skipped_steps = state["skipped"]
 
     @contextlib.contextmanager
     def preserved_buffers(self):

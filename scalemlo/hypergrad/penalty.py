@@ -48,5 +48,5 @@ def penalty(problem: ResponseProblem) -> dict[str, vectors.Vector]:
                 vectors.axpy_([p], [g], -lr)
         at_copy = problem.upper_grads()
         for o, z, p in zip(offset, params, copy):
-            o.copy_(z.detach() - p)
+            o.copy_(z.detach() - p.detach())
     return {name: [alpha * (a - b) for a, b in zip(at_copy[name], at_lower[name])] for name in at_lower}

@@ -154,7 +154,7 @@ def rank_average(t: torch.Tensor) -> torch.Tensor:
 
 
 def run(stages, ranks, method, **kw) -> dict:
-    """Train, then one more hypergradient; returns flat parameters and the rank-averaged hypergradient.
+    """Train, then one more hypergradient; returns flat parameters and the hypergradient (averaged over ranks).
 
     ``stages`` is (upper stage, lower stage), a single int (the lower stage, upper at ZeRO-0), or None
     (the float64 reference).
@@ -181,8 +181,6 @@ def run(stages, ranks, method, **kw) -> dict:
         untouched = all(torch.equal(a, b) for a, b in zip(shards, model.backend.local_shards)) and all(
             torch.equal(a, safe_get_local_fp32_param(p)) for a, p in zip(masters, model.params)
         )
-    if stages is not None:
-        hg = rank_average(hg)
     return {
         "logged_norm": history[-1]["weights/hypergrad_norm"],
         "last_local_rel_diff": rel(last, rank_average(last)) if stages is not None else 0.0,
@@ -255,7 +253,7 @@ def ridge_record(rank: int, world: int, method: str, kw: dict, stages) -> dict:
         mine, log_lambda, theta, config, backend="deepspeed", dtype=torch.float32,
         model_config=LevelConfig(deepspeed_config=ds_config(lower_stage)),
     )  # fmt: skip
-    got = rank_average(engine.hypergradient("hyper")[0].double())
+    got = engine.hypergradient("hyper")[0].double()  # the rank average
     reference = data.hypergradient(log_lambda)
     return {
         "hypergradient_rel_err": rel(got, reference),

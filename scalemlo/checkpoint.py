@@ -1,0 +1,333 @@
+"""Whole-program checkpoints: every level's DeepSpeed state, data positions, RNGs and method state.
+
+Layout of one checkpoint (a directory, e.g. ``<checkpoint_dir>/checkpoint-120``)::
+
+    scalemlo_checkpoint.json   manifest: format, global step, the program's signature, every file and its size
+    levels/<name>/...          each level's DeepSpeed checkpoint (ZeRO partitions, optimizer, scheduler,
+                               loss scaler), or its torch state (torch backend)
+    rank-00000.pt ...          per rank: data positions and epochs, the batches of the last steps, step
+                               counters, the methods' state (penalty's copy), every RNG (torch, CUDA,
+                               numpy, Python), the engine's step and history
+
+A checkpoint is written under a hidden temporary name (``.checkpoint-120.partial``)
+by every rank, and made visible by one rename on rank 0 after every rank has
+finished and the manifest (written last) lists every file; ``latest`` (a
+one-line file in the parent naming the newest checkpoint) moves after that. A
+crash mid-save therefore never leaves a directory that looks complete, and
+loading checks that every file the manifest lists is there, at its size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from scalemlo.distributed import rank, world_size
+
+if TYPE_CHECKING:  # pragma: no cover
+    from scalemlo.engine import Engine
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+MANIFEST = "scalemlo_checkpoint.json"
+LATEST = "latest"
+PREFIX = "checkpoint-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, incomplete, corrupt or of another program."""
+
+
+# ---- random number generators ---------------------------------------------------
+
+
+def rng_state(generators: list[torch.Generator] = ()) -> dict[str, Any]:
+    """Every generator a program draws from: torch (CPU, CUDA), numpy, Python; plus ``generators``."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    state["generators"] = [g.get_state() for g in generators]
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generators: list[torch.Generator] = ()) -> None:
+    """Restore what :func:`rng_state` captured (``generators`` in the same order)."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for generator, saved in zip(generators, state.get("generators", [])):
+        generator.set_state(saved)
+
+
+# ---- the program's signature -------------------------------------------------------
+
+
+def signature(engine: Engine) -> dict[str, Any]:
+    """What must match for a checkpoint to belong to this program."""
+    levels = {}
+    for name, lv in engine.levels.items():
+        levels[name] = {
+            "params": [
+                [n, list(getattr(p, "ds_shape", p.shape)), str(p.dtype)]  # ds_shape: ZeRO-3
+                for n, p in lv.module.named_parameters()
+                if p.requires_grad
+            ],
+            "backend": lv.config.backend,
+            "zero_stage": lv.zero_stage,
+        }
+    edges = {name: list(engine.graph.lowers(name)) for name in engine.graph.names if engine.graph.lowers(name)}
+    return {"levels": levels, "edges": edges, "world_size": world_size()}
+
+
+def _settings(engine: Engine) -> dict[str, Any]:
+    """LevelConfig fields that change the trajectory but not the checkpoint's shape: a mismatch warns."""
+    skip = {"deepspeed_config"}
+    return {
+        name: {k: v for k, v in vars(lv.config).items() if k not in skip and not k.startswith("_")}
+        for name, lv in engine.levels.items()
+    }
+
+
+def _signature_differences(saved: dict, current: dict) -> list[str]:
+    out = []
+    if saved["world_size"] != current["world_size"]:
+        out.append(f"saved on {saved['world_size']} rank(s), loading on {current['world_size']}")
+    if sorted(saved["levels"]) != sorted(current["levels"]):
+        out.append(f"levels {sorted(saved['levels'])} in the checkpoint, {sorted(current['levels'])} here")
+    if saved["edges"] != current["edges"]:
+        out.append(f"edges {saved['edges']} in the checkpoint, {current['edges']} here")
+    for name in sorted(set(saved["levels"]) & set(current["levels"])):
+        a, b = saved["levels"][name], current["levels"][name]
+        if a["params"] != b["params"]:
+            diff = [f"{x} vs {y}" for x, y in zip(a["params"], b["params"]) if x != y][:3]
+            if len(a["params"]) != len(b["params"]):
+                diff.append(f"{len(a['params'])} trainable tensors vs {len(b['params'])}")
+            out.append(f"level {name!r}: parameters differ ({'; '.join(diff)})")
+        for key in ("backend", "zero_stage"):
+            if a[key] != b[key]:
+                out.append(f"level {name!r}: {key} {a[key]!r} in the checkpoint, {b[key]!r} here")
+    return out
+
+
+# ---- finding checkpoints -----------------------------------------------------------
+
+
+def _verify(path: Path) -> dict[str, Any]:
+    """The manifest of a complete checkpoint; CheckpointError naming what is wrong otherwise."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path} is not a complete scalemlo checkpoint (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its manifest {MANIFEST} cannot be read ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {manifest.get('format')!r}, this scalemlo reads {FORMAT}")
+    for rel, size in manifest["files"].items():
+        file = path / rel
+        if not file.is_file():
+            raise CheckpointError(f"{path} is incomplete or corrupt: {rel} is missing")
+        if file.stat().st_size != size:
+            raise CheckpointError(f"{path} is incomplete or corrupt: {rel} has {file.stat().st_size} bytes, not {size}")
+    return manifest
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints under ``root``, oldest first (by global step)."""
+    root = Path(root)
+    found = []
+    for child in root.glob(f"{PREFIX}*") if root.is_dir() else []:
+        try:
+            manifest = _verify(child)
+        except CheckpointError:
+            continue
+        found.append((manifest["global_step"], child))
+    return [p for _, p in sorted(found)]
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, or a directory of checkpoints (its ``latest``); verified complete."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}: it does not exist")
+    if not (path / MANIFEST).exists() and (path / LATEST).is_file():
+        path = path / (path / LATEST).read_text().strip()
+    elif not (path / MANIFEST).exists() and complete_checkpoints(path):
+        path = complete_checkpoints(path)[-1]
+    try:
+        _verify(path)
+    except CheckpointError as exc:
+        last = complete_checkpoints(path.parent)
+        hint = f"; the last complete checkpoint there is {last[-1]}" if last else "; there is no complete one there"
+        raise CheckpointError(f"{exc}{hint}") from None
+    return path
+
+
+def check_writable(root: str | os.PathLike) -> None:
+    """Raise ValueError now if checkpoints cannot be written under ``root`` (before any compute)."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(
+            f"EngineConfig.checkpoint_dir={str(root)!r} cannot be written ({exc.strerror or exc}); "
+            "choose a directory this process can create files in"
+        ) from None
+
+
+# ---- saving --------------------------------------------------------------------------
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save(engine: Engine, path: str | os.PathLike) -> Path:
+    """Write ``engine``'s whole state to the checkpoint directory ``path`` (all ranks call this).
+
+    The directory appears complete or not at all; ``latest`` in its parent
+    names it afterwards. An existing checkpoint at ``path`` is replaced only
+    once the new one is complete.
+    """
+    final = Path(path)
+    parent = final.parent
+    partial = parent / f".{final.name}.partial"
+    if rank() == 0:
+        parent.mkdir(parents=True, exist_ok=True)
+        if partial.exists():  # left by a crash mid-save
+            shutil.rmtree(partial)
+        (partial / "levels").mkdir(parents=True)
+    _barrier()
+    for name, lv in engine.levels.items():
+        lv.backend.save(partial / "levels" / name)
+    state = {
+        "global_step": engine.global_step,
+        "history": engine.history,
+        "levels": {name: lv.state_dict() for name, lv in engine.levels.items()},
+        "methods": engine.coordinator.method_state,
+        "last_loss": engine.coordinator.last_loss,
+        "rng": rng_state(),
+    }
+    rank_file = partial / f"rank-{rank():05d}.pt"
+    with open(rank_file, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _barrier()
+    if rank() == 0:
+        files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
+        manifest = {
+            "format": FORMAT,
+            "global_step": engine.global_step,
+            "signature": signature(engine),
+            "settings": _settings(engine),
+            "files": files,
+        }
+        _write_atomically(partial / MANIFEST, json.dumps(manifest, indent=1, default=str))
+        _fsync_dir(partial)
+        if final.exists():  # the same step saved again (e.g. after a resume): swap, then drop the old one
+            old = parent / f".{final.name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(partial, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(partial, final)
+        _fsync_dir(parent)
+        _write_atomically(parent / LATEST, final.name + "\n")
+        _fsync_dir(parent)
+    _barrier()
+    return final
+
+
+def prune(root: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints under ``root`` (rank 0; others wait)."""
+    if keep_last > 0 and rank() == 0:
+        for old in complete_checkpoints(root)[:-keep_last]:
+            doomed = old.parent / f".{old.name}.deleting"  # no longer looks like a checkpoint while it goes
+            os.replace(old, doomed)
+            shutil.rmtree(doomed)
+    _barrier()
+
+
+# ---- loading -------------------------------------------------------------------------
+
+
+def load(engine: Engine, path: str | os.PathLike) -> Path:
+    """Restore ``engine`` from a checkpoint (or the latest one in a directory of them); all ranks call this.
+
+    Raises:
+        CheckpointError: the checkpoint is missing, incomplete or corrupt (naming the last complete
+            one), or belongs to another program (naming the differences); raised before anything
+            is loaded.
+    """
+    path = resolve(path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    differences = _signature_differences(manifest["signature"], signature(engine))
+    if differences:
+        raise CheckpointError(f"{path} belongs to another program: " + "; ".join(differences))
+    current = json.loads(json.dumps(_settings(engine), default=str))
+    if manifest.get("settings") != current:
+        changed = [
+            f"{name}.{key}: {manifest['settings'].get(name, {}).get(key)!r} -> {value!r}"
+            for name, fields in current.items()
+            for key, value in fields.items()
+            if manifest.get("settings", {}).get(name, {}).get(key) != value
+        ]
+        log.warning("resuming %s with changed level settings (the run will not replay exactly): %s", path, changed)
+    rank_file = path / f"rank-{rank():05d}.pt"
+    try:
+        state = torch.load(rank_file, weights_only=False)
+    except Exception as exc:  # a damaged file of the right size
+        raise CheckpointError(f"{path}: {rank_file.name} cannot be read ({exc})") from None
+    for name, lv in engine.levels.items():
+        lv.backend.load(path / "levels" / name)
+    for name, lv in engine.levels.items():
+        lv.load_state_dict(state["levels"][name])
+    engine.global_step = state["global_step"]
+    engine.history = list(state["history"])
+    engine.coordinator.method_state = state["methods"]
+    engine.coordinator.last_loss = dict(state["last_loss"])
+    set_rng_state(state["rng"])  # last: restoring data positions above drew from the generators
+    _barrier()
+    return path
