@@ -87,9 +87,19 @@ def main(argv=None) -> None:
     state = {}
     for name, lv in engine.levels.items():
         state[name] = [t.detach().clone() for t in lv.backend.local_shards]
-        opt = lv.optimizer.state_dict()["state"]
-        state[f"{name}.optimizer"] = {k: {kk: vv for kk, vv in v.items()} for k, v in opt.items()}
+        state[f"{name}.optimizer"] = plain(lv.optimizer.state_dict())
     torch.save(state, f"{args.out}.rank{rank()}.pt")
+
+
+def plain(value):
+    """Tensors, numbers and strings of a (ZeRO) optimizer state dict, in its nesting; other objects dropped."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items() if plain(v) is not None}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value if isinstance(value, (int, float, str, bool)) or value is None else None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,66 @@
+"""A failing rank ends a 2-rank launch, and non-finite values are handled alike on every rank.
+
+Two launches of tests/distributed/failing_rank.py (``deepspeed --num_gpus 2``):
+one where rank 1 raises in its training_step (the launch must end within 60 s
+of the error, with the error in its output, instead of rank 0 waiting in a
+collective), and one where rank 1 alone sees a NaN loss or gradient.
+"""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent / "distributed" / "failing_rank.py"
+
+
+def launch(*args, timeout=600):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+           str(SCRIPT), *args]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc, time.time()
+
+
+def test_a_rank_that_raises_ends_the_launch_within_60_s():
+    proc, ended = launch("--case", "raise")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "RuntimeError: the original error, raised on rank 1 in training_step" in output
+    raised = float(re.search(r"rank 1 raises at (\d+\.\d+)", output).group(1))
+    assert ended - raised < 60, f"the launch took {ended - raised:.1f} s to end after the error"
+
+
+@pytest.fixture(scope="module")
+def nonfinite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nonfinite") / "records.json"
+    proc, _ = launch("--case", "nonfinite", "--out", str(out))
+    assert proc.returncode == 0 and out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    rank0, rank1 = json.loads(out.read_text())
+    return list(zip(rank0, rank1))
+
+
+def test_a_nan_on_one_rank_stops_or_skips_every_rank_alike(nonfinite):
+    assert len(nonfinite) == 8  # ZeRO 0 and 3 x a NaN loss or gradient x raise or skip
+    for a, b in nonfinite:
+        case = f"ZeRO-{a['stage']} {a['fault']} {a['nonfinite']}"
+        assert a["finite"] and b["finite"], f"{case}: a non-finite value reached a parameter or optimizer state"
+        assert (a["outcome"], a["global_step"], a["skipped"]) == (b["outcome"], b["global_step"], b["skipped"]), case
+        if a["nonfinite"] == "raise":
+            assert a["outcome"] == "FloatingPointError" and a["global_step"] == 3, case
+            words = "its loss is" if a["fault"] == "loss" else "non-finite gradients in its step 3"
+            assert words in a["message"] and words in b["message"], case
+        else:
+            assert a["outcome"] == "finished" and a["global_step"] == 5, case
+            assert a["skipped"][:2] == ([1, 1] if a["fault"] == "loss" else [0, 1]), case
+        if a["stage"] == 0:
+            assert a["same_on_every_rank"], case
