@@ -161,6 +161,10 @@ class EngineConfig:
             "raise" (stop with FloatingPointError before anything is written)
             or "skip" (drop that batch, draw the next one, count it in the
             metrics as ``<level>/skipped_batches``); the same on every rank.
+        report_to: where logged metrics go besides the ``logging`` module:
+            any of "jsonl" (``<logging_dir>/metrics.jsonl``), "tensorboard",
+            "wandb"; written on rank 0.
+        logging_dir: the directory of those files (needed when report_to is set).
     """
 
     max_steps: int = 100
@@ -172,6 +176,8 @@ class EngineConfig:
     save_every: int = 0
     keep_last: int = 0
     nonfinite: str = "raise"
+    report_to: tuple[str, ...] = ()
+    logging_dir: str | None = None
 
     def __post_init__(self) -> None:
         _check_int("EngineConfig.max_steps", self.max_steps, 0)
@@ -187,6 +193,15 @@ class EngineConfig:
         if (self.save_every or self.keep_last) and self.checkpoint_dir is None:
             raise ValueError("EngineConfig.save_every / keep_last need EngineConfig.checkpoint_dir: set where to save")
         _check_choice("EngineConfig.nonfinite", self.nonfinite, NONFINITE)
+        if isinstance(self.report_to, str):
+            object.__setattr__(self, "report_to", (self.report_to,))
+        object.__setattr__(self, "report_to", tuple(self.report_to))
+        for sink in self.report_to:
+            _check_choice("EngineConfig.report_to", sink, ("jsonl", "tensorboard", "wandb"))
+        if self.report_to and self.logging_dir is None:
+            raise ValueError(
+                f"EngineConfig.report_to={list(self.report_to)} needs EngineConfig.logging_dir: set where to write"
+            )
 
     @classmethod
     def from_dict(cls, values: dict) -> EngineConfig:

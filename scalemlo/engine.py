@@ -92,6 +92,7 @@ class Engine:
         for lv in levels:
             lv._build_backend()
         self.coordinator = Coordinator(self.levels, self.graph)
+        self.metric_logger = MetricLogger(self.config.log_every, self.config.report_to, self.config.logging_dir)
         self._checked_losses = False
         self._started = False  # the first on_inner_loop_start calls have run
 
@@ -159,7 +160,7 @@ class Engine:
     def run(self) -> list[dict[str, Any]]:
         """Run global iterations until ``config.max_steps`` (counted from 0, so a resumed
         engine runs the rest); returns the logged metrics, those before a resume included."""
-        logger = MetricLogger(self.config.log_every)
+        logger = self.metric_logger
         every = self.config.save_every
         saved_at = None
         self.check_losses()

@@ -1,5 +1,7 @@
 """The MLO loop: schedule, accumulation, warm-up, data, validation, backends."""
 
+import json
+
 import pytest
 import torch
 
@@ -316,3 +318,30 @@ def test_validation_runs_in_eval_mode_and_restores_each_modules_mode():
     assert [m.training for m in module.modules()] == modes_before == [True, True, True, True, False]
     assert torch.equal(module[1].running_mean, stats_before[0]) and torch.equal(module[1].running_var, stats_before[1])
     assert int(module[1].num_batches_tracked) == stats_before[2]
+
+
+def test_metrics_go_to_jsonl_and_tensorboard_on_rank_0(tmp_path):
+    engine = build(
+        LevelConfig(method="cg", backend="torch"),
+        max_steps=4,
+        log_every=2,
+        report_to=("jsonl", "tensorboard"),
+        logging_dir=str(tmp_path),
+    )
+    history = engine.run()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{k: pytest.approx(v) for k, v in h.items()} for h in history] and [h["step"] for h in lines] == [2, 4]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    scalars = events.Scalars("upper/hypergrad_norm")
+    assert [s.step for s in scalars] == [2, 4]
+    assert scalars[-1].value == pytest.approx(history[-1]["upper/hypergrad_norm"], rel=1e-6)
+
+
+def test_report_to_needs_a_directory_and_a_known_sink():
+    with pytest.raises(ValueError, match="needs EngineConfig.logging_dir"):
+        EngineConfig(report_to=("jsonl",))
+    with pytest.raises(ValueError, match="report_to='mlflow' is not known; allowed values: jsonl, tensorboard, wandb"):
+        EngineConfig(report_to=("mlflow",), logging_dir="x")
