@@ -3,7 +3,7 @@
 from scalemlo.config import EngineConfig, LevelConfig
 from scalemlo.engine import Engine
 from scalemlo.hypergrad import METHODS, register
-from scalemlo.level import Level
+from scalemlo.level import FED, Level
 
-__all__ = ["Engine", "EngineConfig", "Level", "LevelConfig", "METHODS", "register"]
+__all__ = ["Engine", "EngineConfig", "FED", "Level", "LevelConfig", "METHODS", "register"]
 __version__ = "0.1.0"

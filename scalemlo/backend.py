@@ -89,6 +89,14 @@ class _Backend:
         """Per trainable parameter, the learning rate of the last step (the current one before any step)."""
         return self.last_step.lrs if self.last_step is not None else self.current_lrs()
 
+    def record_step(self, keep_grads: bool = False) -> None:
+        """Record the step about to be taken (its lrs; its gradients with ``keep_grads``).
+
+        The backends call it themselves; a driver that steps an adopted engine
+        calls it once per optimizer step, before the step.
+        """
+        self._record_step(keep_grads)
+
     def _record_step(self, keep_grads: bool) -> None:
         state = self._optimizer_for_state.state
         self.last_step = LastStep(
@@ -141,6 +149,16 @@ class TorchBackend(_Backend):
         self._micro = 0
         self._init_common(params, optimizer, group_index)
         self.across_ranks = AcrossRanks(self.world_size, sharded=False)
+
+    @classmethod
+    def adopt(cls, module: torch.nn.Module, params, optimizer, group_index: Sequence[int]) -> TorchBackend:
+        """A backend over a module and optimizer someone else steps (the Trainer without DeepSpeed)."""
+        self = cls.__new__(cls)
+        self.module, self.optimizer, self.scheduler = module, optimizer, None
+        self.accumulation, self.clipping, self._micro = 1, 0.0, 0
+        self._init_common(params, optimizer, group_index)
+        self.across_ranks = AcrossRanks(self.world_size, sharded=False)
+        return self
 
     # ---- what the hypergradient code reads ------------------------------------
     @property
@@ -237,6 +255,23 @@ class DeepSpeedBackend(_Backend):
             self.engine.enable_backward_allreduce = False
         self.partitioned = self.zero_stage == 3
         self.across_ranks = AcrossRanks(self.world_size, sharded=self.partitioned)
+
+    @classmethod
+    def adopt(cls, engine, params, group_index: Sequence[int]) -> DeepSpeedBackend:
+        """A backend over a DeepSpeed engine someone else built and steps (the Trainer's).
+
+        ``params``: the module's trainable parameters; ``group_index``: the
+        optimizer parameter group of each (as the optimizer was built, before
+        DeepSpeed flattened the groups).
+        """
+        self = cls.__new__(cls)
+        self.engine, self.optimizer, self.scheduler = engine, engine.optimizer, engine.lr_scheduler
+        base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
+        self._init_common(params, base, group_index)
+        self.zero_stage = int(engine.zero_optimization_stage())
+        self.partitioned = self.zero_stage == 3
+        self.across_ranks = AcrossRanks(self.world_size, sharded=self.partitioned)
+        return self
 
     # ---- what the hypergradient code reads ------------------------------------
     @property

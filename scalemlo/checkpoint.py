@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -192,7 +193,8 @@ def check_writable(root: str | os.PathLike) -> None:
 # ---- saving --------------------------------------------------------------------------
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """Wait for every rank (nothing to do on one)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -221,13 +223,18 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine: Engine, path: str | os.PathLike) -> Path:
+def save(engine: Engine, path: str | os.PathLike, levels: Iterable[str] | None = None,
+         write_latest: bool = True) -> Path:  # fmt: skip
     """Write ``engine``'s whole state to the checkpoint directory ``path`` (all ranks call this).
 
     The directory appears complete or not at all; ``latest`` in its parent
-    names it afterwards. An existing checkpoint at ``path`` is replaced only
-    once the new one is complete.
+    names it afterwards (``write_latest``). An existing checkpoint at ``path``
+    is replaced only once the new one is complete. ``levels``: whose
+    parameters and optimizer state to save (default: all); a driver that
+    saves a level's engine itself (the Trainer, its model) leaves it out. Every
+    level's progress (data position, last batches, counters) is saved anyway.
     """
+    backends = list(engine.levels) if levels is None else list(levels)
     final = Path(path)
     parent = final.parent
     partial = parent / f".{final.name}.partial"
@@ -236,9 +243,9 @@ def save(engine: Engine, path: str | os.PathLike) -> Path:
         if partial.exists():  # left by a crash mid-save
             shutil.rmtree(partial)
         (partial / "levels").mkdir(parents=True)
-    _barrier()
-    for name, lv in engine.levels.items():
-        lv.backend.save(partial / "levels" / name)
+    barrier()
+    for name in backends:
+        engine.levels[name].backend.save(partial / "levels" / name)
     state = {
         "global_step": engine.global_step,
         "history": engine.history,
@@ -252,7 +259,7 @@ def save(engine: Engine, path: str | os.PathLike) -> Path:
         torch.save(state, fh)
         fh.flush()
         os.fsync(fh.fileno())
-    _barrier()
+    barrier()
     if rank() == 0:
         files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
         manifest = {
@@ -261,6 +268,7 @@ def save(engine: Engine, path: str | os.PathLike) -> Path:
             "signature": signature(engine),
             "settings": _settings(engine),
             "files": files,
+            "levels_saved": backends,
         }
         _write_atomically(partial / MANIFEST, json.dumps(manifest, indent=1, default=str))
         _fsync_dir(partial)
@@ -274,9 +282,10 @@ def save(engine: Engine, path: str | os.PathLike) -> Path:
         else:
             os.replace(partial, final)
         _fsync_dir(parent)
-        _write_atomically(parent / LATEST, final.name + "\n")
-        _fsync_dir(parent)
-    _barrier()
+        if write_latest:
+            _write_atomically(parent / LATEST, final.name + "\n")
+            _fsync_dir(parent)
+    barrier()
     return final
 
 
@@ -287,13 +296,13 @@ def prune(root: str | os.PathLike, keep_last: int) -> None:
             doomed = old.parent / f".{old.name}.deleting"  # no longer looks like a checkpoint while it goes
             os.replace(old, doomed)
             shutil.rmtree(doomed)
-    _barrier()
+    barrier()
 
 
 # ---- loading -------------------------------------------------------------------------
 
 
-def load(engine: Engine, path: str | os.PathLike) -> Path:
+def load(engine: Engine, path: str | os.PathLike, levels: Iterable[str] | None = None) -> Path:
     """Restore ``engine`` from a checkpoint (or the latest one in a directory of them); all ranks call this.
 
     Raises:
@@ -320,8 +329,8 @@ def load(engine: Engine, path: str | os.PathLike) -> Path:
         state = torch.load(rank_file, weights_only=False)
     except Exception as exc:  # a damaged file of the right size
         raise CheckpointError(f"{path}: {rank_file.name} cannot be read ({exc})") from None
-    for name, lv in engine.levels.items():
-        lv.backend.load(path / "levels" / name)
+    for name in manifest.get("levels_saved", list(engine.levels)) if levels is None else levels:
+        engine.levels[name].backend.load(path / "levels" / name)
     for name, lv in engine.levels.items():
         lv.load_state_dict(state["levels"][name])
     engine.global_step = state["global_step"]
@@ -329,5 +338,5 @@ def load(engine: Engine, path: str | os.PathLike) -> Path:
     engine.coordinator.method_state = state["methods"]
     engine.coordinator.last_loss = dict(state["last_loss"])
     set_rng_state(state["rng"])  # last: restoring data positions above drew from the generators
-    _barrier()
+    barrier()
     return path

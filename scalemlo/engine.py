@@ -29,7 +29,7 @@ from scalemlo.distributed import finite_on_every_rank, mean_over_ranks_, world_s
 from scalemlo.graph import LevelGraph
 from scalemlo.hypergrad import vectors
 from scalemlo.hypergrad.coordinator import Coordinator
-from scalemlo.level import Level
+from scalemlo.level import FED, Level
 from scalemlo.logging import MetricLogger, progress
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class Engine:
         for lv in levels:
             if lv.data is None:
                 raise ValueError(f"level {lv.name!r} has no data: pass data=... (any iterable or DataLoader)")
-            if hasattr(lv.data, "__len__") and len(lv.data) == 0:
+            if lv.data is not FED and hasattr(lv.data, "__len__") and len(lv.data) == 0:
                 raise ValueError(f"level {lv.name!r}: its data is empty (len 0); give it at least one batch")
         self._check_shared_parameters(levels)
         self.callbacks = list(callbacks)
@@ -242,7 +242,9 @@ class Engine:
         self._start()
         all_levels = list(self.levels.values())
         # Drawn (not consumed) outside the forked generators: starting a pass may draw from them.
-        batches = {name: self.levels[name].current_batch() for name in reversed(self.graph.order)}
+        batches = {
+            name: self.levels[name].current_batch() for name in reversed(self.graph.order) if self.levels[name].cursor
+        }
         with contextlib.ExitStack() as stack:
             for lv in all_levels:
                 stack.enter_context(lv.preserved_buffers())
@@ -262,31 +264,47 @@ class Engine:
             lv = self.levels[name]
             if self.global_step % self.period[name] or self.global_step <= lv.config.warmup_steps:
                 continue
-            lowers = self.graph.lowers(name)
-            others = [o for o in self.levels.values() if o is not lv]
-            nonfinite = self.config.nonfinite
-            for _ in range(lv.config.gradient_accumulation):
-                if lowers:
-                    batch = lv.next_batch()
-                    grads = self.coordinator.hypergradient(name, batch)
-                    if nonfinite == "raise" and not finite_on_every_rank(grads):
-                        lower_losses = {n: metrics.get(f"{n}/loss") for n in self.graph.descendants(name)}
-                        raise FloatingPointError(
-                            f"level {name!r}: the hypergradient (method {lv.config.method!r}) is not finite at "
-                            f"global step {self.global_step}; nothing was stepped. Last losses of the levels "
-                            f"below it this iteration: {lower_losses} (a non-finite one means a level below "
-                            "diverged: lower its lr or clip it); otherwise check the method's settings"
-                        )
-                    lv.step_on_gradient(grads, batch, nonfinite)  # "skip": its boundary drops them
-                    metrics[f"{name}/hypergrad_norm"] = _norm_of_rank_average(grads)
-                    metrics[f"{name}/loss"] = self.coordinator.last_loss[name]
-                else:
-                    metrics[f"{name}/loss"] = lv.step_on_own_loss(others, nonfinite)
-            if lv.skipped_batches or lv.skipped_steps:
-                metrics[f"{name}/skipped_batches"] = lv.skipped_batches
-                metrics[f"{name}/skipped_steps"] = lv.skipped_steps
-            for lower in lowers:
-                self.levels[lower].on_inner_loop_start()
+            metrics.update(self.step_level(name, metrics))
+        return metrics
+
+    def step_level(self, name: str, this_iteration: dict[str, float] | None = None) -> dict[str, float]:
+        """One optimizer step of level ``name`` (``gradient_accumulation`` micro-steps); returns its metrics.
+
+        A leaf steps on its own loss; a level with levels below it on its
+        hypergradient. Afterwards the levels directly below it restart their
+        inner loops (``on_inner_loop_start``). ``step()`` calls this for every
+        level whose turn it is; a driver with its own loop for the lower
+        levels (the Trainer) calls it for the upper ones. ``this_iteration``:
+        the metrics of the levels that stepped before it (named in errors).
+        """
+        lv = self.levels[name]
+        lowers = self.graph.lowers(name)
+        others = [o for o in self.levels.values() if o is not lv]
+        nonfinite = self.config.nonfinite
+        metrics: dict[str, float] = {}
+        for _ in range(lv.config.gradient_accumulation):
+            if lowers:
+                batch = lv.next_batch()
+                grads = self.coordinator.hypergradient(name, batch)
+                if nonfinite == "raise" and not finite_on_every_rank(grads):
+                    before = this_iteration or {}
+                    lower_losses = {n: before.get(f"{n}/loss") for n in self.graph.descendants(name)}
+                    raise FloatingPointError(
+                        f"level {name!r}: the hypergradient (method {lv.config.method!r}) is not finite at "
+                        f"global step {self.global_step}; nothing was stepped. Last losses of the levels "
+                        f"below it this iteration: {lower_losses} (a non-finite one means a level below "
+                        "diverged: lower its lr or clip it); otherwise check the method's settings"
+                    )
+                lv.step_on_gradient(grads, batch, nonfinite)  # "skip": its boundary drops them
+                metrics[f"{name}/hypergrad_norm"] = _norm_of_rank_average(grads)
+                metrics[f"{name}/loss"] = self.coordinator.last_loss[name]
+            else:
+                metrics[f"{name}/loss"] = lv.step_on_own_loss(others, nonfinite)
+        if lv.skipped_batches or lv.skipped_steps:
+            metrics[f"{name}/skipped_batches"] = lv.skipped_batches
+            metrics[f"{name}/skipped_steps"] = lv.skipped_steps
+        for lower in lowers:
+            self.levels[lower].on_inner_loop_start()
         return metrics
 
     def hypergradient(self, name: str) -> list[torch.Tensor]:

@@ -27,6 +27,16 @@ log = logging.getLogger(__name__)
 OptimizerLike = torch.optim.Optimizer | Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
+class _Fed:
+    """The data of a level whose batches its driver hands it (``Level.fed_micro_step``), e.g. the Trainer's."""
+
+    def __repr__(self) -> str:
+        return "FED"
+
+
+FED = _Fed()
+
+
 class Level:
     """One level: a module, its optimizer, its data and its objective.
 
@@ -75,7 +85,7 @@ class Level:
         self._program: Mapping[str, Level] = MappingProxyType({})
         self._uppers: tuple[str, ...] = ()
         self._lowers: tuple[str, ...] = ()
-        self.cursor = DataCursor(data, name) if data is not None else None
+        self.cursor = DataCursor(data, name) if data is not None and data is not FED else None
         self.batch: Any = None
         # The micro-batches of the last optimizer step, and of the one in progress.
         self.step_batches: list[Any] = []
@@ -132,6 +142,8 @@ class Level:
 
     def _prepare(self) -> None:
         """Resolve and check the optimizer, scheduler and DeepSpeed config; nothing is built or run."""
+        if self.backend is not None:  # adopted (e.g. the Trainer's DeepSpeed engine)
+            return
         optimizer = self._optimizer_arg
         if not isinstance(optimizer, torch.optim.Optimizer):
             if not callable(optimizer):
@@ -167,6 +179,8 @@ class Level:
         self._prepared = (optimizer, scheduler, group_index, ds_config)
 
     def _build_backend(self) -> None:
+        if not hasattr(self, "_prepared"):  # adopted
+            return
         optimizer, scheduler, group_index, ds_config = self._prepared
         if ds_config is not None:
             self.backend = DeepSpeedBackend(self.module, self.params, optimizer, scheduler, ds_config, self.name,
@@ -178,6 +192,8 @@ class Level:
     @property
     def zero_stage(self) -> int:
         """The ZeRO stage of this level's DeepSpeed config (0 for the torch backend)."""
+        if isinstance(self.backend, DeepSpeedBackend):
+            return self.backend.zero_stage
         if self.config.backend != "deepspeed":
             return 0
         return zero_stage_of(self.config.resolved_deepspeed_config(), self.name)
@@ -205,11 +221,15 @@ class Level:
 
     def next_batch(self) -> Any:
         """The next batch, cycling the data; it becomes ``self.batch``."""
+        if self.data is FED:
+            raise ValueError(f"level {self.name!r}: its batches are fed by its driver, not drawn by the engine")
         self.batch = self.cursor.next()
         return self.batch
 
     def current_batch(self) -> Any:
         """The batch of the last micro-step (before the first: the one it will take, not consumed)."""
+        if self.batch is None and self.cursor is None:
+            raise ValueError(f"level {self.name!r}: its batches are fed by its driver, which has fed none yet")
         return self.batch if self.batch is not None else self.cursor.peek()
 
     def objective_batches(self) -> list[Any]:
@@ -278,6 +298,19 @@ class Level:
         self.backend.backward_from_grads(grads)
         self._micro_step(batch, nonfinite)
 
+    def fed_micro_step(self, batch: Any, stepped: bool) -> None:
+        """Record a micro-step its driver took on ``batch`` (``stepped``: it ended an optimizer step).
+
+        For a level whose optimizer steps outside the engine (``data=FED``,
+        an adopted DeepSpeed engine): the hypergradients of the levels above
+        it then differentiate the objective of its last step, as for any level.
+        """
+        self.batch = batch
+        self._pending_batches.append(batch)
+        if stepped:
+            self.step_batches, self._pending_batches = self._pending_batches, []
+            self.backend.steps += 1
+
     def _micro_step(self, batch: Any, nonfinite: str) -> None:
         self._pending_batches.append(batch)
         outcome = self.backend.step(self.keep_last_grads)
@@ -296,7 +329,7 @@ class Level:
     def state_dict(self) -> dict[str, Any]:
         """This rank's progress: data position, the batches of the last steps, step counters."""
         return {
-            "data": self.cursor.state_dict(),
+            "data": self.cursor.state_dict() if self.cursor is not None else None,
             "batch": self.batch,
             "step_batches": self.step_batches,
             "pending_batches": self._pending_batches,
@@ -305,7 +338,8 @@ class Level:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.cursor.load_state_dict(state["data"])
+        if self.cursor is not None:
+            self.cursor.load_state_dict(state["data"])
         self.batch = state["batch"]
         self.step_batches = list(state["step_batches"])
         self._pending_batches = list(state["pending_batches"])

@@ -270,7 +270,7 @@ def test_monitor_quiet_for_healthy_weights(caplog):
     ],
 )
 def test_monitor_warns_once_naming_the_collapse_and_the_fix(caplog, stats, reason):
-    monitor = CollapseMonitor(threshold_ess=0.1, threshold_max_share=0.9, raw_epsilon=1e-3)
+    monitor = CollapseMonitor(threshold_ess=0.1, threshold_max_share=0.9, raw_epsilon=1e-3, threshold_source_share=0.9)
     with caplog.at_level(logging.WARNING, logger=WARNING_LOGGER):
         assert monitor.update(stats)
         assert monitor.update(stats)  # still collapsed, but no second warning

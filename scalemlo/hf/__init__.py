@@ -1,4 +1,4 @@
-"""Hugging Face layer: per-example causal-LM losses and data reweighters."""
+"""Hugging Face layer: the reweighting Trainer, per-example causal-LM losses, data reweighters, weight exports."""
 
 from scalemlo.hf.losses import per_example_causal_lm_loss
 from scalemlo.hf.reweighting import (
@@ -13,7 +13,25 @@ from scalemlo.hf.reweighting import (
     weight_stats,
 )
 
+_LAZY = {  # these import transformers: loaded on first use
+    "ReweightingArguments": "scalemlo.hf.arguments",
+    "ReweightingTrainer": "scalemlo.hf.trainer",
+    "WeightTable": "scalemlo.hf.exports",
+    "add_weight_column": "scalemlo.hf.exports",
+    "write_weights": "scalemlo.hf.exports",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'scalemlo.hf' has no attribute {name!r}")
+
+
 __all__ = [
+    *_LAZY,
     "REWEIGHTERS",
     "CollapseMonitor",
     "ExampleWeights",

@@ -351,20 +351,24 @@ class CollapseMonitor:
     `threshold_ess`, or one example holding more than `threshold_max_share` of
     the mass, checked only when B >= 2 / threshold_max_share so that uniform
     weights are far below it); one source holding more than
-    `threshold_max_share` of the mass while at least two are present; all raw
-    values ("weight/raw_max", e.g. sigmoid outputs before normalisation)
-    below `raw_epsilon`. `threshold_max_share=1` switches the share checks off
-    (e.g. where dropping a noisy source is the goal).
+    `threshold_source_share` of the mass while at least two are present (off
+    by default, 1: dropping a noisy source is often the goal); all raw values
+    ("weight/raw_max", e.g. sigmoid outputs before normalisation) below
+    `raw_epsilon`. `threshold_max_share=1` switches the example share check off.
     """
 
-    def __init__(self, threshold_ess: float = 0.1, threshold_max_share: float = 0.9, raw_epsilon: float = 1e-3) -> None:
+    def __init__(self, threshold_ess: float = 0.1, threshold_max_share: float = 0.9, raw_epsilon: float = 1e-3,
+                 threshold_source_share: float = 1.0) -> None:  # fmt: skip
         if not 0 < threshold_ess < 1 or not 0 < threshold_max_share <= 1 or not raw_epsilon > 0:
             raise ValueError(
                 "CollapseMonitor needs 0 < threshold_ess < 1, 0 < threshold_max_share <= 1 and raw_epsilon > 0; "
                 f"got {threshold_ess}, {threshold_max_share}, {raw_epsilon}."
             )
+        if not 0 < threshold_source_share <= 1:
+            raise ValueError(f"CollapseMonitor needs 0 < threshold_source_share <= 1, got {threshold_source_share}")
         self.threshold_ess = threshold_ess
         self.threshold_max_share = threshold_max_share
+        self.threshold_source_share = threshold_source_share
         self.raw_epsilon = raw_epsilon
         self.warned = False
         self.reasons: list[str] = []
@@ -378,7 +382,7 @@ class CollapseMonitor:
         if count >= 2 / self.threshold_max_share and stats.get("weight/max_share", 0.0) > self.threshold_max_share:
             reasons.append(f"one example holds {stats['weight/max_share']:.3g} of the weight")
         source_share = stats.get("weight/max_source_share", 0.0)
-        if stats.get("weight/sources_present", 0.0) >= 2 and source_share > self.threshold_max_share:
+        if stats.get("weight/sources_present", 0.0) >= 2 and source_share > self.threshold_source_share:
             reasons.append(f"one source holds {source_share:.3g} of the weight")
         if stats.get("weight/raw_max", 1.0) < self.raw_epsilon:
             reasons.append(f"every raw weight is below {self.raw_epsilon:g} (max {stats['weight/raw_max']:.3g})")

@@ -1,0 +1,117 @@
+"""``ReweightingArguments``: ``TrainingArguments`` plus the meta level's fields.
+
+Parsed by ``transformers.HfArgumentParser`` like any Trainer script's
+arguments (flags, or one JSON/YAML file). The meta level is the weighting
+model that learns how to weight the training data against a clean meta set;
+its hypergradient fields mirror :class:`scalemlo.LevelConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from scalemlo.config import LevelConfig
+
+META_OPTIMIZERS = ("adam", "adamw", "sgd")
+LONG_SEQUENCES = ("truncate", "refuse")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class ReweightingArguments(TrainingArguments):
+    """The Trainer's arguments and the meta level's (see ``--help``)."""
+
+    reweighting: str = field(
+        default="meta_weight_net",
+        metadata=_help(
+            "How training examples are weighted: meta_weight_net (an MLP from each example's loss to its weight), "
+            "source (one learned weight per value of the `source` column, a softmax), or example (one learned "
+            "logit per training example)"
+        ),
+    )
+    reweighting_hidden_size: int = field(default=100, metadata=_help("Hidden units of the Meta-Weight-Net"))
+    meta_learning_rate: float = field(default=1e-3, metadata=_help("Learning rate of the weighting model"))
+    meta_optimizer: str = field(default="adam", metadata=_help(f"Optimizer of the weighting model: {META_OPTIMIZERS}"))
+    meta_weight_decay: float = field(default=0.0, metadata=_help("Weight decay of the weighting model's optimizer"))
+    per_device_meta_batch_size: int = field(
+        default=8, metadata=_help("Meta-set examples per device per meta micro-batch")
+    )
+    meta_gradient_accumulation_steps: int = field(
+        default=1, metadata=_help("Meta micro-batches averaged per meta step")
+    )
+    unroll_steps: int = field(default=1, metadata=_help("Optimizer steps of the model per step of the weighting model"))
+    meta_warmup_steps: int = field(
+        default=0, metadata=_help("Model optimizer steps before the weighting model first steps (weights stay uniform)")
+    )
+    hypergradient_method: str = field(
+        default="finite_difference",
+        metadata=_help("finite_difference, sama, neumann, cg, penalty (exact: small models only)"),
+    )
+    fd_radius: float = field(default=1e-2, metadata=_help("Central-difference radius r (eps = r / ||w||)"))
+    neumann_iterations: int = field(default=10, metadata=_help("Neumann series terms"))
+    neumann_alpha: float = field(default=1e-2, metadata=_help("Neumann step alpha (needs alpha < 2 / lambda_max)"))
+    cg_iterations: int = field(default=10, metadata=_help("Conjugate-gradient iterations"))
+    penalty_alpha: float = field(default=100.0, metadata=_help("Penalty weight of the penalty method"))
+    penalty_steps: int = field(default=1, metadata=_help("Auxiliary-copy updates per meta step (penalty)"))
+    second_order: str = field(
+        default="finite_difference",
+        metadata=_help("How neumann/cg form second-order products: finite_difference or autograd (not at ZeRO-3)"),
+    )
+    meta_max_grad_norm: float = field(default=0.0, metadata=_help("Gradient clipping of the weighting model (0: off)"))
+    meta_deepspeed: str | None = field(
+        default=None,
+        metadata=_help(
+            "DeepSpeed JSON of the weighting model's own engine (default: ZeRO-0 fp32; ZeRO-3 is refused: "
+            "it steps on hypergradients)"
+        ),
+    )
+    nonfinite: str = field(
+        default="raise", metadata=_help("A non-finite loss or gradient: raise (stop) or skip (drop the batch/step)")
+    )
+    long_sequences: str = field(
+        default="truncate",
+        metadata=_help("Texts longer than the model's context: truncate (with a warning) or refuse"),
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata=_help("Start over in an output_dir that holds another run's checkpoints")
+    )
+    max_length: int | None = field(
+        default=None, metadata=_help("Tokens per example (default: the model's context length)")
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, value, allowed in (
+            ("meta_optimizer", self.meta_optimizer, META_OPTIMIZERS),
+            ("long_sequences", self.long_sequences, LONG_SEQUENCES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"--{name} {value!r} is not known; allowed: {', '.join(allowed)}")
+        for name in ("per_device_meta_batch_size", "meta_gradient_accumulation_steps", "unroll_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.meta_warmup_steps < 0:
+            raise ValueError(f"--meta_warmup_steps must be >= 0, got {self.meta_warmup_steps}")
+        self.meta_level_config()  # bad method names, radii, ... fail now, before any model is built
+
+    def meta_level_config(self) -> LevelConfig:
+        """The weighting level's :class:`scalemlo.LevelConfig` from these arguments."""
+        return LevelConfig(
+            method=self.hypergradient_method,
+            unroll_steps=1,  # the Trainer's loop schedules meta steps itself (every unroll_steps)
+            fd_radius=self.fd_radius,
+            neumann_iterations=self.neumann_iterations,
+            neumann_alpha=self.neumann_alpha,
+            cg_iterations=self.cg_iterations,
+            penalty_alpha=self.penalty_alpha,
+            penalty_steps=self.penalty_steps,
+            second_order=self.second_order,
+            gradient_accumulation=self.meta_gradient_accumulation_steps,
+            gradient_clipping=self.meta_max_grad_norm,
+            deepspeed_config=self.meta_deepspeed,
+        )

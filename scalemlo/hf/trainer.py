@@ -1,0 +1,316 @@
+"""``ReweightingTrainer``: a ``transformers.Trainer`` whose training data is weighted by a learned model.
+
+A user adopts it by changing one class and passing a ``meta_dataset``::
+
+    trainer = ReweightingTrainer(model=model, args=ReweightingArguments(...), train_dataset=train,
+                                 meta_dataset=meta, data_collator=collator)
+    trainer.train()
+
+The model is trained by the Trainer's own loop (its DeepSpeed engine comes
+from ``--deepspeed ds.json``, ZeRO 0-3) on sum_i w_i l_i / n: per-example
+causal-LM losses from the logits, weights from a reweighting module
+(:mod:`scalemlo.hf.reweighting`) held fixed during the model's step. Every
+``unroll_steps`` optimizer steps the weighting module takes one step on the
+hypergradient of the model's loss on a clean meta batch. That step is a
+scalemlo program: the model is a :class:`scalemlo.Level` over the Trainer's own
+engine (adopted, never rebuilt), the weighting module a Level in its own
+DeepSpeed engine, and the hypergradient comes from the same coordinator and
+method registry as :class:`scalemlo.Engine` (``Engine.step_level``).
+
+Gradient accumulation is right for both levels: the weights stay fixed over
+an optimizer step's micro-batches (they only change between steps), and the
+hypergradient differentiates the mean over those same micro-batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from scalemlo.hf.losses import per_example_causal_lm_loss
+from scalemlo.hf.reweighting import CollapseMonitor, Reweighter, build_reweighter, weight_stats
+from transformers import Trainer, TrainerCallback
+
+from scalemlo import checkpoint as scalemlo_checkpoint
+from scalemlo.backend import DeepSpeedBackend, TorchBackend
+from scalemlo.config import EngineConfig, LevelConfig
+from scalemlo.distributed import ensure_distributed, is_main_process, world_size
+from scalemlo.engine import Engine
+from scalemlo.hf.arguments import ReweightingArguments
+from scalemlo.hf.exports import WeightTable, write_weights
+from scalemlo.level import FED, Level, frozen
+
+log = logging.getLogger(__name__)
+
+SCALEMLO_DIR = "scalemlo"  # inside checkpoint-STEP: the meta level, data positions, method state, RNGs
+
+
+def per_example_losses(module: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example causal-LM losses [B] (float32) and their token counts [B] for a tokenized batch."""
+    logits = module(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    return per_example_causal_lm_loss(logits, batch["labels"], batch.get("attention_mask"))
+
+
+class _Model(Level):
+    """The model the Trainer fine-tunes: its objective is the weighted loss."""
+
+    def training_step(self, batch):
+        losses, counts = per_example_losses(self.module, batch)
+        weights = self.uppers["meta"].module.weights(losses.detach(), batch)
+        valid = counts > 0
+        return (weights * losses)[valid].sum() / valid.sum().clamp_min(1)
+
+
+class _Meta(Level):
+    """The weighting model: its objective is the model's token-level loss on the clean meta set."""
+
+    def training_step(self, batch):
+        losses, counts = per_example_losses(self.lowers["model"].module, batch)
+        return (losses * counts).sum() / counts.sum().clamp_min(1)
+
+
+class _Schedule(TrainerCallback):
+    """Runs the scalemlo side at the Trainer's step boundaries."""
+
+    def __init__(self, trainer: ReweightingTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._start_mlo()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer._model_level.backend.record_step()  # the lrs the coming step uses
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._maybe_meta_step()
+
+
+class ReweightingTrainer(Trainer):
+    """A ``transformers.Trainer`` that learns how to weight its training data (see the module docstring).
+
+    Args:
+        meta_dataset: the clean meta set (tokenized like the training set:
+            ``input_ids``, ``attention_mask``, ``labels``).
+        reweighter: a :class:`scalemlo.hf.reweighting.Reweighter`; default
+            built from ``args.reweighting`` (``reweighter_kwargs`` passed on).
+        example_names: the training examples' ids, by row (for the exported
+            weights; batches carry the row index in their ``id`` column).
+        source_names: the names of the source indices in the ``source``
+            column (default: the reweighter's, for per-source weights).
+        Everything else is ``transformers.Trainer``'s.
+    """
+
+    def __init__(self, *args, meta_dataset=None, reweighter: Reweighter | None = None,
+                 reweighter_kwargs: dict | None = None, example_names=None, source_names=None,
+                 **kwargs):  # fmt: skip
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, ReweightingArguments):
+            raise ValueError("ReweightingTrainer needs ReweightingArguments (TrainingArguments plus the meta fields)")
+        if meta_dataset is None or len(meta_dataset) == 0:
+            raise ValueError("ReweightingTrainer needs a meta_dataset: a small clean set the weights are judged on")
+        if self.args.hypergradient_method == "sama":
+            raise ValueError(
+                "hypergradient_method='sama' is not available in the Trainer yet (it needs the model's last gradients, "
+                "which the Trainer's DeepSpeed step frees); use finite_difference, neumann, cg or penalty"
+            )
+        self.meta_dataset = meta_dataset
+        self.reweighter = reweighter or build_reweighter(self.args.reweighting, **(reweighter_kwargs or {}))
+        self.args.remove_unused_columns = False  # the reweighter reads columns the model does not (source, id)
+        self.model_accepts_loss_kwargs = (
+            False  # our loss is a mean per micro-batch: the Trainer divides by accumulation
+        )
+        self._check_output_dir()
+        self.add_callback(_Schedule(self))
+        self.mlo: Engine | None = None
+        self._resume_dir: Path | None = None
+        self._group_index: list[int] | None = None
+        self._meta_logs: dict[str, float] = {}
+        self._weight_sums: dict[str, float] = {}
+        self._weight_count = 0
+        self._collapse = CollapseMonitor(raw_epsilon=1e-6)
+        self._source_names = source_names or getattr(self.reweighter, "names", None)
+        self.weight_table = WeightTable(example_names, self._source_names)
+
+    # ---- checks before anything runs ------------------------------------------------------------
+    def _check_output_dir(self) -> None:
+        out = Path(self.args.output_dir)
+        others = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
+        if others and not self.args.overwrite_output_dir and not self.args.resume_from_checkpoint:
+            raise ValueError(
+                f"output_dir {out} holds another run ({others[-1].name}); pass --overwrite_output_dir to replace it "
+                "or --resume_from_checkpoint to continue it"
+            )
+
+    # ---- the loss the Trainer trains on -------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The weighted loss; the weighting module is held fixed (its step comes from the hypergradient)."""
+        with frozen([self._meta_level]):
+            losses, counts = per_example_losses(model, inputs)
+            weights = self.reweighter.weights(losses.detach(), inputs)
+        valid = counts > 0
+        loss = (weights * losses)[valid].sum() / valid.sum().clamp_min(1)
+        self._track_weights(weights.detach()[valid], inputs.get("source"))
+        if model.training:
+            self.weight_table.update(inputs.get("id"), weights.detach(), inputs.get("source"))
+        return (loss, None) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._model_level.fed_micro_step(inputs, stepped=self.accelerator.sync_gradients)
+        return loss
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        group_of = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self._group_index = [group_of.get(id(p), 0) for p in params]
+        return optimizer
+
+    # ---- the scalemlo side ----------------------------------------------------------------------------
+    @property
+    def _model_level(self) -> _Model:
+        return self.mlo.levels["model"]
+
+    @property
+    def _meta_level(self) -> _Meta:
+        return self.mlo.levels["meta"]
+
+    def _start_mlo(self) -> None:
+        """Build the two-level program around the Trainer's engine (at train begin, after DeepSpeed's init)."""
+        ensure_distributed()
+        args = self.args
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        group_index = self._group_index or [0] * len(params)
+        model_level = _Model("model", self.model, None, FED, config=LevelConfig())
+        if self.is_deepspeed_enabled:
+            model_level.backend = DeepSpeedBackend.adopt(self.model_wrapped, params, group_index)
+        else:
+            model_level.backend = TorchBackend.adopt(self.model, params, self.optimizer, group_index)
+        meta_level = _Meta(
+            "meta",
+            self.reweighter,
+            self._meta_optimizer_factory(),
+            self._meta_dataloader(),
+            config=args.meta_level_config(),
+        )
+        config = EngineConfig(max_steps=0, log_every=0, progress_bar=False, nonfinite=args.nonfinite)
+        self.mlo = Engine([model_level, meta_level], {"meta": ["model"]}, config)
+        if self._resume_dir is not None:
+            scalemlo_checkpoint.load(self.mlo, self._resume_dir / SCALEMLO_DIR, levels=["meta"])
+
+    def _meta_optimizer_factory(self):
+        args = self.args
+        kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+        return lambda params: kinds[args.meta_optimizer](
+            params, lr=args.meta_learning_rate, weight_decay=args.meta_weight_decay
+        )
+
+    def _meta_dataloader(self) -> torch.utils.data.DataLoader:
+        from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+        args, n = self.args, world_size()
+        if n > 1:
+            sampler = DistributedSampler(self.meta_dataset, shuffle=True, seed=args.seed, drop_last=True)
+        else:
+            sampler = RandomSampler(self.meta_dataset, generator=torch.Generator().manual_seed(args.seed))
+        return DataLoader(self.meta_dataset, batch_size=args.per_device_meta_batch_size, sampler=sampler,
+                          collate_fn=self.data_collator, drop_last=True)  # fmt: skip
+
+    def _maybe_meta_step(self) -> None:
+        step, args = self.state.global_step, self.args
+        if step <= args.meta_warmup_steps or step % args.unroll_steps:
+            return
+        metrics = self.mlo.step_level("meta")
+        self._meta_logs = {f"meta/{k.split('/', 1)[1]}" if k.startswith("meta/") else k: v for k, v in metrics.items()}
+
+    # ---- logging ----------------------------------------------------------------------------------
+    def _track_weights(self, weights: torch.Tensor, sources) -> None:
+        raw = getattr(self.reweighter, "last_raw", None)
+        stats = weight_stats(weights, sources, self._source_names, raw=raw.detach() if raw is not None else None)
+        stats["weight/collapsed"] = float(self._collapse.update(stats))
+        for key, value in stats.items():
+            self._weight_sums[key] = self._weight_sums.get(key, 0.0) + float(value)
+        self._weight_count += 1
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._weight_count:
+            logs.update({k: v / self._weight_count for k, v in self._weight_sums.items()})
+            self._weight_sums, self._weight_count = {}, 0
+        logs.update(self._meta_logs)
+        self._meta_logs = {}
+        super().log(logs, *args, **kwargs)
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint plus the scalemlo side, made visible by one rename when complete."""
+        run_dir = Path(self._get_output_dir(trial=trial))
+        name = f"checkpoint-{self.state.global_step}"
+        staging = run_dir / f".staging-{name}"
+        if is_main_process():
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        scalemlo_checkpoint.barrier()
+        self._get_output_dir = lambda trial=None: str(staging)  # the Trainer writes staging/checkpoint-STEP
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        inner = staging / name
+        scalemlo_checkpoint.save(self.mlo, inner / SCALEMLO_DIR, levels=["meta"], write_latest=False)
+        self.export_weights(inner)
+        if is_main_process():
+            final = run_dir / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(inner, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.state.best_model_checkpoint and str(staging) in self.state.best_model_checkpoint:
+                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(str(staging), str(run_dir))
+            from transformers.trainer_utils import rotate_checkpoints
+
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)  # fmt: skip
+        scalemlo_checkpoint.barrier()
+
+    def export_weights(self, directory: str | os.PathLike | None = None) -> WeightTable:
+        """Write the learned weights (see :mod:`scalemlo.hf.exports`) to ``directory`` (default output_dir);
+        every rank must call it (each holds the examples it saw). Returns the merged table."""
+        table = self.weight_table
+        if world_size() > 1:
+            import torch.distributed as dist
+
+            tables = [None] * world_size()
+            dist.all_gather_object(tables, table)
+            table = tables[0].merged(tables[1:])
+        if is_main_process():
+            learned = self.reweighter.source_weights() if hasattr(self.reweighter, "source_weights") else None
+            write_weights(table, directory or self.args.output_dir, learned)
+        return table
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """``Trainer.train``; ``resume_from_checkpoint`` (a path, or True for the latest in output_dir) must be
+        a complete checkpoint of this trainer, checked before anything is loaded."""
+        resume_from_checkpoint = resume_from_checkpoint or self.args.resume_from_checkpoint or None
+        if resume_from_checkpoint is True or resume_from_checkpoint == "True":
+            from transformers.trainer_utils import get_last_checkpoint
+
+            found = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            if found is None:
+                raise ValueError(f"--resume_from_checkpoint: no checkpoint-* in {self.args.output_dir} to resume from")
+            resume_from_checkpoint = found
+        if resume_from_checkpoint:
+            path = Path(resume_from_checkpoint)
+            try:
+                scalemlo_checkpoint.resolve(path / SCALEMLO_DIR)
+            except scalemlo_checkpoint.CheckpointError as exc:
+                raise ValueError(
+                    f"--resume_from_checkpoint {path} is not a complete checkpoint of a ReweightingTrainer run ({exc})"
+                ) from None
+            self._resume_dir = path
+        return super().train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None,
+                             **kwargs)  # fmt: skip
