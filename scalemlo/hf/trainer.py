@@ -124,7 +124,6 @@ class ReweightingTrainer(Trainer):
         self.model_accepts_loss_kwargs = (
             False  # our loss is a mean per micro-batch: the Trainer divides by accumulation
         )
-        self._check_output_dir()
         self.add_callback(_Schedule(self))
         self.mlo: Engine | None = None
         self._resume_dir: Path | None = None
@@ -137,10 +136,10 @@ class ReweightingTrainer(Trainer):
         self.weight_table = WeightTable(example_names, self._source_names)
 
     # ---- checks before anything runs ------------------------------------------------------------
-    def _check_output_dir(self) -> None:
+    def _check_output_dir(self, resuming: bool) -> None:
         out = Path(self.args.output_dir)
         others = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
-        if others and not self.args.overwrite_output_dir and not self.args.resume_from_checkpoint:
+        if others and not self.args.overwrite_output_dir and not resuming:
             raise ValueError(
                 f"output_dir {out} holds another run ({others[-1].name}); pass --overwrite_output_dir to replace it "
                 "or --resume_from_checkpoint to continue it"
@@ -312,5 +311,6 @@ class ReweightingTrainer(Trainer):
                     f"--resume_from_checkpoint {path} is not a complete checkpoint of a ReweightingTrainer run ({exc})"
                 ) from None
             self._resume_dir = path
+        self._check_output_dir(resuming=bool(resume_from_checkpoint))
         return super().train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None,
                              **kwargs)  # fmt: skip

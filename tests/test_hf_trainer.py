@@ -1,0 +1,183 @@
+"""ReweightingTrainer: the Trainer's habits kept, both levels' accumulation right, stages agree, exact resume.
+
+A tiny GPT-2 (built from a config) on counting sequences, a quarter of the
+training rows replaced by random tokens in their own source; the meta set is
+clean. CPU, fp32, one process (the two-rank runs are in test_kill_and_resume's
+Trainer configurations).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from scalemlo.distributed import as_one_rank_launch
+
+as_one_rank_launch()
+
+from datasets import Dataset  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback  # noqa: E402
+
+from scalemlo.hf import ReweightingArguments, ReweightingTrainer  # noqa: E402
+from scalemlo.hf.exports import add_weight_column  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+V, T = 64, 16
+
+
+def rows(n: int, noisy: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        start = int(torch.randint(0, V, (1,), generator=g))
+        ids = ((start + torch.arange(T)) % V).tolist()
+        if i % 4 == 0 and noisy:
+            ids = torch.randint(0, V, (T,), generator=g).tolist()
+        out.append(
+            {"input_ids": ids, "attention_mask": [1] * T, "labels": ids, "id": i, "source": int(i % 4 == 0 and noisy > 0)}
+        )
+    return out
+
+
+def collate(items):
+    return {k: torch.tensor([it[k] for it in items]) for k in ("input_ids", "attention_mask", "labels", "id", "source")}
+
+
+def trainer(tmp_path, deepspeed=None, batch=8, accumulation=1, max_steps=6, reweighting="source", **kwargs):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=2,
+            n_embd=32,
+            n_head=2,
+            vocab_size=V,
+            n_positions=T,
+            attn_implementation="eager",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )  # fmt: skip
+    )
+    config = {"save_strategy": "no", **kwargs}
+    args = ReweightingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+        max_steps=max_steps, learning_rate=5e-3, lr_scheduler_type="linear", report_to=[], use_cpu=True, seed=0,
+        meta_learning_rate=0.1, per_device_meta_batch_size=8, reweighting=reweighting, deepspeed=deepspeed,
+        logging_steps=1, disable_tqdm=True, **config,
+    )  # fmt: skip
+    extra = {"reweighter_kwargs": {"sources": ["clean", "noisy"]}} if reweighting == "source" else {}
+    if reweighting == "example":
+        extra = {"reweighter_kwargs": {"n_examples": 64}}
+    return ReweightingTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows(64, 16, 0)),
+                              meta_dataset=Dataset.from_list(rows(16, 0, 1)), data_collator=collate, **extra)  # fmt: skip
+
+
+def parameters(t: ReweightingTrainer) -> torch.Tensor:
+    from scalemlo.backend import DeepSpeedBackend
+
+    lm = t._model_level
+    if isinstance(lm.backend, DeepSpeedBackend) and lm.backend.partitioned:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        model = [safe_get_full_fp32_param(p) for p in lm.params]
+    else:
+        model = [p.detach() for p in lm.params]
+    return torch.cat([p.reshape(-1).double() for p in model + list(t.reweighter.parameters())])
+
+
+def ds(stage: int) -> str:
+    return str(ROOT / "configs" / "ds" / f"trainer_zero{stage}.json")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    t = trainer(tmp_path_factory.mktemp("ref"))
+    t.train()
+    return t
+
+
+def test_the_weights_learn_to_trust_the_clean_source(reference):
+    alpha = reference.reweighter.source_weights()
+    assert alpha["clean"] > 0.55 > alpha["noisy"]  # started at 0.5 each
+    assert reference._meta_level.steps == 6
+    logged = [h for h in reference.state.log_history if "meta/hypergrad_norm" in h]
+    assert len(logged) == 6 and all(h["weight/source/noisy"] < h["weight/source/clean"] for h in logged[1:])
+
+
+def test_gradient_accumulation_is_right_for_both_levels(tmp_path, reference):
+    """Batches of 8 in one step, or the same 8 in two micro-batches of 4: one trajectory. The weights are
+    fixed over a step's micro-batches, and the hypergradient differentiates both of them."""
+    t = trainer(tmp_path, batch=4, accumulation=2)
+    t.train()
+    a, b = parameters(t), parameters(reference)
+    assert float((a - b).norm() / b.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_deepspeed_stages_follow_the_same_trajectory(tmp_path, reference, stage):
+    t = trainer(tmp_path, deepspeed=ds(stage))
+    t.train()
+    a, b = parameters(t), parameters(reference)
+    assert float((a - b).norm() / b.norm()) < 1e-5
+
+
+def test_resume_from_checkpoint_is_exact_and_checkpoints_are_complete(tmp_path, reference):
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 4
+
+    first = trainer(tmp_path, save_strategy="steps", save_steps=2, save_total_limit=2)
+    first.add_callback(Stop())
+    first.train()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "checkpoint-2" in names and "checkpoint-4" in names and not [n for n in names if n.startswith(".")]
+    checkpoint = tmp_path / "checkpoint-4"
+    assert (checkpoint / "scalemlo" / "scalemlo_checkpoint.json").is_file()
+    weights = json.loads((checkpoint / "weights.json").read_text())
+    assert set(weights["sources"]) == {"clean", "noisy"} and len(weights["examples"]) > 0
+    resumed = trainer(tmp_path, save_strategy="steps", save_steps=2, save_total_limit=2)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert torch.equal(parameters(resumed), parameters(reference))
+
+
+def test_weights_are_exported_and_become_a_column(tmp_path, reference):
+    table = reference.export_weights(tmp_path)
+    data = json.loads((tmp_path / "weights.json").read_text())
+    assert data["sources"] == pytest.approx(reference.reweighter.source_weights())
+    assert (tmp_path / "example_weights.csv").read_text().startswith("id,source,weight")
+    column = add_weight_column(Dataset.from_list(rows(64, 16, 0)), table)["scalemlo_weight"]
+    noisy = [w for i, w in enumerate(column) if i % 4 == 0 and w == w]
+    clean = [w for i, w in enumerate(column) if i % 4 and w == w]
+    # the last weight each example trained with (1.0 for those last seen in the first, uniform, step)
+    assert noisy and clean and max(noisy) <= 1.0 <= min(clean) and sum(noisy) / len(noisy) < 0.8
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"meta_dataset": None}, "needs a meta_dataset"),
+        ({"hypergradient_method": "sama"}, "not available in the Trainer yet"),
+        ({"hypergradient_method": "darts"}, "method='darts' is not known"),
+        ({"meta_optimizer": "lion"}, "--meta_optimizer 'lion' is not known"),
+        ({"unroll_steps": 0}, "--unroll_steps must be >= 1"),
+    ],
+)
+def test_bad_trainer_input(tmp_path, change, words):
+    with pytest.raises(ValueError, match=words):
+        if "meta_dataset" in change:
+            t = trainer(tmp_path)
+            ReweightingTrainer(model=t.model, args=t.args, train_dataset=t.train_dataset, meta_dataset=None)
+        else:
+            trainer(tmp_path, **change)
+
+
+def test_another_run_in_output_dir_and_a_wrong_resume_path_are_refused(tmp_path):
+    (tmp_path / "checkpoint-10").mkdir()
+    with pytest.raises(ValueError, match="holds another run .*--overwrite_output_dir"):
+        trainer(tmp_path).train()
+    t = trainer(tmp_path, overwrite_output_dir=True)
+    with pytest.raises(ValueError, match="is not a complete checkpoint of a ReweightingTrainer run"):
+        t.train(resume_from_checkpoint=str(tmp_path / "checkpoint-10"))
