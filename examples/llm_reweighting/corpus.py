@@ -238,7 +238,7 @@ def split_documents(documents: list[dict[str, Any]], seed: int, settings: Corpus
     """Per source: heldout (fixed), validation and meta (seeded, balanced), train (the rest), then corruption.
 
     Returns split name -> rows (dicts as written to the JSON Lines files). ``train`` is in a
-    seeded random order; the other splits are sorted by ``(source, id)``.
+    seeded random order; the others go source by source (table order), by id within a source.
     """
     splits: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
     need = settings.heldout_per_source + settings.validation_per_source + settings.meta_per_source
