@@ -330,7 +330,10 @@ def test_metrics_go_to_jsonl_and_tensorboard_on_rank_0(tmp_path):
     )
     history = engine.run()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines == [{k: pytest.approx(v) for k, v in h.items()} for h in history] and [h["step"] for h in lines] == [2, 4]
+    assert lines == [{k: pytest.approx(v) for k, v in h.items()} for h in history] and [h["step"] for h in lines] == [
+        2,
+        4,
+    ]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path))

@@ -37,7 +37,7 @@ def gradients(output, parameters, upstream):
 @pytest.mark.parametrize("n_features", [0, 3])
 def test_meta_weight_net_mean_one_and_gradients_match_reference(n_features):
     torch.manual_seed(0)
-    net = MetaWeightNet(hidden_size=7, n_features=n_features)
+    net = MetaWeightNet(hidden_size=7, n_features=n_features, centered=False, uniform_start=False)  # the original
     losses = torch.rand(10) * 5
     batch = {"features": torch.randn(10, 3)} if n_features else {}
     weights = net.weights(losses, batch)
@@ -70,15 +70,32 @@ def test_meta_weight_net_reaches_no_input():
 
 def test_meta_weight_net_sum_is_constant_so_only_relative_weights_learn():
     torch.manual_seed(2)
-    net = MetaWeightNet(hidden_size=4)
+    net = MetaWeightNet(hidden_size=4, uniform_start=False)
     total = net.weights(torch.rand(8) * 3, {}).sum()
     torch.testing.assert_close(total, torch.tensor(8.0))
     for grad in torch.autograd.grad(total, list(net.parameters())):
         assert grad.abs().max() < 1e-6
 
 
+def test_centered_meta_weight_net_starts_uniform_and_cannot_saturate():
+    torch.manual_seed(3)
+    net = MetaWeightNet(hidden_size=6)  # the defaults: centred, uniform start
+    losses = torch.rand(9) * 4
+    torch.testing.assert_close(net.weights(losses, {}), torch.ones(9))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 30.0)  # far into saturation for a plain sigmoid
+    weights = net.weights(losses, {})
+    z = net.net(losses[:, None]).squeeze(-1).double()
+    raw = torch.sigmoid(z - z.median())
+    torch.testing.assert_close(weights.double(), raw / raw.mean(), rtol=1e-6, atol=1e-6)
+    assert (raw >= 0.5).sum() >= 5 and (raw <= 0.5).sum() >= 5  # half the batch on either side of 1/2
+    assert float(weights.max()) <= 4.0 + 1e-6
+    assert net.net[-1].bias is None  # a shift of every output is invisible after centring: no bias to learn it
+
+
 def test_meta_weight_net_describe_is_the_sigmoid_curve():
-    net = MetaWeightNet(hidden_size=3)
+    net = MetaWeightNet(hidden_size=3, centered=False, uniform_start=False)
     curve = net.describe(losses=(0.0, 2.0))
     _, raw = reference_meta_weight_net(net, torch.tensor([0.0, 2.0]))
     assert list(curve) == ["meta_weight_net/raw_at_loss/0", "meta_weight_net/raw_at_loss/2"]

@@ -37,7 +37,13 @@ def rows(n: int, noisy: int, seed: int) -> list[dict]:
         if i % 4 == 0 and noisy:
             ids = torch.randint(0, V, (T,), generator=g).tolist()
         out.append(
-            {"input_ids": ids, "attention_mask": [1] * T, "labels": ids, "id": i, "source": int(i % 4 == 0 and noisy > 0)}
+            {
+                "input_ids": ids,
+                "attention_mask": [1] * T,
+                "labels": ids,
+                "id": i,
+                "source": int(i % 4 == 0 and noisy > 0),
+            }
         )
     return out
 

@@ -105,7 +105,20 @@ class Reweighter(nn.Module):
 
 
 class MetaWeightNet(Reweighter):
-    """Meta-Weight-Net: sigmoid(MLP([loss, features])) normalised to batch mean 1.
+    """Meta-Weight-Net: sigmoid(MLP([loss, features]) - c) normalised to batch mean 1.
+
+    ``centered`` (default): c is the batch median of the MLP's outputs, so half
+    of every batch sits at or below 1/2 and half at or above: the sigmoids can
+    never all saturate (where the hypergradient, ~e^-|z|, vanishes and the run
+    silently becomes uniform training), and no example gets more than 4x the
+    batch's average weight. The output bias, invisible after centring, is
+    left out. ``uniform_start`` (default): the output layer starts at zero, so
+    every example starts at weight 1 and the hypergradient, not the random
+    initialisation, sets the direction. Both were found on the noisy-label
+    example (``examples/noisy_label_reweighting/README.md``: with a plain
+    sigmoid, Adam's steps on the unidentified overall level overshoot into an
+    inverted or saturated state on some seeds). ``centered=False``,
+    ``uniform_start=False`` give the original Meta-Weight-Net.
 
     Args:
         hidden_size: width of the single hidden layer (Meta-Weight-Net: 100).
@@ -113,11 +126,14 @@ class MetaWeightNet(Reweighter):
             ([B, n_features] floating, detached); 0 for loss only.
         feature_column: the batch column holding the extra features.
         eps: floor of the normalising mean.
+        centered: subtract the batch median before the sigmoid (see above).
+        uniform_start: zero the output layer at construction (see above).
     """
 
     def __init__(
-        self, hidden_size: int = 100, n_features: int = 0, feature_column: str = "features", eps: float = 1e-8
-    ) -> None:
+        self, hidden_size: int = 100, n_features: int = 0, feature_column: str = "features", eps: float = 1e-8,
+        centered: bool = True, uniform_start: bool = True,
+    ) -> None:  # fmt: skip
         super().__init__(eps)
         for name, value, least in (("hidden_size", hidden_size, 1), ("n_features", n_features, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -125,7 +141,13 @@ class MetaWeightNet(Reweighter):
         self.n_features = n_features
         self.feature_column = feature_column
         self.requires = (feature_column,) if n_features else ()
-        self.net = nn.Sequential(nn.Linear(1 + n_features, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 1))
+        self.centered = centered
+        out = nn.Linear(hidden_size, 1, bias=not centered)
+        if uniform_start:
+            nn.init.zeros_(out.weight)
+            if out.bias is not None:
+                nn.init.zeros_(out.bias)
+        self.net = nn.Sequential(nn.Linear(1 + n_features, hidden_size), nn.ReLU(), out)
 
     def raw_weights(self, losses: Tensor, batch: Mapping[str, Any]) -> Tensor:
         parameter = next(self.parameters())
@@ -138,7 +160,10 @@ class MetaWeightNet(Reweighter):
                     f"[{losses.shape[0]}, {self.n_features}]; got {features.dtype} {tuple(features.shape)}."
                 )
             inputs = torch.cat([inputs, features.to(device=parameter.device, dtype=parameter.dtype)], dim=1)
-        return torch.sigmoid(self.net(inputs)).squeeze(-1)
+        z = self.net(inputs).squeeze(-1)
+        if self.centered:
+            z = z - z.median()
+        return torch.sigmoid(z)
 
     def describe(self, losses: Sequence[float] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)) -> dict[str, float]:
         """Raw weight (sigmoid output) at a few loss values, extra features 0: the learned curve."""

@@ -32,8 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from scalemlo.hf.losses import per_example_causal_lm_loss
-from scalemlo.hf.reweighting import CollapseMonitor, Reweighter, build_reweighter, weight_stats
 from transformers import Trainer, TrainerCallback
 
 from scalemlo import checkpoint as scalemlo_checkpoint
@@ -43,6 +41,8 @@ from scalemlo.distributed import ensure_distributed, is_main_process, world_size
 from scalemlo.engine import Engine
 from scalemlo.hf.arguments import ReweightingArguments
 from scalemlo.hf.exports import WeightTable, write_weights
+from scalemlo.hf.losses import per_example_causal_lm_loss
+from scalemlo.hf.reweighting import CollapseMonitor, Reweighter, build_reweighter, weight_stats
 from scalemlo.level import FED, Level, frozen
 
 log = logging.getLogger(__name__)

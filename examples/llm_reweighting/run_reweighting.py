@@ -1,0 +1,375 @@
+"""Fine-tune a causal LM while an upper level learns which training data to trust (the main job).
+
+    python examples/llm_reweighting/run_reweighting.py            # the default run: no arguments, no downloads
+    python examples/llm_reweighting/run_reweighting.py --model_name_or_path gpt2 --train_file train.jsonl \\
+        --meta_file meta.jsonl --validation_file val.jsonl --output_dir out --deepspeed configs/ds/trainer_zero2.json
+    deepspeed --num_gpus 2 examples/llm_reweighting/run_reweighting.py args.json    # or torchrun --nproc_per_node 2
+
+Arguments are a Trainer script's (``HfArgumentParser`` over ``ReweightingArguments``,
+flags or one JSON/YAML file) plus the data and model ones below. Data come
+through ``datasets`` from local files (json, jsonl, csv or text): text in a
+``text`` column, an optional ``source`` column, an optional ``id`` column
+(else the row index); ``--dataset_name`` when a hub is reachable.
+
+Without arguments it runs the default: a corpus built from the text shipped
+with Python (``corpus.py``: five sources, 30 % of two sources' documents
+corrupted), a tokenizer trained on it, a small GPT-2-style model from a
+config; uniform weighting and learned weighting with the same budget; the
+held-out clean loss of both, the ROC-AUC of the learned weights separating
+corrupted from clean documents, the mean weight per source, ``report.json``
+and ``weights.png`` in the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from scalemlo.distributed import as_one_rank_launch, is_main_process  # noqa: E402
+
+as_one_rank_launch()  # python run_reweighting.py with --deepspeed needs a one-rank environment
+
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer  # noqa: E402
+
+from scalemlo.hf import ReweightingArguments, ReweightingTrainer  # noqa: E402
+from scalemlo.hf.losses import per_example_causal_lm_loss  # noqa: E402
+from scalemlo.hf.reweighting import source_index  # noqa: E402
+
+log = logging.getLogger("llm_reweighting")
+FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".text": "text"}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "A hub id or local directory"})
+    config_name: str | None = field(default=None, metadata={"help": "Build the model from this config (no weights)"})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)"})
+    model_seed: int = field(default=0, metadata={"help": "Seed of a model built from a config"})
+
+
+@dataclass
+class DataArguments:
+    train_file: str | None = field(default=None, metadata={"help": "Training data (json, jsonl, csv or text)"})
+    meta_file: str | None = field(default=None, metadata={"help": "The small clean meta set (same formats)"})
+    validation_file: str | None = field(default=None, metadata={"help": "Evaluated during training"})
+    heldout_file: str | None = field(default=None, metadata={"help": "Clean held-out set for the final report"})
+    dataset_name: str | None = field(default=None, metadata={"help": "A hub dataset with train/meta splits"})
+    text_column: str = field(default="text", metadata={"help": "The column holding the text"})
+    source_column: str = field(default="source", metadata={"help": "Optional: where each example comes from"})
+    id_column: str = field(default="id", metadata={"help": "Optional: an example id (else the row index)"})
+    corrupted_column: str = field(default="corrupted", metadata={"help": "Optional ground truth, for the report's AUC"})
+
+
+@dataclass
+class RunArguments:
+    baseline: bool = field(default=True, metadata={"help": "Also train uniform weighting with the same budget"})
+    corpus_seed: int = field(default=0, metadata={"help": "Default run: seed of the built corpus"})
+
+
+DEFAULT_RUN = {  # the default run's flags (a corpus in <output_dir>/corpus is built first)
+    "output_dir": "runs/llm_reweighting",
+    "overwrite_output_dir": True,
+    "per_device_train_batch_size": 16,
+    "per_device_meta_batch_size": 20,
+    "max_steps": 200,
+    "learning_rate": 3e-3,
+    "warmup_steps": 10,
+    "lr_scheduler_type": "cosine",
+    "weight_decay": 0.0,
+    "logging_steps": 20,
+    "save_strategy": "no",
+    "report_to": ["none"],
+    "use_cpu": True,
+    "reweighting": "meta_weight_net",
+    "meta_learning_rate": 1e-2,
+    "meta_warmup_steps": 40,
+    "unroll_steps": 1,
+    "seed": 0,
+    "disable_tqdm": True,
+}
+
+
+# ---- data ----------------------------------------------------------------------------------------------
+def load_split(path: str | None, what: str, data: DataArguments, required: bool = True):
+    from datasets import load_dataset
+
+    if path is None:
+        if required:
+            raise ValueError(f"no {what}: pass --{what}_file (json, jsonl, csv or text) or --dataset_name")
+        return None
+    suffix = Path(path).suffix
+    if suffix not in FORMATS:
+        raise ValueError(f"--{what}_file {path}: unknown format {suffix!r}; use one of {sorted(FORMATS)}")
+    if not Path(path).is_file():
+        raise ValueError(f"--{what}_file {path} does not exist")
+    dataset = load_dataset(FORMATS[suffix], data_files={what: path}, split=what)
+    if len(dataset) == 0:
+        raise ValueError(f"--{what}_file {path} is empty: it needs at least one example")
+    if data.text_column not in dataset.column_names:
+        raise ValueError(
+            f"--{what}_file {path} has no {data.text_column!r} column (columns: {dataset.column_names}); "
+            "name the text column with --text_column"
+        )
+    return dataset
+
+
+def tokenize(dataset, tokenizer, data: DataArguments, args: ReweightingArguments, sources: dict[str, int] | None):
+    """input_ids / attention_mask / labels (+ id = row index, + source index) with the long-sequence policy."""
+    max_length = args.max_length or tokenizer.model_max_length
+    texts = list(dataset[data.text_column])
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    too_long = [i for i, ids in enumerate(encoded) if len(ids) + 1 > max_length]
+    if too_long and args.long_sequences == "refuse":
+        raise ValueError(
+            f"{len(too_long)} texts are longer than {max_length} tokens (e.g. row {too_long[0]}); shorten them, raise "
+            "--max_length, or pass --long_sequences truncate"
+        )
+    if too_long:
+        log.warning("%d of %d texts are longer than %d tokens: truncated", len(too_long), len(texts), max_length)
+    eos = tokenizer.eos_token_id
+    columns = {"input_ids": [ids[: max_length - 1] + [eos] for ids in encoded]}  # padded per batch by Collator
+    columns["id"] = list(range(len(texts)))
+    if sources is not None:
+        columns["source"] = [sources[s] for s in list(dataset[data.source_column])]
+    from datasets import Dataset
+
+    return Dataset.from_dict(columns)
+
+
+class Collator:
+    """Pads a batch to its longest example (right side): attention 0 and label -100 on the padding."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(item["input_ids"]) for item in items)
+        out = {"input_ids": [], "attention_mask": [], "labels": []}
+        for item in items:
+            ids, padding = list(item["input_ids"]), longest - len(item["input_ids"])
+            out["input_ids"].append(ids + [self.pad] * padding)
+            out["attention_mask"].append([1] * len(ids) + [0] * padding)
+            out["labels"].append(ids + [-100] * padding)
+        batch = {key: torch.tensor(value) for key, value in out.items()}
+        for key in items[0]:
+            if key != "input_ids":
+                batch[key] = torch.tensor([item[key] for item in items])
+        return batch
+
+
+# ---- training -------------------------------------------------------------------------------------------
+class UniformTrainer(Trainer):
+    """The baseline: the same per-example mean loss, every weight 1."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        losses, counts = per_example_causal_lm_loss(logits, inputs["labels"], inputs["attention_mask"])
+        valid = counts > 0
+        loss = losses[valid].sum() / valid.sum().clamp_min(1)
+        return (loss, None) if return_outputs else loss
+
+
+def build_model(model_args: ModelArguments, tokenizer):
+    if model_args.model_name_or_path:
+        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
+    config = AutoConfig.from_pretrained(model_args.config_name)
+    torch.manual_seed(model_args.model_seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@torch.no_grad()
+def heldout_loss(model, dataset, collate) -> float:
+    """Token-level mean loss of ``model`` on a tokenized set (clean held-out text)."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(dataset), 32):
+        batch = collate([dataset[i] for i in range(start, min(start + 32, len(dataset)))])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses, counts = per_example_causal_lm_loss(logits, batch["labels"], batch["attention_mask"])
+        total += float((losses * counts).sum())
+        tokens += int(counts.sum())
+    return total / max(tokens, 1)
+
+
+@torch.no_grad()
+def final_weights(trainer: ReweightingTrainer, dataset, collate) -> torch.Tensor:
+    """The weight the final weighting model gives every training example (normalised over the whole set)."""
+    model, reweighter = trainer.model, trainer.reweighter
+    model.eval()
+    raw = []
+    for start in range(0, len(dataset), 32):
+        batch = collate([dataset[i] for i in range(start, min(start + 32, len(dataset)))])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses, _ = per_example_causal_lm_loss(logits, batch["labels"], batch["attention_mask"])
+        reweighter.weights(losses, batch)
+        raw.append(reweighter.last_raw.detach().double())
+    raw = torch.cat(raw)
+    return raw / raw.mean()
+
+
+# ---- the run --------------------------------------------------------------------------------------------
+def parse(argv: list[str]):
+    parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, ReweightingArguments))
+    argv = [a for a in argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
+    if len(argv) == 1 and Path(argv[0]).suffix in (".json", ".yaml", ".yml"):
+        reader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+        return reader(argv[0])
+    return parser.parse_args_into_dataclasses(argv)
+
+
+def default_run_argv(out: Path, seed: int) -> list[str]:
+    """Build the default corpus, tokenizer and model config under ``out``; the flags that use them."""
+    import corpus
+
+    data = out / "corpus"
+    if is_main_process() and not (data / "corpus_info.json").is_file():
+        corpus.build_corpus(data, seed=seed)
+        tokenizer = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
+        corpus.model_config(tokenizer).save_pretrained(str(data / "model_config"))
+    from scalemlo.checkpoint import barrier
+
+    barrier()
+    flags = {**DEFAULT_RUN, "output_dir": str(out)}
+    argv = [f"--{k}={v}" for k, v in flags.items() if k != "report_to"] + ["--report_to", "none"]
+    argv += [f"--train_file={data / 'train.jsonl'}", f"--meta_file={data / 'meta.jsonl'}",
+             f"--validation_file={data / 'validation.jsonl'}", f"--heldout_file={data / 'heldout.jsonl'}",
+             f"--config_name={data / 'model_config'}", f"--tokenizer_name={data / 'tokenizer'}"]  # fmt: skip
+    return argv
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING, format="%(message)s")
+    if not [a for a in argv if not a.startswith("--local")]:
+        from scalemlo.distributed import ensure_distributed
+
+        ensure_distributed()
+        argv = default_run_argv(Path(DEFAULT_RUN["output_dir"]), RunArguments.corpus_seed)
+    model_args, data, run, args = parse(argv)
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    collate = Collator(tokenizer.pad_token_id)
+    train = load_split(data.train_file, "train", data)
+    meta = load_split(data.meta_file, "meta", data)
+    heldout = load_split(data.heldout_file, "heldout", data, required=False)
+    validation = load_split(data.validation_file, "validation", data, required=False)
+    per_source = data.source_column in train.column_names
+    if args.reweighting == "source" and not per_source:
+        raise ValueError(f"--reweighting source needs a {data.source_column!r} column in the training set")
+    if per_source and data.source_column in meta.column_names:
+        unknown = set(list(meta[data.source_column])) - set(list(train[data.source_column]))
+        if unknown:
+            raise ValueError(f"the meta set has sources the training set has not: {sorted(unknown)}")
+    sources = source_index(list(train[data.source_column])) if per_source else None
+    names = sorted(sources, key=sources.get) if sources else None
+    example_names = [str(x) for x in list(train[data.id_column])] if data.id_column in train.column_names else None
+    tokenized = {k: tokenize(ds, tokenizer, data, args, sources if k == "train" else None)
+                 for k, ds in {"train": train, "meta": meta, "validation": validation, "heldout": heldout}.items()
+                 if ds is not None}  # fmt: skip
+    reweighter_kwargs = {"source": {"sources": names}, "example": {"n_examples": len(train)}}.get(args.reweighting, {})
+    if args.reweighting == "meta_weight_net":
+        reweighter_kwargs = {"hidden_size": args.reweighting_hidden_size}
+
+    results: dict = {}
+    if run.baseline:
+        model = build_model(model_args, tokenizer)
+        baseline_args = baseline_arguments(args)
+        uniform = UniformTrainer(model=model, args=baseline_args, train_dataset=tokenized["train"],
+                                 eval_dataset=tokenized.get("validation"), data_collator=collate)  # fmt: skip
+        t0 = time.perf_counter()
+        uniform.train()
+        results["seconds_uniform"] = time.perf_counter() - t0
+        if "heldout" in tokenized:
+            results["heldout_loss_uniform"] = heldout_loss(uniform.model, tokenized["heldout"], collate)
+    model = build_model(model_args, tokenizer)
+    trainer = ReweightingTrainer(
+        model=model, args=args, train_dataset=tokenized["train"], eval_dataset=tokenized.get("validation"),
+        meta_dataset=tokenized["meta"], data_collator=collate, reweighter_kwargs=reweighter_kwargs,
+        example_names=example_names, source_names=names,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    results["seconds_learned"] = time.perf_counter() - t0
+    trainer.export_weights()
+    if "heldout" in tokenized:
+        results["heldout_loss_learned"] = heldout_loss(trainer.model, tokenized["heldout"], collate)
+    weights = final_weights(trainer, tokenized["train"], collate)
+    report = make_report(results, weights, train, data, names, trainer, start)
+    if is_main_process():
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.output_dir) / "report.json").write_text(json.dumps(report, indent=1))
+        plot(report, trainer, weights, train, data, Path(args.output_dir) / "weights.png")
+        print_report(report)
+    return report
+
+
+def baseline_arguments(args: ReweightingArguments) -> ReweightingArguments:
+    """The same arguments (budget, DeepSpeed config, seed), their own output directory."""
+    import dataclasses
+
+    return dataclasses.replace(args, output_dir=str(Path(args.output_dir) / "uniform"))
+
+
+def make_report(results, weights, train, data: DataArguments, names, trainer, start) -> dict:
+    report = {"steps": trainer.state.global_step, "seconds": time.perf_counter() - start, **results}
+    for key in ("heldout_loss_uniform", "heldout_loss_learned"):
+        if key in report:
+            report[key.replace("loss", "perplexity")] = math.exp(report[key])
+    if data.corrupted_column in train.column_names:
+        from sklearn.metrics import roc_auc_score
+
+        corrupted = torch.tensor([bool(x) for x in list(train[data.corrupted_column])])
+        if corrupted.any() and not corrupted.all():
+            report["weight_auc"] = float(roc_auc_score((~corrupted).numpy(), weights.numpy()))
+            report["mean_weight_clean"] = float(weights[~corrupted].mean())
+            report["mean_weight_corrupted"] = float(weights[corrupted].mean())
+    if names:
+        column = list(train[data.source_column])
+        report["source_weights"] = {
+            n: float(weights[[i for i, s in enumerate(column) if s == n]].mean()) for n in names
+        }
+    return report
+
+
+def print_report(report: dict) -> None:
+    lines = [f"{k:>24}: {v:.4f}" if isinstance(v, float) else f"{k:>24}: {v}" for k, v in report.items()
+             if not isinstance(v, dict)]  # fmt: skip
+    for name, w in report.get("source_weights", {}).items():
+        lines.append(f"{'weight of ' + name:>24}: {w:.3f}")
+    print("\n".join(lines))
+
+
+def plot(report, trainer, weights, train, data: DataArguments, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (over_time, histogram) = plt.subplots(1, 2, figsize=(11, 4))
+    history = [h for h in trainer.state.log_history if any(k.startswith("weight/source/") for k in h)]
+    for key in sorted({k for h in history for k in h if k.startswith("weight/source/")}):
+        over_time.plot([h["step"] for h in history], [h.get(key, float("nan")) for h in history], label=key[14:])
+    over_time.set(title="mean weight per source (training batches)", xlabel="step", ylabel="weight")
+    over_time.legend(fontsize=7)
+    if data.corrupted_column in train.column_names:
+        corrupted = torch.tensor([bool(x) for x in list(train[data.corrupted_column])])
+        histogram.hist([weights[~corrupted].numpy(), weights[corrupted].numpy()], bins=40, label=["clean", "corrupted"])
+        histogram.legend()
+    histogram.set(title=f"final weights (AUC {report.get('weight_auc', float('nan')):.3f})", xlabel="weight")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
