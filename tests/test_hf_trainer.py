@@ -77,8 +77,9 @@ def trainer(tmp_path, deepspeed=None, batch=8, accumulation=1, max_steps=6, rewe
     extra = {"reweighter_kwargs": {"sources": ["clean", "noisy"]}} if reweighting == "source" else {}
     if reweighting == "example":
         extra = {"reweighter_kwargs": {"n_examples": 64}}
-    return ReweightingTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows(64, 16, 0)),
-                              meta_dataset=Dataset.from_list(rows(16, 0, 1)), data_collator=collate, **extra)  # fmt: skip
+    train, meta = Dataset.from_list(rows(64, 16, 0)), Dataset.from_list(rows(16, 0, 1))
+    return ReweightingTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta, data_collator=collate,
+                              **extra)  # fmt: skip
 
 
 def parameters(t: ReweightingTrainer) -> torch.Tensor:
