@@ -3,9 +3,12 @@
     python benchmarks/kill_and_resume.py                 # 10 trials of every configuration (~40 min)
     python benchmarks/kill_and_resume.py --trials 1 --configs zero0-sama
 
-For each configuration the program ``tests/resume/program.py`` (a tiny GPT-2
-with dropout under a Meta-Weight-Net, unroll_steps 3, checkpoints every 2 of
-12 iterations, keeping the last 2) runs once uninterrupted. Then, per trial,
+For each configuration a program runs once uninterrupted: ``tests/resume/program.py``
+(a ``scalemlo.Engine`` program: a tiny GPT-2 with dropout under a
+Meta-Weight-Net, unroll_steps 3, checkpoints every 2 of 12 iterations, keeping
+the last 2) or ``tests/resume/trainer_program.py`` (the same kind of model in
+a ``ReweightingTrainer`` with per-source weights, checkpoints every 2 of 12
+optimizer steps). Then, per trial,
 it runs again and is killed (the launcher and every rank, SIGKILL) a random
 time within the iteration after a random one (up to 1.5 median iteration
 times of the uninterrupted run), sometimes in the middle of writing a
@@ -33,11 +36,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PROGRAM = ROOT / "tests" / "resume" / "program.py"
+ENGINE_PROGRAM = ROOT / "tests" / "resume" / "program.py"
+TRAINER_PROGRAM = ROOT / "tests" / "resume" / "trainer_program.py"
 STEPS = 12
 
-# name -> (ranks, lower ZeRO stage, method). sama needs per-parameter optimizer state, which
-# ZeRO 1-3 keep in flat partitions (refused there), so its two-rank configuration is at ZeRO-0.
+# name -> (ranks, lower ZeRO stage, method; None: the ReweightingTrainer program, finite_difference). sama needs
+# per-parameter optimizer state, which ZeRO 1-3 keep in flat partitions (refused there), so its two-rank
+# configuration is at ZeRO-0.
 CONFIGS = {
     "zero0-finite_difference": (1, 0, "finite_difference"),
     "zero0-sama": (1, 0, "sama"),
@@ -45,6 +50,8 @@ CONFIGS = {
     "zero3-2ranks-finite_difference": (2, 3, "finite_difference"),
     "zero0-2ranks-sama": (2, 0, "sama"),
     "zero3-2ranks-penalty": (2, 3, "penalty"),
+    "trainer-zero0": (1, 0, None),
+    "trainer-zero3-2ranks": (2, 3, None),
 }
 
 
@@ -56,8 +63,12 @@ def _free_port() -> int:
 
 def command(config: str, checkpoint_dir: Path, out: Path, resume: bool) -> list[str]:
     ranks, stage, method = CONFIGS[config]
-    args = [str(PROGRAM), "--method", method, "--stage", str(stage), "--steps", str(STEPS),
-            "--checkpoint-dir", str(checkpoint_dir), "--out", str(out)] + (["--resume"] if resume else [])  # fmt: skip
+    if method is None:
+        args = [str(TRAINER_PROGRAM), "--stage", str(stage), "--steps", str(STEPS), "--output_dir", str(checkpoint_dir)]
+    else:
+        args = [str(ENGINE_PROGRAM), "--method", method, "--stage", str(stage), "--steps", str(STEPS),
+                "--checkpoint-dir", str(checkpoint_dir)]  # fmt: skip
+    args += ["--out", str(out)] + (["--resume"] if resume else [])
     if ranks == 1:
         return [sys.executable, *args]
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
