@@ -75,27 +75,11 @@ class RunArguments:
     corpus_seed: int = field(default=0, metadata={"help": "Default run: seed of the built corpus"})
 
 
-DEFAULT_RUN = {  # the default run's flags (a corpus in <output_dir>/corpus is built first)
-    "output_dir": "runs/llm_reweighting",
-    "overwrite_output_dir": True,
-    "per_device_train_batch_size": 16,
-    "per_device_meta_batch_size": 20,
-    "max_steps": 200,
-    "learning_rate": 3e-3,
-    "warmup_steps": 10,
-    "lr_scheduler_type": "cosine",
-    "weight_decay": 0.0,
-    "logging_steps": 20,
-    "save_strategy": "no",
-    "report_to": ["none"],
-    "use_cpu": True,
-    "reweighting": "meta_weight_net",
-    "meta_learning_rate": 1e-2,
-    "meta_warmup_steps": 40,
-    "unroll_steps": 1,
-    "seed": 0,
-    "disable_tqdm": True,
-}
+def default_flags() -> dict:
+    """The default run's flags: ``config.yaml`` beside this script (``report_to`` is always none)."""
+    import yaml
+
+    return yaml.safe_load((HERE / "config.yaml").read_text())
 
 
 # ---- data ----------------------------------------------------------------------------------------------
@@ -111,8 +95,9 @@ def load_split(path: str | None, what: str, data: DataArguments, required: bool 
         raise ValueError(f"--{what}_file {path}: unknown format {suffix!r}; use one of {sorted(FORMATS)}")
     if not Path(path).is_file():
         raise ValueError(f"--{what}_file {path} does not exist")
-    dataset = load_dataset(FORMATS[suffix], data_files={what: path}, split=what)
-    if len(dataset) == 0:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        empty = not fh.read(4096).strip()
+    if empty or (dataset := load_dataset(FORMATS[suffix], data_files={what: path}, split=what)).num_rows == 0:
         raise ValueError(f"--{what}_file {path} is empty: it needs at least one example")
     if data.text_column not in dataset.column_names:
         raise ValueError(
@@ -238,7 +223,7 @@ def default_run_argv(out: Path, seed: int) -> list[str]:
     from scalemlo.checkpoint import barrier
 
     barrier()
-    flags = {**DEFAULT_RUN, "output_dir": str(out)}
+    flags = {**default_flags(), "output_dir": str(out)}
     argv = [f"--{k}={v}" for k, v in flags.items() if k != "report_to"] + ["--report_to", "none"]
     argv += [f"--train_file={data / 'train.jsonl'}", f"--meta_file={data / 'meta.jsonl'}",
              f"--validation_file={data / 'validation.jsonl'}", f"--heldout_file={data / 'heldout.jsonl'}",
@@ -249,11 +234,15 @@ def default_run_argv(out: Path, seed: int) -> list[str]:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING, format="%(message)s")
-    if not [a for a in argv if not a.startswith("--local")]:
+    if not any(a.startswith(("--train_file", "--dataset_name")) for a in argv) and not (
+        len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml"))
+    ):  # the default run (other flags given override its defaults)
         from scalemlo.distributed import ensure_distributed
 
         ensure_distributed()
-        argv = default_run_argv(Path(DEFAULT_RUN["output_dir"]), RunArguments.corpus_seed)
+        out = next((a.split("=", 1)[1] for a in argv if a.startswith("--output_dir=")), default_flags()["output_dir"])
+        seed = int(next((a.split("=", 1)[1] for a in argv if a.startswith("--corpus_seed=")), 0))
+        argv = default_run_argv(Path(out), seed) + argv
     model_args, data, run, args = parse(argv)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)

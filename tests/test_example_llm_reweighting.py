@@ -1,0 +1,93 @@
+"""The LLM reweighting script: a short default run end to end, and its refusals of bad input."""
+
+import json
+
+import examples_helper
+import pytest
+
+SCRIPT = examples_helper.EXAMPLES / "llm_reweighting" / "run_reweighting.py"
+
+
+def load():
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("run_reweighting", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load()
+
+
+@pytest.fixture(scope="module")
+def short_run(script, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    report = script.main([f"--output_dir={out}", "--max_steps=6", "--meta_warmup_steps=2", "--logging_steps=2"])
+    return out, report
+
+
+def test_the_default_run_reports_what_it_promises(short_run):
+    out, report = short_run
+    for key in ("heldout_loss_uniform", "heldout_loss_learned", "weight_auc", "source_weights", "steps", "seconds"):
+        assert key in report
+    assert report["steps"] == 6 and 0.0 <= report["weight_auc"] <= 1.0
+    assert set(report["source_weights"]) == {"builtin_types", "data_model", "expressions", "library", "statements"}
+    assert json.loads((out / "report.json").read_text()) == report
+    assert (out / "weights.png").stat().st_size > 1000
+    weights = json.loads((out / "weights.json").read_text())
+    assert len(weights["examples"]) > 0 and set(weights["sources"]) == set(report["source_weights"])
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("no meta", "no meta: pass --meta_file"),
+        ("empty train", "is empty: it needs at least one example"),
+        ("no text column", "has no 'text' column"),
+        ("meta source not in train", "the meta set has sources the training set has not: \\['web'\\]"),
+        ("source weights without sources", "--reweighting source needs a 'source' column"),
+        ("too long, refused", "texts are longer than 8 tokens"),
+        ("resume from a non-checkpoint", "is not a complete checkpoint of a ReweightingTrainer run"),
+    ],
+)
+def test_bad_input_is_refused_before_training(script, short_run, tmp_path, case, words):
+    corpus = short_run[0] / "corpus"
+    good = {"train": str(corpus / "train.jsonl"), "meta": str(corpus / "meta.jsonl")}
+    flags = {"--output_dir": str(tmp_path / "out"), "--tokenizer_name": str(corpus / "tokenizer"),
+             "--config_name": str(corpus / "model_config"), "--max_steps": "2"}  # fmt: skip
+    text = [{"text": "a b c d e f g h i j k l m n o p", "source": "statements"}]
+    if case == "no meta":
+        flags["--train_file"] = good["train"]
+    else:
+        flags["--train_file"], flags["--meta_file"] = good["train"], good["meta"]
+    if case == "empty train":
+        (tmp_path / "empty.jsonl").write_text("")
+        flags["--train_file"] = str(tmp_path / "empty.jsonl")
+    if case == "no text column":
+        flags["--meta_file"] = write(tmp_path / "m.jsonl", [{"body": "a b c"}])
+    if case == "meta source not in train":
+        flags["--meta_file"] = write(tmp_path / "m.jsonl", [{"text": "a b c", "source": "web"}])
+    if case == "source weights without sources":
+        flags["--train_file"] = write(tmp_path / "t.jsonl", [{"text": "a b c"}])
+        flags["--reweighting"] = "source"
+    if case == "too long, refused":
+        flags["--meta_file"] = write(tmp_path / "m.jsonl", text)
+        flags.update({"--max_length": "8", "--long_sequences": "refuse"})
+    if case == "resume from a non-checkpoint":
+        (tmp_path / "nothing").mkdir()
+        flags["--resume_from_checkpoint"] = str(tmp_path / "nothing")
+    argv = [f"{k}={v}" for k, v in flags.items()] + ["--baseline=False"]
+    with pytest.raises(ValueError, match=words):
+        script.main(argv)
+    assert not (tmp_path / "out" / "report.json").exists()
