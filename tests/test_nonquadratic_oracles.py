@@ -101,6 +101,18 @@ def split_engine(method, optimizer_factory, scheduler=None, cut=5):
     return Engine([weights, model], {"weights": ["model"]}, EngineConfig(max_steps=0, progress_bar=False))
 
 
+HALVING = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # noqa: E731
+
+
+def off_the_optimum(engine):
+    """The two levels, the model's parameters moved 0.05 away from theta* (so its gradient is not zero)."""
+    model, weights = engine.levels["model"], engine.levels["weights"]
+    with torch.no_grad():
+        for p in model.params:
+            p.add_(0.05)
+    return model, weights
+
+
 def mixed_product_reference(theta: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """-(d^2 f / dlam dtheta) w at theta, by double backward on the problem's own f."""
     lam = LAM.clone().requires_grad_(True)
@@ -116,12 +128,9 @@ def test_finite_difference_uses_each_groups_lr_of_the_last_step():
     engine = split_engine(
         "finite_difference",
         lambda params: torch.optim.SGD([{"params": params[:1], "lr": 0.1}, {"params": params[1:], "lr": 0.02}]),
-        scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+        scheduler=HALVING,
     )
-    model, weights = engine.levels["model"], engine.levels["weights"]
-    with torch.no_grad():
-        for p in model.params:
-            p.add_(0.05)
+    model, weights = off_the_optimum(engine)
     model.step_on_own_loss([weights])
     theta = model.module().detach().clone()
     lr = torch.full_like(THETA, 0.02)
@@ -145,12 +154,9 @@ def test_sama_sgd_uses_the_last_steps_lr_and_torchs_first_momentum_step(nesterov
     engine = split_engine(
         "sama",
         lambda params: torch.optim.SGD(params, lr=0.1, momentum=momentum, dampening=dampening, nesterov=nesterov),
-        scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+        scheduler=HALVING,
     )
-    model, weights = engine.levels["model"], engine.levels["weights"]
-    with torch.no_grad():
-        for p in model.params:
-            p.add_(0.05)  # away from theta*: the gradient is not zero
+    model, weights = off_the_optimum(engine)
     buf, lr = None, 0.1
     for _ in range(2):
         theta_before = model.module().detach().clone()
@@ -174,12 +180,9 @@ def test_sama_adam_uses_the_last_steps_lr():
     engine = split_engine(
         "sama",
         lambda params: torch.optim.Adam(params, lr=0.05),
-        scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+        scheduler=HALVING,
     )
-    model, weights = engine.levels["model"], engine.levels["weights"]
-    with torch.no_grad():
-        for p in model.params:
-            p.add_(0.05)
+    model, weights = off_the_optimum(engine)
     model.step_on_own_loss([weights])
     state = {
         k: torch.cat([model.optimizer.state[p][k].reshape(-1) for p in model.params]) for k in ("exp_avg", "exp_avg_sq")

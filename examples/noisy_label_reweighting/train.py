@@ -3,28 +3,35 @@
 Two levels:
 
 - classifier (lower): an MLP 64 -> 128 -> 10 trained on noisy labels with the
-  weighted loss sum_i w_i loss_i / N, where w_i = MetaWeightNet(loss_i.detach());
-  with ``weight_net.normalize: mean`` the weights are divided by their batch
-  mean (gradient through the mean, as in Meta-Weight-Net's code).
-- reweight (upper): the weight net, an MLP 1 -> 100 -> 1 with a sigmoid,
-  trained on the classifier's cross-entropy on a small clean meta set
-  (10 examples per class held out of the training pool).
+  weighted loss sum_i w_i loss_i / N, where w_i = sigmoid(z_i - median_batch z),
+  z_i = MetaWeightNet(loss_i.detach()) (``weight_net.link: centered``); with
+  ``weight_net.normalize: mean`` the weights are divided by their batch mean
+  (gradient through the mean, as in Meta-Weight-Net's code).
+- reweight (upper): the weight net, an MLP 1 -> 100 -> 1 whose output layer
+  starts at zero (every weight equal), trained on the classifier's
+  cross-entropy on a small clean meta set (10 examples per class held out of
+  the training pool).
 
 Compared with the same classifier, optimizer and number of steps trained
 (1) on the noisy set with the plain mean loss ("uniform") and (3) on the
 clean meta set alone ("meta_only"). Every system is a scalemlo program whose
-levels each run in their own single-process DeepSpeed ZeRO-0 fp32 engine.
+levels each run in their own DeepSpeed ZeRO-0 fp32 engine. Under a launcher
+each rank trains on its contiguous share of every global batch and of the
+meta set (``scalemlo.distributed.rank_share``); only rank 0 prints and writes
+``--out``.
 
 Run from the repository root:
 
-    python examples/noisy_label_reweighting/train.py            # seed 0
-    python examples/noisy_label_reweighting/train.py --seeds 3  # seeds 0,1,2 and a mean ± std table
+    python examples/noisy_label_reweighting/train.py             # seed 0
+    python examples/noisy_label_reweighting/train.py --seeds 10  # seeds 0-9 and a mean ± std table
+    deepspeed --num_gpus 2 examples/noisy_label_reweighting/train.py --smoke   # or torchrun --nproc_per_node 2
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import math
 import os
@@ -42,6 +49,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from scalemlo import Engine, EngineConfig, Level, LevelConfig  # noqa: E402
+from scalemlo.distributed import add_launcher_arguments, is_main_process, rank_share, world_size  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -55,7 +63,17 @@ DEFAULTS: dict = {
     },
     "model": {"hidden": 128},
     "classifier": {"lr": 1.0e-3, "weight_decay": 0.0, "batch_size": 100},
-    "weight_net": {"hidden": 100, "lr": 1.0e-2, "weight_decay": 0.0, "normalize": "mean"},
+    "weight_net": {
+        "hidden": 100,
+        "lr": 1.0e-2,
+        "beta1": 0.9,  # Adam's first-moment decay
+        "weight_decay": 0.0,
+        "normalize": "mean",
+        # centered: w = sigmoid(z - median of z over the batch); sigmoid: w = sigmoid(z);
+        # exp: w = exp(z) (needs normalize: mean, i.e. a softmax over the batch)
+        "link": "centered",
+        "init": "uniform",  # uniform: output layer zero, every weight equal at start; random: torch's default
+    },
     "schedule": {
         "max_steps": 3000,  # classifier steps, the same for every system
         "unroll_steps": 1,  # classifier steps per weight-net step
@@ -70,6 +88,8 @@ DEFAULTS: dict = {
 }
 REFERENCES = ("uniform", "meta_only")
 NORMALIZE = ("none", "mean")
+LINKS = ("sigmoid", "exp", "centered")
+INITS = ("random", "uniform")
 SCHEDULE_KEYS = ("unroll_steps", "warmup_steps")
 SMOKE = {"schedule": {"max_steps": 60, "warmup_steps": 20, "eval_every": 20, "print_every": 20}}
 
@@ -116,6 +136,12 @@ def check_config(cfg: dict) -> None:
     """Reject bad values before anything is trained."""
     if cfg["weight_net"]["normalize"] not in NORMALIZE:
         raise ValueError(f"weight_net.normalize must be one of {NORMALIZE}, got {cfg['weight_net']['normalize']!r}")
+    if cfg["weight_net"]["link"] not in LINKS:
+        raise ValueError(f"weight_net.link must be one of {LINKS}, got {cfg['weight_net']['link']!r}")
+    if cfg["weight_net"]["init"] not in INITS:
+        raise ValueError(f"weight_net.init must be one of {INITS}, got {cfg['weight_net']['init']!r}")
+    if cfg["weight_net"]["link"] == "exp" and cfg["weight_net"]["normalize"] != "mean":
+        raise ValueError("weight_net.link: exp needs weight_net.normalize: mean (exp(z) alone is unbounded)")
     for ref in cfg["references"]:
         if ref not in REFERENCES:
             raise ValueError(f"references: unknown system {ref!r}; known: {list(REFERENCES)}")
@@ -204,7 +230,12 @@ def make_data(cfg: dict, seed: int) -> dict:
 
 
 class Batches:
-    """Shuffled mini-batches of (x, y), reshuffled every pass, from its own generator."""
+    """Shuffled mini-batches of (x, y), reshuffled every pass, from its own generator.
+
+    Every rank draws the same global batches (same generator seed) and keeps its
+    contiguous share of each (``rank_share``): N ranks together see exactly the
+    batches one process would.
+    """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
         self.x, self.y, self.batch_size = x, y, min(batch_size, len(y))
@@ -214,7 +245,7 @@ class Batches:
         perm = torch.randperm(len(self.y), generator=self.generator)
         for i in range(0, len(perm) - self.batch_size + 1, self.batch_size):  # full batches only
             idx = perm[i : i + self.batch_size]
-            yield self.x[idx], self.y[idx]
+            yield rank_share((self.x[idx], self.y[idx]), "training batch")
 
 
 # ---- models and levels ------------------------------------------------------------
@@ -224,29 +255,47 @@ def make_classifier(hidden: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10))
 
 
-def make_weight_net(hidden: int) -> torch.nn.Module:
-    """Meta-Weight-Net: per-example loss -> weight in (0, 1)."""
-    return torch.nn.Sequential(
-        torch.nn.Linear(1, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1), torch.nn.Sigmoid()
-    )
+def make_weight_net(hidden: int, link: str = "sigmoid", init: str = "random") -> torch.nn.Module:
+    """Meta-Weight-Net: per-example loss -> weight in (0, 1) (sigmoid link) or log-weight z (exp link).
+
+    With the exp link the output layer has no bias: under the softmax a shift of
+    every z is invisible, and Adam would turn its float-noise gradient into steps.
+    """
+    layers = [torch.nn.Linear(1, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1, bias=link == "sigmoid")]
+    if init == "uniform":
+        torch.nn.init.zeros_(layers[-1].weight)
+        if layers[-1].bias is not None:
+            torch.nn.init.zeros_(layers[-1].bias)
+    if link == "sigmoid":
+        layers.append(torch.nn.Sigmoid())
+    return torch.nn.Sequential(*layers)
+
+
+def example_weights(out: torch.Tensor, link: str, normalize: str) -> torch.Tensor:
+    """The weights training uses, from the weight net's outputs ``out`` for one batch."""
+    if link == "exp":  # exp(z) / mean(exp(z)), computed stably
+        return torch.softmax(out, 0) * len(out)
+    if link == "centered":  # sigmoid(z - median z): half the batch at most 1/2, half at least 1/2
+        out = torch.sigmoid(out - out.median())
+    return out / out.mean() if normalize == "mean" else out
 
 
 class Classifier(Level):
     """Lower level: (weighted) cross-entropy on the training batches."""
 
-    def __init__(self, *args, normalize: str, test: tuple, meta: tuple, **kwargs):
+    def __init__(self, *args, normalize: str, test: tuple, meta: tuple, link: str = "sigmoid", **kwargs):
         super().__init__(*args, **kwargs)
-        self.normalize = normalize
+        self.normalize, self.link = normalize, link
         self.test, self.meta = test, meta
 
     def training_step(self, batch):
         x, y = batch
+        self.examples_seen = len(y)  # this rank's share of the global batch
         losses = F.cross_entropy(self.module(x), y, reduction="none")
         if "reweight" not in self.uppers:
             return losses.mean()
-        w = self.uppers["reweight"](losses.detach().unsqueeze(-1)).squeeze(-1)
-        if self.normalize == "mean":
-            w = w / w.mean()
+        out = self.uppers["reweight"](losses.detach().unsqueeze(-1)).squeeze(-1)
+        w = example_weights(out, self.link, self.normalize)
         return (w * losses).sum() / len(losses)
 
     def validation_step(self):
@@ -264,6 +313,7 @@ class Reweight(Level):
 
     def training_step(self, batch):
         x, y = batch
+        self.examples_seen = len(y)  # this rank's share of the meta set
         return F.cross_entropy(self.lowers["classifier"](x), y)
 
 
@@ -272,19 +322,22 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(-1) == y).float().mean())
 
 
-def weight_stats(classifier, weight_net, data: dict, normalize: str) -> dict:
+def weight_stats(classifier, weight_net, data: dict, normalize: str, link: str = "sigmoid") -> dict:
     """The weights the final weight net gives the training examples, clean vs noisy labels.
 
     ``w_clean`` / ``w_noisy`` are the weights as training uses them: with
     ``normalize: mean`` divided by their mean over the whole training set (so
-    the average example has weight 1), else the raw sigmoid outputs, which are
-    always reported as ``raw_w_clean`` / ``raw_w_noisy``.
+    the average example has weight 1), else the raw sigmoid outputs. The
+    unnormalized weights are reported as ``raw_w_clean`` / ``raw_w_noisy``: the
+    sigmoid outputs, or with the exp link exp(z - max z) (the weight relative to
+    the largest one).
     """
     with torch.no_grad():
         logits = classifier(data["x_train"])
         losses = F.cross_entropy(logits, data["y_train"], reduction="none")
-        raw = weight_net(losses.unsqueeze(-1)).squeeze(-1)
-    w = raw / raw.mean() if normalize == "mean" else raw
+        out = weight_net(losses.unsqueeze(-1)).squeeze(-1)
+    w = example_weights(out, link, normalize)
+    raw = {"exp": (out - out.max()).exp(), "centered": torch.sigmoid(out - out.median())}.get(link, out)
     noisy = data["noisy"]
     return {
         "w_clean": float(w[~noisy].mean()),
@@ -292,7 +345,8 @@ def weight_stats(classifier, weight_net, data: dict, normalize: str) -> dict:
         "raw_w_clean": float(raw[~noisy].mean()),
         "raw_w_noisy": float(raw[noisy].mean()),
         # how well the weight separates the two: 1 = every clean example outweighs every noisy one
-        "w_auc": float(roc_auc_score((~noisy).numpy(), raw.numpy())) if raw.std() > 0 else 0.5,
+        # (computed on the net's output: a saturated sigmoid or an underflowed exp would make ties)
+        "w_auc": float(roc_auc_score((~noisy).numpy(), out.numpy())) if out.std() > 0 else 0.5,
     }
 
 
@@ -304,7 +358,7 @@ def run_system(cfg: dict, data: dict, system: str, seed: int, log=print) -> dict
     sched, c, wn = cfg["schedule"], cfg["classifier"], cfg["weight_net"]
     torch.manual_seed(seed)
     net = make_classifier(cfg["model"]["hidden"])  # same initial classifier for every system of a seed
-    weigher = make_weight_net(wn["hidden"])
+    weigher = make_weight_net(wn["hidden"], wn["link"], wn["init"])
     if system == "meta_only":
         train = Batches(data["x_meta"], data["y_meta"], c["batch_size"], seed)
     else:
@@ -315,6 +369,7 @@ def run_system(cfg: dict, data: dict, system: str, seed: int, log=print) -> dict
         lambda params: torch.optim.Adam(params, lr=c["lr"], weight_decay=c["weight_decay"]),
         data=train,
         normalize=wn["normalize"],
+        link=wn["link"],
         test=(data["x_test"], data["y_test"]),
         meta=(data["x_meta"], data["y_meta"]),
     )
@@ -323,8 +378,10 @@ def run_system(cfg: dict, data: dict, system: str, seed: int, log=print) -> dict
         reweight = Reweight(
             "reweight",
             weigher,
-            lambda params: torch.optim.Adam(params, lr=wn["lr"], weight_decay=wn["weight_decay"]),
-            data=[(data["x_meta"], data["y_meta"])],  # the whole meta set each step
+            lambda params: torch.optim.Adam(
+                params, lr=wn["lr"], betas=(wn["beta1"], 0.999), weight_decay=wn["weight_decay"]
+            ),
+            data=[rank_share((data["x_meta"], data["y_meta"]), "meta set")],  # the whole meta set each step
             config=LevelConfig.from_dict(
                 {
                     **cfg["methods"][system],
@@ -347,7 +404,7 @@ def run_system(cfg: dict, data: dict, system: str, seed: int, log=print) -> dict
             line = f"    {system:>18} step {step:>5}: test acc {test_acc:.4f}"
             line += f", meta acc {meta_acc:.2f} (loss {meta_loss:.3f})"
             if system not in REFERENCES:
-                ws = weight_stats(net, weigher, data, wn["normalize"])
+                ws = weight_stats(net, weigher, data, wn["normalize"], wn["link"])
                 line += f", w clean {ws['w_clean']:.3f} / noisy {ws['w_noisy']:.3f} (AUC {ws['w_auc']:.3f})"
             log(line)
 
@@ -369,6 +426,9 @@ def run_system(cfg: dict, data: dict, system: str, seed: int, log=print) -> dict
     out = {
         "test_acc": accuracy(net, data["x_test"], data["y_test"]),
         "wall_s": wall,
+        "examples_per_rank": classifier.examples_seen,  # training examples per step on this rank
+        # the upper level's objective: the final classifier's cross-entropy on the clean meta set
+        "meta_loss": float(F.cross_entropy(net(data["x_meta"]), data["y_meta"]).detach()),
         # share of the noisy-labelled training examples the classifier predicts as their wrong label
         "noisy_memorized": float(
             (net(data["x_train"]).argmax(-1)[data["noisy"]] == data["y_train"][data["noisy"]]).float().mean()
@@ -382,7 +442,8 @@ def run_system(cfg: dict, data: dict, system: str, seed: int, log=print) -> dict
     }
     if system not in REFERENCES:
         out["reweight_steps"] = reweight.steps
-        out.update(weight_stats(net, weigher, data, wn["normalize"]))
+        out["meta_examples_per_rank"] = reweight.examples_seen
+        out.update(weight_stats(net, weigher, data, wn["normalize"], wn["link"]))
     return out
 
 
@@ -469,6 +530,8 @@ def parse_args(argv):
     )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the models are tiny)")
     p.add_argument("--quiet", action="store_true", help="print only the final table")
+    p.add_argument("--out", default=None, help="write the returned results as JSON here (rank 0 only)")
+    add_launcher_arguments(p)  # the deepspeed launcher passes --local_rank=K
     return p.parse_args(argv)
 
 
@@ -479,9 +542,12 @@ def main(argv=None) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return _main(args)
+        result = _main(args)
     finally:
         torch.set_num_threads(threads)
+    if args.out and is_main_process():
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
 
 
 def _main(args) -> dict:
@@ -500,10 +566,19 @@ def _main(args) -> dict:
         systems = [s for s in systems if s in args.systems]
     seeds = list(range(args.seeds)) if args.seeds else [args.seed]
     warm_up_deepspeed()
-    runs = [run_seed(cfg, seed, systems, verbose=not args.quiet) for seed in seeds]
+    main_process = is_main_process()  # only rank 0 prints; every rank computes the same numbers
+    runs = [run_seed(cfg, seed, systems, verbose=main_process and not args.quiet) for seed in seeds]
     summary = summarize(runs, systems)
-    print_table(summary, len(seeds))
-    return {"config": cfg, "systems": systems, "seeds": seeds, "runs": runs, "summary": summary}
+    if main_process:
+        print_table(summary, len(seeds))
+    return {
+        "config": cfg,
+        "systems": systems,
+        "seeds": seeds,
+        "world_size": world_size(),
+        "runs": runs,
+        "summary": summary,
+    }
 
 
 if __name__ == "__main__":
