@@ -55,26 +55,6 @@ def ensure_distributed() -> None:
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def as_one_rank_launch() -> None:
-    """Without a launcher, set the environment a one-rank launch would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
-
-    Libraries that start DeepSpeed themselves (the Hugging Face Trainer with
-    ``--deepspeed``) otherwise look for MPI when ``python script.py`` runs
-    alone. Call it before building ``TrainingArguments``; under a launcher it
-    does nothing.
-    """
-    if launched():
-        return
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():  # fmt: skip
-        os.environ.setdefault(key, value)
-
-
 def rank() -> int:
     """This process's global rank (0 without a launcher)."""
     import torch.distributed as dist

@@ -20,6 +20,14 @@ def load():
     return module
 
 
+@pytest.fixture(autouse=True)
+def fresh_trainer_state():
+    yield
+    from scalemlo.hf import reset_trainer_state
+
+    reset_trainer_state()
+
+
 @pytest.fixture(scope="module")
 def script():
     return load()

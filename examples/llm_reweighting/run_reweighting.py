@@ -33,14 +33,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from scalemlo.distributed import as_one_rank_launch, is_main_process  # noqa: E402
-
-as_one_rank_launch()  # python run_reweighting.py with --deepspeed needs a one-rank environment
-
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer  # noqa: E402
 
-from scalemlo.hf import ReweightingArguments, ReweightingTrainer  # noqa: E402
+from scalemlo.distributed import ensure_distributed, is_main_process  # noqa: E402
+from scalemlo.hf import ReweightingArguments, ReweightingTrainer, reset_trainer_state  # noqa: E402
 from scalemlo.hf.losses import per_example_causal_lm_loss  # noqa: E402
 from scalemlo.hf.reweighting import source_index  # noqa: E402
 
@@ -233,13 +230,13 @@ def default_run_argv(out: Path, seed: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
+    # The process group first (a one-process group without a launcher): the Trainer's DeepSpeed then uses it
+    # instead of looking for MPI.
+    ensure_distributed()
     logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING, format="%(message)s")
     if not any(a.startswith(("--train_file", "--dataset_name")) for a in argv) and not (
         len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml"))
     ):  # the default run (other flags given override its defaults)
-        from scalemlo.distributed import ensure_distributed
-
-        ensure_distributed()
         out = next((a.split("=", 1)[1] for a in argv if a.startswith("--output_dir=")), default_flags()["output_dir"])
         seed = int(next((a.split("=", 1)[1] for a in argv if a.startswith("--corpus_seed=")), 0))
         argv = default_run_argv(Path(out), seed) + argv
@@ -281,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["seconds_uniform"] = time.perf_counter() - t0
         if "heldout" in tokenized:
             results["heldout_loss_uniform"] = heldout_loss(uniform.model, tokenized["heldout"], collate)
+        reset_trainer_state()  # a second Trainer in this process
     model = build_model(model_args, tokenizer)
     trainer = ReweightingTrainer(
         model=model, args=args, train_dataset=tokenized["train"], eval_dataset=tokenized.get("validation"),

@@ -16,6 +16,7 @@ from scalemlo.hf.reweighting import (
 _LAZY = {  # these import transformers: loaded on first use
     "ReweightingArguments": "scalemlo.hf.arguments",
     "ReweightingTrainer": "scalemlo.hf.trainer",
+    "reset_trainer_state": "scalemlo.hf.trainer",
     "WeightTable": "scalemlo.hf.exports",
     "add_weight_column": "scalemlo.hf.exports",
     "write_weights": "scalemlo.hf.exports",

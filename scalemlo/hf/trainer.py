@@ -50,6 +50,25 @@ log = logging.getLogger(__name__)
 SCALEMLO_DIR = "scalemlo"  # inside checkpoint-STEP: the meta level, data positions, method state, RNGs
 
 
+def reset_trainer_state() -> None:
+    """Forget the process-wide state a Trainer leaves behind (accelerate's state, the HF DeepSpeed config).
+
+    A second Trainer in the same process (a baseline beside the learned run,
+    or tests) otherwise fails with "You cannot pass in a deepspeed_plugin when
+    creating a second Accelerator". The process group stays.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # the process group itself stays
+    GradientState._reset_state()
+    try:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    except ImportError:  # pragma: no cover - older transformers
+        pass
+
+
 def per_example_losses(module: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example causal-LM losses [B] (float32) and their token counts [B] for a tokenized batch."""
     logits = module(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits

@@ -17,16 +17,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from scalemlo.distributed import add_launcher_arguments, as_one_rank_launch, rank
+import torch
+from datasets import Dataset
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
-as_one_rank_launch()
-
-import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback  # noqa: E402
-from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
-
-from scalemlo.hf import ReweightingArguments, ReweightingTrainer  # noqa: E402
+from scalemlo.distributed import add_launcher_arguments, ensure_distributed, rank
+from scalemlo.hf import ReweightingArguments, ReweightingTrainer
 
 ROOT = Path(__file__).resolve().parents[2]
 V, T = 64, 16
@@ -63,6 +60,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--resume", action="store_true")
     options = parser.parse_args()
+    ensure_distributed()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=T,
