@@ -39,6 +39,7 @@ from scalemlo.distributed import (
     import_deepspeed,
     mean_over_ranks_,
     rank,
+    release_shared_memory,
     world_size,
 )
 from scalemlo.hypergrad.vectors import AcrossRanks, grads_or_zeros
@@ -246,6 +247,7 @@ class DeepSpeedBackend(_Backend):
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
+        release_shared_memory()  # deepspeed.initialize may have started DeepSpeed's communication
         self._init_common(params, user_optimizer, group_index)
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         if self.world_size == 1 and self.zero_stage == 0:

@@ -46,13 +46,47 @@ def ensure_distributed() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        release_shared_memory()
         return
     if launched():
         import_deepspeed().init_distributed()
+        release_shared_memory()
         return
     os.environ.setdefault("LOCAL_RANK", "0")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+_SHM_RELEASED = False
+
+
+def release_shared_memory() -> None:
+    """Unlink the name of DeepSpeed's CPU all-reduce buffer once every rank has mapped it.
+
+    On the CPU accelerator each rank creates ``/dev/shm/deepspeed_allreduce_buffer_*``
+    (64 MiB) and DeepSpeed never unlinks it: every launch leaves its buffers in
+    ``/dev/shm`` (memory, not disk) until the machine runs out. Every rank maps all
+    peers' buffers inside ``init_distributed``; after a barrier the names are no
+    longer needed and the memory is freed when the last rank exits, even on SIGKILL.
+    Collective (call it on every rank); idempotent; nothing to do on a GPU or one rank.
+    """
+    global _SHM_RELEASED
+    import torch.distributed as dist
+
+    if _SHM_RELEASED or torch.cuda.is_available() or not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size() == 1:
+        return
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    own = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"
+    if not os.path.exists(own):  # DeepSpeed's communication backend has not started (yet)
+        return
+    dist.barrier()
+    try:
+        os.unlink(own)
+    except FileNotFoundError:
+        pass
+    _SHM_RELEASED = True
 
 
 def rank() -> int:
