@@ -33,8 +33,14 @@ def import_deepspeed():
 
 
 def launched() -> bool:
-    """True when a launcher (deepspeed, torchrun) started this process."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    """True when a launcher (deepspeed, torchrun) started this process.
+
+    Launchers set all four of ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
+    ``MASTER_PORT``. accelerate's one-process CPU state writes ``RANK`` and
+    ``WORLD_SIZE`` (not ``MASTER_ADDR``) into the environment, which a child
+    process inherits: that is not a launch.
+    """
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def ensure_distributed() -> None:
