@@ -52,6 +52,8 @@ def ensure_distributed() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() == 1:
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set
         release_shared_memory()
         return
     if launched():

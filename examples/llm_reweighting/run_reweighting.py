@@ -64,6 +64,9 @@ class DataArguments:
     source_column: str = field(default="source", metadata={"help": "Optional: where each example comes from"})
     id_column: str = field(default="id", metadata={"help": "Optional: an example id (else the row index)"})
     corrupted_column: str = field(default="corrupted", metadata={"help": "Optional ground truth, for the report's AUC"})
+    corruption_column: str = field(
+        default="corruption", metadata={"help": "Optional kind of corruption (empty if clean), for per-kind AUCs"}
+    )
 
 
 @dataclass
@@ -321,6 +324,14 @@ def make_report(results, weights, train, data: DataArguments, names, trainer, st
             report["weight_auc"] = float(roc_auc_score((~corrupted).numpy(), weights.numpy()))
             report["mean_weight_clean"] = float(weights[~corrupted].mean())
             report["mean_weight_corrupted"] = float(weights[corrupted].mean())
+            if data.corruption_column in train.column_names:
+                kinds = list(train[data.corruption_column])
+                report["weight_auc_by_corruption"] = {}
+                for kind in sorted({k for k, bad in zip(kinds, corrupted.tolist()) if bad}):
+                    chosen = torch.tensor([not bad or k == kind for k, bad in zip(kinds, corrupted.tolist())])
+                    report["weight_auc_by_corruption"][kind] = float(
+                        roc_auc_score((~corrupted[chosen]).numpy(), weights[chosen].numpy())
+                    )
     if names:
         column = list(train[data.source_column])
         report["source_weights"] = {
@@ -332,6 +343,8 @@ def make_report(results, weights, train, data: DataArguments, names, trainer, st
 def print_report(report: dict) -> None:
     lines = [f"{k:>24}: {v:.4f}" if isinstance(v, float) else f"{k:>24}: {v}" for k, v in report.items()
              if not isinstance(v, dict)]  # fmt: skip
+    for kind, auc in report.get("weight_auc_by_corruption", {}).items():
+        lines.append(f"{'weight auc, ' + kind:>24}: {auc:.3f}")
     for name, w in report.get("source_weights", {}).items():
         lines.append(f"{'weight of ' + name:>24}: {w:.3f}")
     print("\n".join(lines))
