@@ -47,9 +47,25 @@ def test_the_default_run_reports_what_it_promises(short_run):
     assert report["steps"] == 6 and 0.0 <= report["weight_auc"] <= 1.0
     assert set(report["source_weights"]) == {"builtin_types", "data_model", "expressions", "library", "statements"}
     assert json.loads((out / "report.json").read_text()) == report
+    assert set(report["weight_auc_by_corruption"]) == {"char_noise", "near_duplicate", "other_script", "shuffled"}
     assert (out / "weights.png").stat().st_size > 1000
     weights = json.loads((out / "weights.json").read_text())
     assert len(weights["examples"]) > 0 and set(weights["sources"]) == set(report["source_weights"])
+
+
+def test_the_signal_diagnosis_runs_on_the_default_corpus(short_run):
+    import importlib.util
+
+    out, _ = short_run
+    path = SCRIPT.parent / "diagnose_signal.py"
+    spec = importlib.util.spec_from_file_location("diagnose_signal", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (row,) = module.main(["--steps=2", "--at", "2", f"--work_dir={out}", f"--out={out / 'signal.json'}"])
+    kinds = {"all", "char_noise", "near_duplicate", "other_script", "shuffled"}
+    for signal in ("dot", "cos", "neg_loss"):
+        assert set(row[signal]) == kinds and all(0.0 <= v <= 1.0 for v in row[signal].values())
+    assert json.loads((out / "signal.json").read_text())["rows"] == [row]
 
 
 def write(path, rows):

@@ -182,9 +182,24 @@ def test_weights_are_exported_and_become_a_column(tmp_path, reference):
         ({"hypergradient_method": "darts"}, "method='darts' is not known"),
         ({"meta_optimizer": "lion"}, "--meta_optimizer 'lion' is not known"),
         ({"unroll_steps": 0}, "--unroll_steps must be >= 1"),
+        # the two levels' DeepSpeed configs must agree
+        ({"meta_deepspeed": {"zero_optimization": {"stage": 3}}}, "uses ZeRO-3, but the weighting model steps on"),
+        (
+            {"meta_deepspeed": {"train_micro_batch_size_per_gpu": 4}},
+            "train_micro_batch_size_per_gpu=4 but --per_device_meta_batch_size is 8",
+        ),
+        ({"meta_deepspeed": {"gradient_accumulation_steps": 2}}, "gradient_accumulation_steps=2 but"),
+        ({"meta_deepspeed": {"zero_optimisation": {"stage": 1}}}, "did you mean 'zero_optimization'"),
+        ({"meta_deepspeed": {"bf16": {"enabled": True}}}, "bf16 levels are not supported yet"),
+        ({"deepspeed": {"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}}, "the model level runs in bf16"),
     ],
 )
 def test_bad_trainer_input(tmp_path, change, words):
+    for key in ("meta_deepspeed", "deepspeed"):
+        if isinstance(change.get(key), dict):
+            path = tmp_path / f"{key}.json"
+            path.write_text(json.dumps(change[key]))
+            change = {**change, key: str(path)}
     with pytest.raises(ValueError, match=words):
         if "meta_dataset" in change:
             t = trainer(tmp_path)

@@ -35,7 +35,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from scalemlo import checkpoint as scalemlo_checkpoint
-from scalemlo.backend import DeepSpeedBackend, TorchBackend
+from scalemlo.backend import DeepSpeedBackend, TorchBackend, deepspeed_config_for, zero_stage_of
 from scalemlo.config import EngineConfig, LevelConfig
 from scalemlo.distributed import ensure_distributed, is_main_process, world_size
 from scalemlo.engine import Engine
@@ -137,6 +137,7 @@ class ReweightingTrainer(Trainer):
                 "hypergradient_method='sama' is not available in the Trainer yet (it needs the model's last gradients, "
                 "which the Trainer's DeepSpeed step frees); use finite_difference, neumann, cg or penalty"
             )
+        self._check_level_configs()
         self.meta_dataset = meta_dataset
         self.reweighter = reweighter or build_reweighter(self.args.reweighting, **(reweighter_kwargs or {}))
         self.args.remove_unused_columns = False  # the reweighter reads columns the model does not (source, id)
@@ -155,6 +156,35 @@ class ReweightingTrainer(Trainer):
         self.weight_table = WeightTable(example_names, self._source_names)
 
     # ---- checks before anything runs ------------------------------------------------------------
+    def _check_level_configs(self) -> None:
+        """The two levels' settings must agree: refused here, before any engine is built or any step runs."""
+        args = self.args
+        for flag in ("bf16", "fp16"):
+            model_cfg = args.hf_deepspeed_config.config if args.deepspeed and args.hf_deepspeed_config else {}
+            enabled = model_cfg.get(flag, {}).get("enabled", False)
+            if getattr(args, flag) or enabled is True:
+                raise ValueError(
+                    f"the model level runs in {flag} (--{flag} or its --deepspeed config), and the weighting level's "
+                    "hypergradient has no mixed-precision rules yet (finite differences of bf16/fp16 losses are "
+                    f"mostly rounding): train in fp32 (drop --{flag}, set {flag}.enabled false)"
+                )
+        if args.meta_deepspeed is None:
+            return
+        meta = args.meta_level_config()
+        raw = meta.resolved_deepspeed_config()
+        cfg = deepspeed_config_for(meta, "meta")  # unknown keys, accumulation, clipping, batch sizes, precision
+        if zero_stage_of(cfg, "meta") == 3:
+            raise ValueError(
+                f"--meta_deepspeed {args.meta_deepspeed} uses ZeRO-3, but the weighting model steps on "
+                "hypergradients, which ZeRO-3 cannot take; use stage 0-2 for it (the model may use ZeRO-3)"
+            )
+        micro = raw.get("train_micro_batch_size_per_gpu", "auto")
+        if micro != "auto" and micro != args.per_device_meta_batch_size:
+            raise ValueError(
+                f"--meta_deepspeed {args.meta_deepspeed} has train_micro_batch_size_per_gpu={micro} but "
+                f'--per_device_meta_batch_size is {args.per_device_meta_batch_size}; make them agree or use "auto"'
+            )
+
     def _check_output_dir(self, resuming: bool) -> None:
         out = Path(self.args.output_dir)
         others = sorted(out.glob("checkpoint-*")) if out.is_dir() else []
