@@ -270,6 +270,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.reweighting == "meta_weight_net":
         reweighter_kwargs = {"hidden_size": args.reweighting_hidden_size}
 
+    # Both models now, under the same settings (with a ZeRO-3 config both are built under zero.Init): the
+    # same seed gives the same initialisation. Built after the first Trainer, the learned run's model
+    # would start from another draw (reset_trainer_state turns zero.Init off).
+    learned_model = build_model(model_args, tokenizer)
     results: dict = {}
     if run.baseline:
         model = build_model(model_args, tokenizer)
@@ -282,9 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
         if "heldout" in tokenized:
             results["heldout_loss_uniform"] = heldout_loss(uniform.model, tokenized["heldout"], collate)
         reset_trainer_state()  # a second Trainer in this process
-    model = build_model(model_args, tokenizer)
     trainer = ReweightingTrainer(
-        model=model, args=args, train_dataset=tokenized["train"], eval_dataset=tokenized.get("validation"),
+        model=learned_model, args=args, train_dataset=tokenized["train"], eval_dataset=tokenized.get("validation"),
         meta_dataset=tokenized["meta"], data_collator=collate, reweighter_kwargs=reweighter_kwargs,
         example_names=example_names, source_names=names,
     )  # fmt: skip
