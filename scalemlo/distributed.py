@@ -55,14 +55,46 @@ def ensure_distributed() -> None:
         if dist.get_world_size() == 1:
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set
         release_shared_memory()
+        _destroy_at_exit()
         return
     if launched():
         import_deepspeed().init_distributed()
         release_shared_memory()
+        _destroy_at_exit()
         return
     os.environ.setdefault("LOCAL_RANK", "0")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    _destroy_at_exit()
+
+
+_EXIT_HOOK = False
+
+
+def _destroy_at_exit() -> None:
+    """Destroy the process group while the interpreter is still whole (registered once).
+
+    Without it, gloo's worker threads can outlive the interpreter's
+    finalisation and the rank aborts at exit ("terminate called without an
+    active exception", exit code -6) after its work is done: seen here on a
+    few 2-rank CPU launches in a hundred (pytorch/pytorch PR 179291 describes it).
+    """
+    global _EXIT_HOOK
+    if _EXIT_HOOK:
+        return
+    _EXIT_HOOK = True
+    import atexit
+
+    def destroy() -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - leaving anyway; never mask the program's own exit status
+                pass
+
+    atexit.register(destroy)
 
 
 _SHM_RELEASED = False
