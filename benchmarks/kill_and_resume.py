@@ -26,7 +26,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from scalemlo.testing import deepspeed_command
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_PROGRAM = ROOT / "tests" / "resume" / "program.py"
@@ -55,12 +56,6 @@ CONFIGS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def command(config: str, checkpoint_dir: Path, out: Path, resume: bool) -> list[str]:
     ranks, stage, method = CONFIGS[config]
     if method is None:
@@ -71,8 +66,7 @@ def command(config: str, checkpoint_dir: Path, out: Path, resume: bool) -> list[
     args += ["--out", str(out)] + (["--resume"] if resume else [])
     if ranks == 1:
         return [sys.executable, *args]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-            "--master_port", str(_free_port()), *args]  # fmt: skip
+    return deepspeed_command(*args, ranks=ranks)
 
 
 def _env() -> dict:

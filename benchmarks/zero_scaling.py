@@ -18,21 +18,15 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+from scalemlo.testing import deepspeed_command
+
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "zero_worker.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def records_in(text: str) -> list[dict]:
@@ -46,9 +40,8 @@ def records_in(text: str) -> list[dict]:
 
 
 def launch(size: str, stage: int, system: str, ranks: int, steps: int, warmup: int) -> list[dict]:
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-           str(free_port()), str(WORKER), "--size", size, "--stage", str(stage), "--system", system,
-           "--steps", str(steps), "--warmup", str(warmup)]  # fmt: skip
+    cmd = deepspeed_command(WORKER, "--size", size, "--stage", stage, "--system", system, "--steps", steps,
+                            "--warmup", warmup, ranks=ranks)  # fmt: skip
     # glibc raises its mmap threshold after large frees and then keeps freed tensors'
     # pages in the heap: RSS would report memory freed long ago (2.8 GB RSS for
     # 1.7 GB live at 124M ZeRO-3). A fixed threshold returns large tensors to the

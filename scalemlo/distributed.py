@@ -51,20 +51,15 @@ def ensure_distributed() -> None:
     """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        if dist.get_world_size() == 1:
-            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set
-        release_shared_memory()
-        _destroy_at_exit()
-        return
-    if launched():
-        import_deepspeed().init_distributed()
-        release_shared_memory()
-        _destroy_at_exit()
-        return
-    os.environ.setdefault("LOCAL_RANK", "0")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if not (dist.is_available() and dist.is_initialized()):
+        if launched():
+            import_deepspeed().init_distributed()
+        else:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if dist.get_world_size() == 1:
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set
+    release_shared_memory()
     _destroy_at_exit()
 
 

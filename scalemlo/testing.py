@@ -1,12 +1,14 @@
-"""Small multilevel problems whose hypergradients have closed forms.
+"""Small multilevel problems whose hypergradients have closed forms, and multi-rank launches for tests.
 
-Used by the test suite and by ``benchmarks/oracle_errors.py``. The closed
-forms are written with dense linear algebra in float64 and share no code with
-the hypergradient methods.
+Used by the test suite and by ``benchmarks/``. The closed forms are written
+with dense linear algebra in float64 and share no code with the hypergradient
+methods.
 """
 
 from __future__ import annotations
 
+import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +16,20 @@ import torch
 from scalemlo.config import EngineConfig, LevelConfig
 from scalemlo.engine import Engine
 from scalemlo.level import Level
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (give each launch its own master port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_command(*script_and_args, ranks: int = 2, port: int | None = None) -> list[str]:
+    """The command that starts ``script args...`` on ``ranks`` local ranks under the deepspeed launcher."""
+    port = free_port() if port is None else port
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(port),
+            *map(str, script_and_args)]  # fmt: skip
 
 
 class VectorModule(torch.nn.Module):

@@ -2,16 +2,23 @@
 
 import contextlib
 import importlib.util
+import sys
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / name / "train.py")
+def load_file(path: Path, name: str):
+    """Import a script as module ``name`` (registered in sys.modules: dataclasses look their module up by name)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_example(name: str):
+    return load_file(EXAMPLES / name / "train.py", f"example_{name}")
 
 
 @contextlib.contextmanager

@@ -16,12 +16,13 @@ not reached, with the tail of its output.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from scalemlo.testing import deepspeed_command
 
 SUITE = Path(__file__).parent / "distributed" / "zero_suite.py"
 # Developers: SCALEMLO_ZERO_SUITE_ONLY=upper2/lower3 runs only the cases whose name contains it.
@@ -33,18 +34,11 @@ finally:
     sys.path.pop(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero") / "records.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()),
-           str(SUITE), "--out", str(out)] + (["--only", ONLY] if ONLY else [])  # fmt: skip
+    cmd = deepspeed_command(SUITE, "--out", out, *(["--only", ONLY] if ONLY else []))
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
         tail, returncode = proc.stdout[-3000:] + proc.stderr[-3000:], proc.returncode

@@ -9,15 +9,10 @@ SCRIPT = examples_helper.EXAMPLES / "llm_reweighting" / "run_reweighting.py"
 
 
 def load():
-    import importlib.util
     import sys
 
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("run_reweighting", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(SCRIPT.parent))  # the script imports corpus.py beside it
+    return examples_helper.load_file(SCRIPT, "run_reweighting")
 
 
 @pytest.fixture(autouse=True)
@@ -54,13 +49,8 @@ def test_the_default_run_reports_what_it_promises(short_run):
 
 
 def test_the_signal_diagnosis_runs_on_the_default_corpus(short_run):
-    import importlib.util
-
     out, _ = short_run
-    path = SCRIPT.parent / "diagnose_signal.py"
-    spec = importlib.util.spec_from_file_location("diagnose_signal", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = examples_helper.load_file(SCRIPT.parent / "diagnose_signal.py", "diagnose_signal")
     (row,) = module.main(["--steps=2", "--at", "2", f"--work_dir={out}", f"--out={out / 'signal.json'}"])
     kinds = {"all", "char_noise", "near_duplicate", "other_script", "shuffled"}
     for signal in ("dot", "cos", "neg_loss"):

@@ -15,13 +15,13 @@ different program; see the example's README.)
 import json
 import math
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import examples_helper
 import pytest
+
+from scalemlo.testing import deepspeed_command, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "noisy_label_reweighting" / "train.py"
@@ -35,19 +35,12 @@ ARGS = ["--smoke", "--quiet", "--seed", "0", "--set", "weight_net.normalize=none
 TOLERANCE = {"uniform": 1e-6, "meta_only": 1e-6, "finite_difference": 1e-4, "sama": 2e-2}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("two_ranks") / "result.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    port = _free_port()
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
-           str(TRAIN), *ARGS, "--out", str(out)]  # fmt: skip
+    port = free_port()
+    cmd = deepspeed_command(TRAIN, *ARGS, "--out", out, port=port)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0 and out.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
     left_behind = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

@@ -9,24 +9,20 @@ collective), and one where rank 1 alone sees a NaN loss or gradient.
 import json
 import os
 import re
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from scalemlo.testing import deepspeed_command
+
 SCRIPT = Path(__file__).parent / "distributed" / "failing_rank.py"
 
 
 def launch(*args, timeout=600):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
-           str(SCRIPT), *args]  # fmt: skip
+    cmd = deepspeed_command(SCRIPT, *args)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     return proc, time.time()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from hf_toy import T, V, collate, rows
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
 
 from scalemlo.distributed import ensure_distributed
@@ -21,31 +22,6 @@ from scalemlo.hf import ReweightingArguments, ReweightingTrainer, reset_trainer_
 from scalemlo.hf.exports import add_weight_column
 
 ROOT = Path(__file__).resolve().parents[1]
-V, T = 64, 16
-
-
-def rows(n: int, noisy: int, seed: int) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        start = int(torch.randint(0, V, (1,), generator=g))
-        ids = ((start + torch.arange(T)) % V).tolist()
-        if i % 4 == 0 and noisy:
-            ids = torch.randint(0, V, (T,), generator=g).tolist()
-        out.append(
-            {
-                "input_ids": ids,
-                "attention_mask": [1] * T,
-                "labels": ids,
-                "id": i,
-                "source": int(i % 4 == 0 and noisy > 0),
-            }
-        )
-    return out
-
-
-def collate(items):
-    return {k: torch.tensor([it[k] for it in items]) for k in ("input_ids", "attention_mask", "labels", "id", "source")}
 
 
 @pytest.fixture(autouse=True)

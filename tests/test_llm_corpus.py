@@ -2,11 +2,10 @@
 
 import collections
 import difflib
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
+import examples_helper
 import pytest
 import torch
 
@@ -14,11 +13,7 @@ PATH = Path(__file__).resolve().parents[1] / "examples" / "llm_reweighting" / "c
 
 
 def load_corpus_module():
-    spec = importlib.util.spec_from_file_location("llm_reweighting_corpus", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return examples_helper.load_file(PATH, "llm_reweighting_corpus")
 
 
 @pytest.fixture(scope="module")

@@ -159,8 +159,8 @@ class ReweightingTrainer(Trainer):
     def _check_level_configs(self) -> None:
         """The two levels' settings must agree: refused here, before any engine is built or any step runs."""
         args = self.args
+        model_cfg = args.hf_deepspeed_config.config if args.deepspeed and args.hf_deepspeed_config else {}
         for flag in ("bf16", "fp16"):
-            model_cfg = args.hf_deepspeed_config.config if args.deepspeed and args.hf_deepspeed_config else {}
             enabled = model_cfg.get(flag, {}).get("enabled", False)
             if getattr(args, flag) or enabled is True:
                 raise ValueError(

@@ -15,6 +15,7 @@ to ``<out>.rank<R>.pt``.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -26,24 +27,8 @@ from scalemlo.distributed import add_launcher_arguments, ensure_distributed, ran
 from scalemlo.hf import ReweightingArguments, ReweightingTrainer
 
 ROOT = Path(__file__).resolve().parents[2]
-V, T = 64, 16
-
-
-def rows(n: int, noisy: bool, seed: int) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        start = int(torch.randint(0, V, (1,), generator=g))
-        ids = ((start + torch.arange(T)) % V).tolist()
-        bad = noisy and i % 4 == 0
-        if bad:
-            ids = torch.randint(0, V, (T,), generator=g).tolist()
-        out.append({"input_ids": ids, "attention_mask": [1] * T, "labels": ids, "id": i, "source": int(bad)})
-    return out
-
-
-def collate(items):
-    return {k: torch.tensor([it[k] for it in items]) for k in ("input_ids", "attention_mask", "labels", "id", "source")}
+sys.path.insert(0, str(ROOT / "tests"))
+from hf_toy import T, V, collate, rows  # noqa: E402
 
 
 class Announce(TrainerCallback):
