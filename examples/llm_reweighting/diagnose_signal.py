@@ -33,7 +33,7 @@ import run_reweighting as rr  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
-from scalemlo.distributed import ensure_distributed  # noqa: E402
+from scalemlo.distributed import ensure_distributed, world_size  # noqa: E402
 from scalemlo.hf.losses import per_example_causal_lm_loss  # noqa: E402
 
 
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", default=None, help="write the measurements here (JSON)")
     options = parser.parse_args(argv)
     ensure_distributed()
+    if world_size() > 1:
+        raise SystemExit("diagnose_signal.py measures one model in one process: start it with python, not a launcher")
     argv = rr.default_run_argv(Path(options.work_dir), options.corpus_seed)
     argv += [f"--learning_rate={options.learning_rate}", f"--max_steps={options.steps}"]
     model_args, data, _, args = rr.parse(argv)
