@@ -33,7 +33,7 @@ import run_reweighting as rr  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
-from scalemlo.distributed import ensure_distributed, world_size  # noqa: E402
+from scalemlo.distributed import add_launcher_arguments, ensure_distributed, world_size  # noqa: E402
 from scalemlo.hf.losses import per_example_causal_lm_loss  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def aucs(values: list[float], kinds: list[str]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = add_launcher_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     parser.add_argument("--steps", type=int, default=300, help="uniform training steps (cosine schedule)")
     parser.add_argument("--at", type=int, nargs="+", default=[50, 150, 300], help="steps to measure at")
     parser.add_argument("--learning_rate", type=float, default=3e-3)
