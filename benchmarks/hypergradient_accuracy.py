@@ -20,7 +20,10 @@ where Meta-Weight-Net's input (the loss value) is detached. A central
 difference of grad_phi f cannot see the detach: moving theta moves the weight
 net's input too. So both systems' difference methods estimate the mixed term
 of the *undetached* objective; the undetached columns show that they do so
-accurately, the others how far that is from the training dynamics. Each
+accurately, the others how far that is from the training dynamics. The
+system ``scalemlo-held`` feeds the weight net through ``Level.held``, which
+keeps its input at the value of the current parameters in every evaluation:
+it estimates the training dynamics' mixed term. Each
 comparison reports the cosine and the relative error ||g - ref|| / ||ref||
 (a cosine alone is blind to the scale: a hypergradient off by the lr factor
 scores 1.0).
@@ -74,10 +77,10 @@ def flat(params) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).double() for p in params])
 
 
-def run_scalemlo(method: str) -> torch.Tensor:
+def run_scalemlo(method: str, held: bool = False) -> torch.Tensor:
     from scalemlo import Engine, EngineConfig, LevelConfig
 
-    LM, Reweight = scalemlo_levels()
+    LM, Reweight = scalemlo_levels(held)
 
     train, meta = data()
     lm = tiny_lm()
@@ -194,7 +197,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def measure() -> list[dict]:
     refs = references()
-    systems = [("scalemlo", run_scalemlo)]
+    systems = [("scalemlo", run_scalemlo), ("scalemlo-held", lambda method: run_scalemlo(method, held=True))]
     if importlib.util.find_spec("betty") is not None:
         systems.append(("betty", run_betty))
     rows = []

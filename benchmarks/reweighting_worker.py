@@ -91,14 +91,20 @@ def run_plain(args) -> tuple[list[float], int]:
     return times[args.warmup :], sum(p.numel() for p in lm.parameters())
 
 
-def scalemlo_levels():
-    """The two scalemlo level classes of the task: (LM, Reweight)."""
+def scalemlo_levels(held: bool = False):
+    """The two scalemlo level classes of the task: (LM, Reweight).
+
+    ``held``: the weight net's input through ``Level.held`` (constant in every hypergradient
+    evaluation, as in the step; one extra no-grad forward per hypergradient), else ``detach()``
+    as Betty's task does.
+    """
     from scalemlo import Level
 
     class LM(Level):
         def training_step(self, batch):
             losses = per_example_loss(self.module, batch[0])
-            return (self.uppers["reweight"](losses.detach()) * losses).mean()
+            inputs = self.held(losses) if held else losses.detach()
+            return (self.uppers["reweight"](inputs) * losses).mean()
 
     class Reweight(Level):
         def training_step(self, batch):

@@ -4,7 +4,8 @@ Two levels:
 
 - classifier (lower): an MLP 64 -> 128 -> 10 trained on noisy labels with the
   weighted loss sum_i w_i loss_i / N, where w_i = sigmoid(z_i - median_batch z),
-  z_i = MetaWeightNet(loss_i.detach()) (``weight_net.link: centered``); with
+  z_i = MetaWeightNet(held(loss_i)) (``weight_net.link: centered``; ``Level.held``: the
+  input is a constant of the step in every hypergradient evaluation too); with
   ``weight_net.normalize: mean`` the weights are divided by their batch mean
   (gradient through the mean, as in Meta-Weight-Net's code).
 - reweight (upper): the weight net, an MLP 1 -> 100 -> 1 whose output layer
@@ -73,6 +74,7 @@ DEFAULTS: dict = {
         # exp: w = exp(z) (needs normalize: mean, i.e. a softmax over the batch)
         "link": "centered",
         "init": "uniform",  # uniform: output layer zero, every weight equal at start; random: torch's default
+        "input": "held",  # held: Level.held(loss), constant in every hypergradient evaluation; detached: loss.detach()
     },
     "schedule": {
         "max_steps": 3000,  # classifier steps, the same for every system
@@ -90,6 +92,7 @@ REFERENCES = ("uniform", "meta_only")
 NORMALIZE = ("none", "mean")
 LINKS = ("sigmoid", "exp", "centered")
 INITS = ("random", "uniform")
+INPUTS = ("held", "detached")
 SCHEDULE_KEYS = ("unroll_steps", "warmup_steps")
 SMOKE = {"schedule": {"max_steps": 60, "warmup_steps": 20, "eval_every": 20, "print_every": 20}}
 
@@ -140,6 +143,8 @@ def check_config(cfg: dict) -> None:
         raise ValueError(f"weight_net.link must be one of {LINKS}, got {cfg['weight_net']['link']!r}")
     if cfg["weight_net"]["init"] not in INITS:
         raise ValueError(f"weight_net.init must be one of {INITS}, got {cfg['weight_net']['init']!r}")
+    if cfg["weight_net"]["input"] not in INPUTS:
+        raise ValueError(f"weight_net.input must be one of {INPUTS}, got {cfg['weight_net']['input']!r}")
     if cfg["weight_net"]["link"] == "exp" and cfg["weight_net"]["normalize"] != "mean":
         raise ValueError("weight_net.link: exp needs weight_net.normalize: mean (exp(z) alone is unbounded)")
     for ref in cfg["references"]:
@@ -283,9 +288,11 @@ def example_weights(out: torch.Tensor, link: str, normalize: str) -> torch.Tenso
 class Classifier(Level):
     """Lower level: (weighted) cross-entropy on the training batches."""
 
-    def __init__(self, *args, normalize: str, test: tuple, meta: tuple, link: str = "sigmoid", **kwargs):
+    def __init__(
+        self, *args, normalize: str, test: tuple, meta: tuple, link: str = "sigmoid", input: str = "held", **kwargs
+    ):
         super().__init__(*args, **kwargs)
-        self.normalize, self.link = normalize, link
+        self.normalize, self.link, self.input = normalize, link, input
         self.test, self.meta = test, meta
 
     def training_step(self, batch):
@@ -294,7 +301,10 @@ class Classifier(Level):
         losses = F.cross_entropy(self.module(x), y, reduction="none")
         if "reweight" not in self.uppers:
             return losses.mean()
-        out = self.uppers["reweight"](losses.detach().unsqueeze(-1)).squeeze(-1)
+        # held: the weight net's input is a constant of the step, also when a hypergradient re-evaluates
+        # this loss at moved parameters (Level.held; README: "Why sama inverted")
+        inputs = self.held(losses) if self.input == "held" else losses.detach()
+        out = self.uppers["reweight"](inputs.unsqueeze(-1)).squeeze(-1)
         w = example_weights(out, self.link, self.normalize)
         return (w * losses).sum() / len(losses)
 
@@ -370,6 +380,7 @@ def run_system(cfg: dict, data: dict, system: str, seed: int, log=print) -> dict
         data=train,
         normalize=wn["normalize"],
         link=wn["link"],
+        input=wn["input"],
         test=(data["x_test"], data["y_test"]),
         meta=(data["x_meta"], data["y_meta"]),
     )

@@ -80,7 +80,9 @@ class _Model(Level):
 
     def training_step(self, batch):
         losses, counts = per_example_losses(self.module, batch)
-        weights = self.uppers["meta"].module.weights(losses.detach(), batch)
+        # held: the weighting's inputs are constants of the step, also at the moved parameters a
+        # hypergradient evaluates (Level.held), as in the Trainer's own step (compute_loss)
+        weights = self.uppers["meta"].module.weights(self.held(losses), batch)
         valid = counts > 0
         return (weights * losses)[valid].sum() / valid.sum().clamp_min(1)
 

@@ -80,7 +80,12 @@ class Coordinator:
                     all_levels=all_levels,
                     rng_state=rng_state,
                 )
-                for upper, response in method(problem).items():
+                with lower.holding():  # the inputs the lower step holds fixed (Level.held) stay fixed
+                    if lower.uses_held is not False:  # True, or not known yet (the evaluation tells)
+                        problem.evaluate_held()
+                        lower.uses_held = bool(lower.uses_held)
+                    responses = method(problem)
+                for upper, response in responses.items():
                     vectors.axpy_(adjoint[upper], response)
         return [g.detach() for g in adjoint[owner_name]]
 

@@ -109,10 +109,20 @@ class ResponseProblem:
         """sum over X's objective batches b of per_loss(loss_b / k): a linear map applied to f_X."""
         batches = self.lower.objective_batches()
         total: vectors.Vector | None = None
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            self.lower.evaluating_batch(i)
             part = per_loss(self.lower.loss(batch) / len(batches))
             total = part if total is None else [a.add_(b) for a, b in zip(total, part)]
         return total
+
+    def evaluate_held(self) -> None:
+        """X's loss on its objective batches at the current point, without gradient, so that the
+        values its ``training_step`` passes to ``Level.held`` are held from here (the coordinator
+        calls it inside ``lower.holding()`` before the method, for a level that uses ``held``)."""
+        with self._evaluating([]), torch.no_grad():
+            for i, batch in enumerate(self.lower.objective_batches()):
+                self.lower.evaluating_batch(i)
+                self.lower.loss(batch)
 
     def upper_grads(self) -> dict[str, vectors.Vector]:
         """dF_X/dp_Y at the current point, for every upper Y (one backward to the uppers only)."""

@@ -4,7 +4,8 @@ Launched once by ``tests/test_distributed_zero.py`` (``deepspeed --num_gpus 2``)
 every case runs inside that one launch. Two programs:
 
 - **reweighting**: a tiny GPT-2 (lower level, gradient accumulation 2) under a
-  Meta-Weight-Net (upper level, whose objective also holds a small L2 term on
+  Meta-Weight-Net (upper level, reading the losses through ``Level.held``,
+  whose objective also holds a small L2 term on
   its own parameters, so the owner's loss reaches the owner: the case where a
   ZeRO-3 lower level's backward used to fire a ZeRO-1/2 upper engine's hooks).
   For each (method, upper stage, lower stage) the script trains a few MLO
@@ -69,7 +70,9 @@ def per_example_loss(model, ids: torch.Tensor) -> torch.Tensor:
 class Model(Level):
     def training_step(self, ids):
         losses = per_example_loss(self, ids)
-        weights = self.uppers["weights"](losses.detach()[:, None]).squeeze(1)
+        # held: the weight net's input stays constant in every hypergradient evaluation (Level.held);
+        # with gradient accumulation 2, per micro-batch, on every ZeRO stage and rank count
+        weights = self.uppers["weights"](self.held(losses)[:, None]).squeeze(1)
         return (weights.to(losses.dtype) * losses).mean()
 
 
