@@ -130,8 +130,9 @@ class Level:
         ``finite_difference`` and ``sama``, and of ``neumann``/``cg``/``penalty``
         with ``second_order='finite_difference'``) would recompute a merely
         detached value there and add a term the dynamics do not have,
-        Σᵢ ∂²m/∂λ∂sᵢ (∇ℓᵢ·w) ℓᵢ, which grows with the loss (on noisy labels it
-        pushes weight toward the high-loss examples). Inside a hypergradient
+        Σᵢ ∂²m/∂λ∂sᵢ (∇ℓᵢ·w) ℓᵢ, weighted by the loss (in the noisy-label
+        example it flipped ``sama``'s weights toward the noisy labels on some
+        seeds). Inside a hypergradient
         the first evaluation of each batch stores the value (at
         the current parameters: the coordinator evaluates the loss once, without
         gradient, before the method runs) and every later one reuses it; outside
@@ -148,7 +149,7 @@ class Level:
         stored = self._held.setdefault(key, value)
         if stored.shape != value.shape or stored.dtype != value.dtype:
             raise RuntimeError(
-                f"level {self.name!r}: held() call {key[1]} on a batch returned {tuple(value.shape)} "
+                f"level {self.name!r}: held() call {key[1]} on a batch received {tuple(value.shape)} "
                 f"{value.dtype} where the first evaluation held {tuple(stored.shape)} {stored.dtype}; "
                 "training_step must call held() the same number of times, in the same order and on "
                 "values of the same shape, every time it evaluates a batch"
