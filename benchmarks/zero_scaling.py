@@ -7,9 +7,10 @@ Each configuration (size:stage) is one ``deepspeed --num_gpus N`` launch of
 benchmarks/zero_worker.py, first plain data-parallel fine-tuning of the LM
 level alone, then scalemlo MLO (finite_difference). Writes
 ``benchmarks/results/zero_scaling.json`` and ``.md`` and prints the table.
-Per-rank memory is the mean over ranks; "peak" (ru_maxrss) includes building
-the whole model on each rank before DeepSpeed partitions it, "end" is the RSS
-after the last step. Ratios to plain compare the same size and stage.
+Per-rank memory is the mean over ranks; "peak" is ru_maxrss (at ZeRO-3 the
+model is built partitioned, under ``scalemlo.zero_init``; ``--whole`` builds it
+whole on every rank first, as before), "end" is the RSS after the last step.
+Ratios to plain compare the same size and stage.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ def records_in(text: str) -> list[dict]:
     return out
 
 
-def launch(size: str, stage: int, system: str, ranks: int, steps: int, warmup: int) -> list[dict]:
+def launch(size: str, stage: int, system: str, ranks: int, steps: int, warmup: int, whole: bool) -> list[dict]:
     cmd = deepspeed_command(WORKER, "--size", size, "--stage", stage, "--system", system, "--steps", steps,
-                            "--warmup", warmup, ranks=ranks)  # fmt: skip
+                            "--warmup", warmup, *(["--whole"] if whole else []), ranks=ranks)  # fmt: skip
     # glibc raises its mmap threshold after large frees and then keeps freed tensors'
     # pages in the heap: RSS would report memory freed long ago (2.8 GB RSS for
     # 1.7 GB live at 124M ZeRO-3). A fixed threshold returns large tensors to the
@@ -63,19 +64,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", default=str(HERE / "results" / "zero_scaling"))
+    parser.add_argument("--whole", action="store_true", help="ZeRO-3 models built whole on every rank first")
     args = parser.parse_args()
     rows = []
     for spec in args.configs:
         size, stage = spec.split(":")
         for system in ("plain", "scalemlo"):
             started = time.time()
-            per_rank = launch(size, int(stage), system, args.ranks, args.steps, args.warmup)
+            per_rank = launch(size, int(stage), system, args.ranks, args.steps, args.warmup, args.whole)
             row = {
                 "system": system,
                 "method": per_rank[0]["method"],
                 "size": size,
                 "params": per_rank[0]["params"],
                 "zero_stage": int(stage),
+                "built": per_rank[0]["built"],
                 "ranks": args.ranks,
                 "median_step_s": statistics.median(t for r in per_rank for t in r["step_s"]),
                 "peak_rss_mb_per_rank": statistics.mean(r["peak_rss_mb"] for r in per_rank),

@@ -77,12 +77,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--zero", default="{}", help="JSON merged into zero_optimization (e.g. live-parameter limits)")
+    parser.add_argument("--whole", action="store_true", help="at ZeRO-3, build the model whole (not under zero_init)")
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
 
     import deepspeed
     import reweighting_worker
 
+    import scalemlo
     from scalemlo import Engine, EngineConfig, Level, LevelConfig
 
     reweighting_worker.SIZES.update(SIZES)
@@ -93,12 +95,12 @@ def main() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     torch.manual_seed(0)
     ds_config = {"zero_optimization": {**zero_settings(args.stage), **json.loads(args.zero)}}
-    # The LM is built whole on every rank and partitioned by deepspeed.initialize
-    # (deepspeed.zero.Init, which would build it partitioned, fails on torch 2.13
-    # with DeepSpeed 0.19.8: "Signature mismatch ... tensor_pynew"), so the peak
-    # RSS of ZeRO-3 includes one whole fp32 copy at construction; end_rss_mb does not.
-    lm = make_lm(args.size)
-    params = sum(p.numel() for p in lm.parameters())
+    # At ZeRO-3 the LM is built partitioned (scalemlo.zero_init: deepspeed.zero.Init), so no rank
+    # holds it whole; with --whole (and at stages 0-2) every rank builds it whole and
+    # deepspeed.initialize partitions it, so the peak includes one whole fp32 copy.
+    with scalemlo.zero_init(None if args.whole else {"zero_optimization": ds_config["zero_optimization"]}):
+        lm = make_lm(args.size)
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in lm.parameters())
     weigher = WeightNet()
     LM, Reweight = scalemlo_levels()
     lm_config = LevelConfig(deepspeed_config=ds_config)
@@ -144,6 +146,7 @@ def main() -> None:
         "end_rss_mb": rss_mb(),
         "end_live_mb": live_mb(),
         "zero": ds_config["zero_optimization"],
+        "built": "whole" if args.whole or args.stage != 3 else "zero_init",
     }
     print(json.dumps(record), flush=True)
 

@@ -107,8 +107,13 @@ def ds_config(stage: int) -> dict:
     return {"zero_optimization": {"stage": stage}}
 
 
-def build(stages: tuple[int, int] | None, ranks: list[int], method: str, **upper_kwargs) -> Engine:
-    """stages (upper, lower), or None: the float64 torch-backend reference on one process."""
+def build(stages: tuple[int, int] | None, ranks: list[int], method: str, zero_init: bool = False,
+          **upper_kwargs) -> Engine:  # fmt: skip
+    """stages (upper, lower), or None: the float64 torch-backend reference on one process.
+
+    ``zero_init``: the lower level's model is built under ``scalemlo.zero_init`` (partitioned from
+    the start at ZeRO-3), then given tiny_gpt2's initial weights on rank 0 (as from_pretrained does).
+    """
     dtype = torch.float64 if stages is None else torch.float32
     if stages is None:
         lower_cfg = LevelConfig(backend="torch", gradient_accumulation=ACCUMULATION)
@@ -118,6 +123,17 @@ def build(stages: tuple[int, int] | None, ranks: list[int], method: str, **upper
         lower_cfg = LevelConfig(gradient_accumulation=ACCUMULATION, deepspeed_config=ds_config(lower_stage))
         upper_cfg = LevelConfig(method=method, deepspeed_config=ds_config(upper_stage), **upper_kwargs)
     lm, net = tiny_gpt2(dtype), weight_net(dtype)
+    if zero_init:
+        import deepspeed
+        import scalemlo
+
+        whole = lm.state_dict()
+        with scalemlo.zero_init(lower_cfg) as partitioned:
+            lm = tiny_gpt2(dtype)
+        assert partitioned and all(p.numel() == 0 for p in lm.parameters()), "not partitioned at construction"
+        with deepspeed.zero.GatheredParameters(list(lm.parameters()), modifier_rank=0):
+            if torch.distributed.get_rank() == 0:
+                lm.load_state_dict(whole)
     model = Model("model", lm, torch.optim.Adam(lm.parameters(), lr=1e-2), batches("train", ranks, 8), config=lower_cfg)
     weights = Weights(
         "weights", net, torch.optim.SGD(net.parameters(), lr=1.0), batches("meta", ranks, 8), config=upper_cfg
@@ -164,7 +180,7 @@ def run(stages, ranks, method, **kw) -> dict:
     """
     if isinstance(stages, int):
         stages = (0, stages)
-    engine = build(stages, ranks, method, **kw)
+    engine = build(stages, ranks, method, **kw)  # kw may hold zero_init
     stepped_on = []  # what the coordinator handed to the upper optimizer, this rank's
     hypergradient = engine.coordinator.hypergradient
     engine.coordinator.hypergradient = lambda *a, **k: stepped_on.append(hypergradient(*a, **k)) or stepped_on[-1]
@@ -242,6 +258,18 @@ def reweighting_record(rank: int, world: int, method: str, kw: dict, reference, 
     }
 
 
+def zero_init_record(rank: int, method: str, stages) -> dict:
+    """The same program with the ZeRO-3 lower level built whole and built under scalemlo.zero_init."""
+    whole = run(stages, [rank], method)
+    partitioned = run(stages, [rank], method, zero_init=True)
+    return {
+        "model_rel_diff": rel(partitioned["model"], whole["model"]),
+        "weights_rel_diff": rel(partitioned["weights"], whole["weights"]),
+        "hypergradient_rel_diff": rel(partitioned["hypergradient"], whole["hypergradient"]),
+        "model_moved": rel(whole["model"], flat(full_params_initial())),
+    }
+
+
 def ridge_record(rank: int, world: int, method: str, kw: dict, stages) -> dict:
     """Each rank holds 1/world of the ridge training set; the closed form uses all of it."""
     data = RidgeData.make(n=40)
@@ -315,6 +343,10 @@ def main() -> None:
                 stages = (upper_stage, lower_stage)
                 measure = functools.partial(reweighting_record, rank, world, method, kw, reference, stages)
                 case("reweighting", method, kw, stages, measure)
+    for upper_stage in UPPER_STAGES:  # a ZeRO-3 lower level built partitioned: the same program exactly
+        stages = (upper_stage, 3)
+        case("zero_init", "finite_difference", {}, stages,
+             functools.partial(zero_init_record, rank, "finite_difference", stages))  # fmt: skip
     for method, kw, lower_stages in RIDGE_CASES:
         for upper_stage in UPPER_STAGES:
             for lower_stage in lower_stages:
