@@ -138,6 +138,34 @@ def test_resume_from_checkpoint_is_exact_and_checkpoints_are_complete(tmp_path):
     assert torch.equal(parameters(resumed), reference)
 
 
+@pytest.mark.parametrize("deepspeed", [None, "zero0"])
+def test_sama_keeps_the_steps_gradients_and_learns_to_trust_the_clean_source(tmp_path, deepspeed):
+    """sama reads the gradient each AdamW step used; the Trainer's step (DeepSpeed's too) clears it,
+    so a pre-step hook keeps a copy. Checked against AdamW's own first moment: after the step,
+    exp_avg = beta1 * exp_avg_before + (1 - beta1) * g for the kept g."""
+    t = trainer(tmp_path, deepspeed=ds(0) if deepspeed else None, hypergradient_method="sama")
+    before: dict = {}
+
+    class Moments(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            opt = t.mlo.levels["model"].backend._optimizer_for_state
+            before.clear()
+            before.update({p: opt.state[p]["exp_avg"].clone() for p in t.model.parameters() if p in opt.state})
+
+    t.add_callback(Moments())
+    t.train()
+    backend = t.mlo.levels["model"].backend
+    opt = backend._optimizer_for_state
+    beta1 = opt.param_groups[0]["betas"][0]
+    assert isinstance(opt, torch.optim.AdamW) and backend.last_step.grads is not None
+    for p, g in zip(backend.params, backend.last_step.grads):
+        expected = beta1 * before[p] + (1 - beta1) * g
+        assert torch.allclose(opt.state[p]["exp_avg"], expected, rtol=1e-5, atol=1e-7)
+    assert any(float(g.abs().max()) > 0 for g in backend.last_step.grads)
+    alpha = t.reweighter.source_weights()
+    assert alpha["clean"] > 0.55 > alpha["noisy"]  # started at 0.5 each
+
+
 def test_weights_are_exported_and_become_a_column(tmp_path, reference):
     table = reference.export_weights(tmp_path)
     data = json.loads((tmp_path / "weights.json").read_text())
@@ -154,7 +182,17 @@ def test_weights_are_exported_and_become_a_column(tmp_path, reference):
     "change, words",
     [
         ({"meta_dataset": None}, "needs a meta_dataset"),
-        ({"hypergradient_method": "sama"}, "not available in the Trainer yet"),
+        (
+            {"hypergradient_method": "sama", "deepspeed": {"zero_optimization": {"stage": 2}}},
+            "sama' needs the model's optimizer state .* ZeRO-2 keeps in flat partitions",
+        ),
+        (
+            {
+                "hypergradient_method": "sama",
+                "deepspeed": {"zero_optimization": {"stage": 0}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}},
+            },
+            "builds DeepSpeed's own optimizer",
+        ),
         ({"hypergradient_method": "darts"}, "method='darts' is not known"),
         ({"meta_optimizer": "lion"}, "--meta_optimizer 'lion' is not known"),
         ({"unroll_steps": 0}, "--unroll_steps must be >= 1"),

@@ -134,11 +134,6 @@ class ReweightingTrainer(Trainer):
             raise ValueError("ReweightingTrainer needs ReweightingArguments (TrainingArguments plus the meta fields)")
         if meta_dataset is None or len(meta_dataset) == 0:
             raise ValueError("ReweightingTrainer needs a meta_dataset: a small clean set the weights are judged on")
-        if self.args.hypergradient_method == "sama":
-            raise ValueError(
-                "hypergradient_method='sama' is not available in the Trainer yet (it needs the model's last gradients, "
-                "which the Trainer's DeepSpeed step frees); use finite_difference, neumann, cg or penalty"
-            )
         self._check_level_configs()
         self.meta_dataset = meta_dataset
         self.reweighter = reweighter or build_reweighter(self.args.reweighting, **(reweighter_kwargs or {}))
@@ -170,6 +165,19 @@ class ReweightingTrainer(Trainer):
                     "hypergradient has no mixed-precision rules yet (finite differences of bf16/fp16 losses are "
                     f"mostly rounding): train in fp32 (drop --{flag}, set {flag}.enabled false)"
                 )
+        stage = model_cfg.get("zero_optimization", {}).get("stage", 0)
+        if args.hypergradient_method == "sama" and stage != 0:
+            raise ValueError(
+                f"hypergradient_method='sama' needs the model's optimizer state and last gradients per parameter, "
+                f"which ZeRO-{stage} keeps in flat partitions; run the model at ZeRO-0 (or without --deepspeed), "
+                "or use finite_difference, neumann, cg or penalty"
+            )
+        if args.hypergradient_method == "sama" and "optimizer" in model_cfg:
+            raise ValueError(
+                "hypergradient_method='sama' reads torch's Adam/AdamW/SGD state; the --deepspeed config builds "
+                f"DeepSpeed's own optimizer ({model_cfg['optimizer'].get('type')!r}): remove its \"optimizer\" block "
+                "(the Trainer then builds torch's, e.g. --optim adamw_torch)"
+            )
         if args.meta_deepspeed is None:
             return
         meta = args.meta_level_config()
@@ -240,7 +248,9 @@ class ReweightingTrainer(Trainer):
         if self.is_deepspeed_enabled:
             model_level.backend = DeepSpeedBackend.adopt(self.model_wrapped, params, group_index)
         else:
-            model_level.backend = TorchBackend.adopt(self.model, params, self.optimizer, group_index)
+            # the torch optimizer under accelerate's wrapper (its state and param_groups are what methods read)
+            optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+            model_level.backend = TorchBackend.adopt(self.model, params, optimizer, group_index)
         meta_level = _Meta(
             "meta",
             self.reweighter,
@@ -250,8 +260,32 @@ class ReweightingTrainer(Trainer):
         )
         config = EngineConfig(max_steps=0, log_every=0, progress_bar=False, nonfinite=args.nonfinite)
         self.mlo = Engine([model_level, meta_level], {"meta": ["model"]}, config)
+        if args.hypergradient_method == "sama":
+            self._keep_step_gradients(model_level.backend)
         if self._resume_dir is not None:
             scalemlo_checkpoint.load(self.mlo, self._resume_dir / SCALEMLO_DIR, levels=["meta"])
+
+    @staticmethod
+    def _keep_step_gradients(backend) -> None:
+        """sama reads the gradients of the model's last optimizer step, which the Trainer's step
+        (DeepSpeed's included) clears: a pre-step hook on the torch optimizer keeps a copy of each
+        (one parameter-sized buffer) in ``backend.last_step``, whose lrs ``record_step`` noted at
+        the step's start."""
+        optimizer = backend._optimizer_for_state  # the torch optimizer, under any DeepSpeed wrapper
+        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)):
+            raise ValueError(
+                f"hypergradient_method='sama' supports the model's optimizer Adam, AdamW or SGD, not "
+                f"{type(optimizer).__name__}; choose --optim adamw_torch (or sgd) or another method"
+            )
+
+        def keep(_optimizer, _args, _kwargs) -> None:
+            if backend.last_step is None:
+                backend.record_step()
+            backend.last_step.grads = [
+                torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in backend.params
+            ]
+
+        optimizer.register_step_pre_hook(keep)
 
     def _meta_optimizer_factory(self):
         args = self.args
