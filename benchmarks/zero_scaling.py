@@ -40,9 +40,9 @@ def records_in(text: str) -> list[dict]:
     return out
 
 
-def launch(size: str, stage: int, system: str, ranks: int, steps: int, warmup: int, whole: bool) -> list[dict]:
+def launch(size: str, stage: int, system: str, ranks: int, steps: int, warmup: int, flags: list[str]) -> list[dict]:
     cmd = deepspeed_command(WORKER, "--size", size, "--stage", stage, "--system", system, "--steps", steps,
-                            "--warmup", warmup, *(["--whole"] if whole else []), ranks=ranks)  # fmt: skip
+                            "--warmup", warmup, *flags, ranks=ranks)  # fmt: skip
     # glibc raises its mmap threshold after large frees and then keeps freed tensors'
     # pages in the heap: RSS would report memory freed long ago (2.8 GB RSS for
     # 1.7 GB live at 124M ZeRO-3). A fixed threshold returns large tensors to the
@@ -65,13 +65,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", default=str(HERE / "results" / "zero_scaling"))
     parser.add_argument("--whole", action="store_true", help="ZeRO-3 models built whole on every rank first")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the LM's blocks")
+    parser.add_argument("--fused_adam", action="store_true", help="torch's fused (in-place) Adam for the LM")
+    parser.add_argument("--zero", default=None, help="JSON merged into zero_optimization (e.g. live-parameter limits)")
+    parser.add_argument("--systems", nargs="+", default=["plain", "scalemlo"], choices=["plain", "scalemlo"])
     args = parser.parse_args()
     rows = []
     for spec in args.configs:
         size, stage = spec.split(":")
-        for system in ("plain", "scalemlo"):
+        for system in args.systems:
             started = time.time()
-            per_rank = launch(size, int(stage), system, args.ranks, args.steps, args.warmup, args.whole)
+            flags = ["--whole"] * args.whole + ["--checkpointing"] * args.checkpointing + ["--fused_adam"] * args.fused_adam
+            flags += ["--zero", args.zero] if args.zero else []
+            per_rank = launch(size, int(stage), system, args.ranks, args.steps, args.warmup, flags)
             row = {
                 "system": system,
                 "method": per_rank[0]["method"],
@@ -79,6 +85,10 @@ def main() -> None:
                 "params": per_rank[0]["params"],
                 "zero_stage": int(stage),
                 "built": per_rank[0]["built"],
+                "checkpointing": per_rank[0]["checkpointing"],
+                "fused_adam": per_rank[0]["fused_adam"],
+                "zero": per_rank[0]["zero"],
+                "first_step_s": statistics.mean(r["first_step_s"] for r in per_rank),
                 "ranks": args.ranks,
                 "median_step_s": statistics.median(t for r in per_rank for t in r["step_s"]),
                 "peak_rss_mb_per_rank": statistics.mean(r["peak_rss_mb"] for r in per_rank),
@@ -90,9 +100,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     plain = {(r["size"], r["zero_stage"]): r for r in rows if r["system"] == "plain"}
     for r in rows:
-        base = plain[(r["size"], r["zero_stage"])]
-        r["time_vs_plain_same_stage"] = r["median_step_s"] / base["median_step_s"]
-        r["peak_rss_vs_plain_same_stage"] = r["peak_rss_mb_per_rank"] / base["peak_rss_mb_per_rank"]
+        base = plain.get((r["size"], r["zero_stage"]), {})  # absent with --systems scalemlo
+        r["time_vs_plain_same_stage"] = r["median_step_s"] / base.get("median_step_s", float("nan"))
+        r["peak_rss_vs_plain_same_stage"] = r["peak_rss_mb_per_rank"] / base.get("peak_rss_mb_per_rank", float("nan"))
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))

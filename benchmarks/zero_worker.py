@@ -30,7 +30,11 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reweighting_worker import LM_LR, META_LR, SIZES, WeightNet, batches, make_lm, scalemlo_levels  # noqa: E402
 
-SIZES = {**SIZES, "350m": dict(vocab_size=50257, n_embd=1024, n_layer=24, n_head=16, n_positions=1024)}
+SIZES = {
+    **SIZES,
+    "350m": dict(vocab_size=50257, n_embd=1024, n_layer=24, n_head=16, n_positions=1024),
+    "774m": dict(vocab_size=50257, n_embd=1280, n_layer=36, n_head=20, n_positions=1024),  # GPT-2 large
+}
 
 
 def zero_settings(stage: int) -> dict:
@@ -78,6 +82,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--zero", default="{}", help="JSON merged into zero_optimization (e.g. live-parameter limits)")
     parser.add_argument("--whole", action="store_true", help="at ZeRO-3, build the model whole (not under zero_init)")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the LM's blocks")
+    parser.add_argument("--fused_adam", action="store_true",
+                        help="torch's fused Adam for the LM (in place: no full-size temporaries in its step)")
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
 
@@ -101,6 +108,9 @@ def main() -> None:
     with scalemlo.zero_init(None if args.whole else {"zero_optimization": ds_config["zero_optimization"]}):
         lm = make_lm(args.size)
     params = sum(getattr(p, "ds_numel", p.numel()) for p in lm.parameters())
+    if args.checkpointing:  # each block's activations recomputed in the backward instead of kept
+        lm.config.use_cache = False
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     weigher = WeightNet()
     LM, Reweight = scalemlo_levels()
     lm_config = LevelConfig(deepspeed_config=ds_config)
@@ -113,10 +123,10 @@ def main() -> None:
                 losses = reweighting_worker.per_example_loss(self.module, batch[0])
                 return (weigher(losses.detach()) * losses).mean()
 
-        levels = [Plain("lm", lm, torch.optim.Adam(lm.parameters(), lr=LM_LR), train, config=lm_config)]
+        levels = [Plain("lm", lm, torch.optim.Adam(lm.parameters(), lr=LM_LR, fused=args.fused_adam or None), train, config=lm_config)]
         edges = {}
     else:
-        lower = LM("lm", lm, torch.optim.Adam(lm.parameters(), lr=LM_LR), train, config=lm_config)
+        lower = LM("lm", lm, torch.optim.Adam(lm.parameters(), lr=LM_LR, fused=args.fused_adam or None), train, config=lm_config)
         upper = Reweight(
             "reweight",
             weigher,
@@ -147,6 +157,9 @@ def main() -> None:
         "end_live_mb": live_mb(),
         "zero": ds_config["zero_optimization"],
         "built": "whole" if args.whole or args.stage != 3 else "zero_init",
+        "checkpointing": args.checkpointing,
+        "fused_adam": args.fused_adam,
+        "first_step_s": times[0],
     }
     print(json.dumps(record), flush=True)
 
