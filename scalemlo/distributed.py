@@ -103,14 +103,13 @@ def release_shared_memory() -> None:
     ``/dev/shm`` (memory, not disk) until the machine runs out. Every rank maps all
     peers' buffers inside ``init_distributed``; after a barrier the names are no
     longer needed and the memory is freed when the last rank exits, even on SIGKILL.
-    Collective (call it on every rank); idempotent; nothing to do on a GPU or one rank.
+    Collective (call it on every rank); idempotent; nothing to do on a GPU. A one-rank launch
+    (``deepspeed --num_gpus 1``) creates its buffer too.
     """
     global _SHM_RELEASED
     import torch.distributed as dist
 
     if _SHM_RELEASED or torch.cuda.is_available() or not (dist.is_available() and dist.is_initialized()):
-        return
-    if dist.get_world_size() == 1:
         return
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     own = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"
