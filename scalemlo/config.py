@@ -14,6 +14,7 @@ from typing import Any
 BACKENDS = ("deepspeed", "torch")
 SECOND_ORDER = ("autograd", "finite_difference")
 NONFINITE = ("raise", "skip")
+SHARED_FORWARD_METHODS = ("finite_difference", "sama", "neumann", "cg")
 
 
 def _method_names() -> tuple[str, ...]:
@@ -68,6 +69,16 @@ class LevelConfig:
             "autograd" (double backward) or "finite_difference" (differences of
             first-order gradients).
         exact_max_params: the exact method refuses levels larger than this.
+        shared_forward: take this level's steps inside the step of the level
+            below it and share that level's forward (the 7-unit reweighting
+            estimator, see :mod:`scalemlo.hypergrad.shared_forward`): the level
+            below must be *reweighted* (define ``per_example_losses`` and
+            ``example_weights``) and be the only level below this one; methods
+            finite_difference, sama, neumann, cg.
+        shared_forward_radius: the radius r of the shared forward's one-sided
+            difference (ε = r / ||w||); its truncation error is linear in r and
+            its rounding error grows as r shrinks. None: 1e-3 for float32 and
+            lower precisions, 1e-5 for float64 (the parameters' dtype).
         gradient_accumulation: batches averaged per step of this level.
         gradient_clipping: max global gradient norm (0 disables).
         warmup_steps: global iterations during which this level does not step.
@@ -90,6 +101,8 @@ class LevelConfig:
     penalty_lr: float | None = None
     second_order: str = "autograd"
     exact_max_params: int = 4096
+    shared_forward: bool = False
+    shared_forward_radius: float | None = None
     gradient_accumulation: int = 1
     gradient_clipping: float = 0.0
     warmup_steps: int = 0
@@ -110,6 +123,21 @@ class LevelConfig:
             _check_positive("LevelConfig.penalty_lr", self.penalty_lr)
         _check_choice("LevelConfig.second_order", self.second_order, SECOND_ORDER)
         _check_int("LevelConfig.exact_max_params", self.exact_max_params, 1)
+        if not isinstance(self.shared_forward, bool):
+            raise ValueError(f"LevelConfig.shared_forward must be True or False, got {self.shared_forward!r}")
+        if self.shared_forward_radius is not None:
+            _check_positive("LevelConfig.shared_forward_radius", self.shared_forward_radius)
+        if self.shared_forward and self.method not in SHARED_FORWARD_METHODS:
+            raise ValueError(
+                f"LevelConfig.shared_forward=True needs a method whose mixed product is its last step "
+                f"({', '.join(SHARED_FORWARD_METHODS)}), not {self.method!r}; set shared_forward=False for it"
+            )
+        if self.shared_forward and self.gradient_accumulation > 1:
+            raise ValueError(
+                "LevelConfig.shared_forward=True takes one hypergradient per step of the level below, so "
+                f"gradient_accumulation={self.gradient_accumulation} cannot be used with it; raise this level's "
+                "batch size instead, or set shared_forward=False"
+            )
         _check_int("LevelConfig.gradient_accumulation", self.gradient_accumulation, 1)
         _check_positive("LevelConfig.gradient_clipping", self.gradient_clipping, allow_zero=True)
         _check_int("LevelConfig.warmup_steps", self.warmup_steps, 0)

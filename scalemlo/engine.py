@@ -15,6 +15,7 @@ so each lower level takes ``unroll_steps`` steps per step of its upper.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -27,7 +28,7 @@ from scalemlo import checkpoint
 from scalemlo.config import EngineConfig
 from scalemlo.distributed import finite_on_every_rank, mean_over_ranks_, world_size
 from scalemlo.graph import LevelGraph
-from scalemlo.hypergrad import vectors
+from scalemlo.hypergrad import shared_forward, vectors
 from scalemlo.hypergrad.coordinator import Coordinator
 from scalemlo.level import FED, Level
 from scalemlo.logging import MetricLogger, progress
@@ -85,6 +86,13 @@ class Engine:
                 for lower in self.graph.descendants(name):  # sama reads every level below's last step
                     self.levels[lower].keep_last_grads = True
         self._check_zero_stages()
+        # lower name -> the upper level that takes its steps inside the lower's (LevelConfig.shared_forward)
+        self.shares_forward: dict[str, str] = {}
+        for name in self.graph.names:
+            if self.levels[name].config.shared_forward:
+                below = self.graph.descendants(name)
+                shared_forward.check_program(self.levels[name], [self.levels[n] for n in below])
+                self.shares_forward[below[0]] = name
         for lv in levels:  # every optimizer and DeepSpeed config checked before any engine is built
             lv._prepare()
         if self.config.checkpoint_dir is not None:
@@ -256,18 +264,34 @@ class Engine:
         self._checked_losses = True
 
     def step(self) -> dict[str, float]:
-        """One global iteration: every level whose turn it is steps, lowest first."""
+        """One global iteration: every level whose turn it is steps, lowest first.
+
+        An upper level with ``LevelConfig.shared_forward`` whose turn it is steps inside
+        the step of the level below it, after that level's forward and before its backward.
+        """
         self._start()
         self.global_step += 1
         metrics: dict[str, float] = {}
+        inside: set[str] = set()
         for name in reversed(self.graph.order):
-            lv = self.levels[name]
-            if self.global_step % self.period[name] or self.global_step <= lv.config.warmup_steps:
+            if not self._due(name) or name in inside:
                 continue
-            metrics.update(self.step_level(name, metrics))
+            upper = self.shares_forward.get(name)
+            if upper is not None and self._due(upper):
+                inside.add(upper)
+            else:
+                upper = None
+            metrics.update(self.step_level(name, metrics, shared_upper=upper))
         return metrics
 
-    def step_level(self, name: str, this_iteration: dict[str, float] | None = None) -> dict[str, float]:
+    def _due(self, name: str) -> bool:
+        """Whether level ``name`` steps in the current global iteration."""
+        return not self.global_step % self.period[name] and self.global_step > self.levels[name].config.warmup_steps
+
+    def step_level(
+        self, name: str, this_iteration: dict[str, float] | None = None, shared_upper: str | None = None,
+        shared=None,
+    ) -> dict[str, float]:
         """One optimizer step of level ``name`` (``gradient_accumulation`` micro-steps); returns its metrics.
 
         A leaf steps on its own loss; a level with levels below it on its
@@ -276,6 +300,9 @@ class Engine:
         level whose turn it is; a driver with its own loop for the lower
         levels (the Trainer) calls it for the upper ones. ``this_iteration``:
         the metrics of the levels that stepped before it (named in errors).
+        ``shared_upper``: for a leaf, the upper level that steps inside its first
+        micro-step on the same forward (``LevelConfig.shared_forward``); ``shared``: for
+        that upper level, the forward it shares (a ``SharedForward``).
         """
         lv = self.levels[name]
         lowers = self.graph.lowers(name)
@@ -285,7 +312,7 @@ class Engine:
         for _ in range(lv.config.gradient_accumulation):
             if lowers:
                 batch = lv.next_batch()
-                grads = self.coordinator.hypergradient(name, batch)
+                grads = self.coordinator.hypergradient(name, batch, shared=shared)
                 if nonfinite == "raise" and not finite_on_every_rank(grads):
                     before = this_iteration or {}
                     lower_losses = {n: before.get(f"{n}/loss") for n in self.graph.descendants(name)}
@@ -298,6 +325,10 @@ class Engine:
                 lv.step_on_gradient(grads, batch, nonfinite)  # "skip": its boundary drops them
                 metrics[f"{name}/hypergrad_norm"] = _norm_of_rank_average(grads)
                 metrics[f"{name}/loss"] = self.coordinator.last_loss[name]
+            elif shared_upper is not None:
+                upper_step = functools.partial(self._step_inside, shared_upper, metrics, this_iteration)
+                metrics[f"{name}/loss"] = lv.step_on_own_loss(others, nonfinite, upper_step)
+                shared_upper = None  # the first micro-step only
             else:
                 metrics[f"{name}/loss"] = lv.step_on_own_loss(others, nonfinite)
         if lv.skipped_batches or lv.skipped_steps:
@@ -306,6 +337,9 @@ class Engine:
         for lower in lowers:
             self.levels[lower].on_inner_loop_start()
         return metrics
+
+    def _step_inside(self, upper: str, metrics: dict, this_iteration: dict | None, shared) -> None:
+        metrics.update(self.step_level(upper, {**(this_iteration or {}), **metrics}, shared=shared))
 
     def hypergradient(self, name: str) -> list[torch.Tensor]:
         """The current hypergradient of ``name``'s trainable parameters.

@@ -103,8 +103,68 @@ class Level:
 
     # ---- what the user writes -------------------------------------------------
     def training_step(self, batch: Any) -> torch.Tensor:
-        """The level's objective on one batch: a scalar tensor."""
-        raise NotImplementedError(f"level {self.name!r}: subclass Level and write training_step(self, batch)")
+        """The level's objective on one batch: a scalar tensor.
+
+        For a reweighted level (one that defines :meth:`per_example_losses` and
+        :meth:`example_weights`) it is ``mean_i m_i * l_i`` with the weights' inputs held
+        (:meth:`weighted_loss`); any other level writes its own.
+        """
+        if self.reweighted:
+            return self.weighted_loss(batch, self.checked_per_example_losses(batch))
+        raise NotImplementedError(
+            f"level {self.name!r}: subclass Level and write training_step(self, batch) (or, for a level whose "
+            "data an upper level weighs, per_example_losses(self, batch) and example_weights(self, batch, losses))"
+        )
+
+    # ---- reweighted levels: f(θ, λ) = mean_i m_λ(s_i) ℓ_i(θ), s_i held fixed in the step ---------------
+    def per_example_losses(self, batch: Any) -> torch.Tensor:
+        """A reweighted level's per-example losses ℓ_i(θ) of a batch: a float tensor of shape [B].
+
+        Define it together with :meth:`example_weights` (and no ``training_step``) to declare the
+        structure every data-reweighting program has; the objective is then
+        ``mean_i example_weights(batch, s)_i * losses_i``, and an upper level can take its steps
+        inside this level's step on the same forward (``LevelConfig.shared_forward``).
+        """
+        raise NotImplementedError(f"level {self.name!r} does not define per_example_losses(self, batch)")
+
+    def example_weights(self, batch: Any, losses: torch.Tensor) -> torch.Tensor:
+        """A reweighted level's weights m_λ of a batch's examples, shape [B], from the upper levels.
+
+        ``losses`` are the per-example losses, detached and held fixed (the Meta-Weight-Net input);
+        ignore them for weights that depend on the example only (per-source, per-example tables).
+        Fold any normalisation into the weights: the objective is ``mean(weights * losses)``.
+        """
+        raise NotImplementedError(f"level {self.name!r} does not define example_weights(self, batch, losses)")
+
+    @property
+    def reweighted(self) -> bool:
+        """True when the level defines both :meth:`per_example_losses` and :meth:`example_weights`."""
+        cls = type(self)
+        return cls.per_example_losses is not Level.per_example_losses and (
+            cls.example_weights is not Level.example_weights
+        )
+
+    def checked_per_example_losses(self, batch: Any) -> torch.Tensor:
+        """:meth:`per_example_losses`, checked to be a floating-point vector."""
+        losses = self.per_example_losses(batch)
+        if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or not losses.is_floating_point():
+            got = f"{type(losses).__name__}{tuple(losses.shape) if isinstance(losses, torch.Tensor) else ''}"
+            raise ValueError(
+                f"level {self.name!r}: per_example_losses must return a floating-point tensor of shape [batch], "
+                f"got {got}"
+            )
+        return losses
+
+    def weighted_loss(self, batch: Any, losses: torch.Tensor) -> torch.Tensor:
+        """``mean_i m_i l_i``: the weights from :meth:`example_weights` on the held losses."""
+        weights = self.example_weights(batch, self.held(losses))
+        if not isinstance(weights, torch.Tensor) or weights.shape != losses.shape:
+            got = f"{type(weights).__name__}{tuple(weights.shape) if isinstance(weights, torch.Tensor) else ''}"
+            raise ValueError(
+                f"level {self.name!r}: example_weights must return one weight per example, shape "
+                f"{tuple(losses.shape)} like per_example_losses, got {got}"
+            )
+        return (weights * losses).mean()
 
     def validation_step(self) -> Mapping[str, float] | None:
         """Optional metrics, run by the engine every ``EngineConfig.valid_every`` iterations."""
@@ -169,6 +229,13 @@ class Level:
         finally:
             self._held = previous
             self._held_key[0] = 0
+
+    def prime_held(self, index: int, values: list[torch.Tensor]) -> None:
+        """Inside :meth:`holding`: hold ``values`` as the :meth:`held` calls of objective batch
+        ``index`` would (in call order), without evaluating the batch."""
+        for call, value in enumerate(values):
+            self._held[(index, call)] = value.detach()
+        self.uses_held = True
 
     def evaluating_batch(self, index: int) -> None:
         """The next :meth:`loss` evaluates objective batch ``index`` (``objective_batches()[index]``)."""
@@ -331,16 +398,36 @@ class Level:
             )
         return loss
 
-    def step_on_own_loss(self, others: Iterable[Level], nonfinite: str = "raise") -> float:
+    def step_on_own_loss(
+        self, others: Iterable[Level], nonfinite: str = "raise", upper_step: Callable | None = None
+    ) -> float:
         """One micro-step on this level's own loss; other levels are held fixed.
 
         A non-finite loss (on any rank) raises FloatingPointError before the
         backward (``nonfinite="raise"``), or is left out of the step and
         counted in ``skipped_batches`` (``"skip"``); returns the loss value.
+
+        ``upper_step(shared)``: for a reweighted level, an upper level's step taken inside this
+        one, after the forward and before the backward (``LevelConfig.shared_forward``):
+        ``shared`` (a :class:`~scalemlo.hypergrad.shared_forward.SharedForward`) runs this
+        level's forward on the batch when first asked and keeps its graph; the weights then
+        come from the upper level's new parameters.
         """
         batch = self.next_batch()
+        others = list(others)
+        if upper_step is not None:
+            from scalemlo.hypergrad.shared_forward import SharedForward
+
+            shared = SharedForward(self, batch)
+            upper_step(shared)
+            shared.keep_buffers()
+            losses = shared.forward(others)
         with frozen(others):
-            loss = self.loss(batch)
+            if upper_step is None:
+                loss = self.loss(batch)
+            else:
+                self._held_key[1] = 0
+                loss = self.weighted_loss(batch, losses)
             if not finite_on_every_rank([loss.detach()]):
                 if nonfinite == "raise":
                     raise FloatingPointError(

@@ -37,7 +37,7 @@ class Coordinator:
         self.method_state: dict[tuple[str, str], dict] = {}
         self.last_loss: dict[str, float] = {}  # the owner's objective at its last hypergradient
 
-    def hypergradient(self, owner_name: str, batch=None) -> vectors.Vector:
+    def hypergradient(self, owner_name: str, batch=None, shared=None) -> vectors.Vector:
         """dF_U/dp_U for the owner U on this rank's batches, shaped like ``levels[U].params``.
 
         Leaves every level's parameters, buffers and optimizer state as they
@@ -48,6 +48,9 @@ class Coordinator:
         Args:
             owner_name: the level whose hypergradient is wanted.
             batch: the owner's batch (default: its current batch).
+            shared: a :class:`~scalemlo.hypergrad.shared_forward.SharedForward` of the level
+                below (``LevelConfig.shared_forward``): its step in progress is the objective
+                differentiated, and its forward is shared.
         """
         owner = self.levels[owner_name]
         below = self.graph.descendants(owner_name)
@@ -79,9 +82,12 @@ class Coordinator:
                     state=self.method_state.setdefault((owner_name, name), {}),
                     all_levels=all_levels,
                     rng_state=rng_state,
+                    shared=shared if shared is not None and shared.lower is lower else None,
                 )
                 with lower.holding():  # the inputs the lower step holds fixed (Level.held) stay fixed
-                    if lower.uses_held is not False:  # True, or not known yet (the evaluation tells)
+                    if problem.shared is not None:  # the step's own forward gives the held losses
+                        lower.prime_held(0, [problem.shared.forward(all_levels)])
+                    elif lower.uses_held is not False:  # True, or not known yet (the evaluation tells)
                         problem.evaluate_held()
                         lower.uses_held = bool(lower.uses_held)
                     responses = method(problem)

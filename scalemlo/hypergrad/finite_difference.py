@@ -16,6 +16,6 @@ from scalemlo.hypergrad.registry import register
 @register("finite_difference")
 def finite_difference(problem: ResponseProblem) -> dict[str, vectors.Vector]:
     w = problem.take_v()  # w = eta v built in the adjoint's own storage: no second parameter-sized buffer
-    for t, lr in zip(w, problem.lower.backend.step_lrs()):
+    for t, lr in zip(w, problem.step_lrs()):
         t.mul_(lr)
     return negate(problem.mixed_difference_(w, problem.config.fd_radius))

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from scalemlo.hypergrad import vectors
+from scalemlo.hypergrad import shared_forward, vectors
 from scalemlo.level import Level, frozen
 
 
@@ -71,6 +71,11 @@ class ResponseProblem:
         state: the method's own memory for this (owner, lower) pair.
         all_levels: every level of the program (to hold the others fixed).
         rng_state: CPU generator state replayed before each evaluation.
+        shared: the lower level's forward on the batch of its step in progress
+            (``LevelConfig.shared_forward``), or None. When set, that batch is X's
+            objective, the mixed products come from the shared-forward estimator
+            (:mod:`scalemlo.hypergrad.shared_forward`) and :meth:`step_lrs` are the
+            coming step's.
     """
 
     lower: Level
@@ -80,6 +85,7 @@ class ResponseProblem:
     state: dict
     all_levels: Sequence[Level]
     rng_state: torch.Tensor = field(repr=False)
+    shared: Any = None
 
     @property
     def across_ranks(self) -> vectors.AcrossRanks:
@@ -90,6 +96,16 @@ class ResponseProblem:
     def local_shards(self) -> list[torch.Tensor]:
         """X's parameters as its vectors see them (whole, or this rank's ZeRO-3 partitions)."""
         return self.lower.backend.local_shards
+
+    def step_lrs(self) -> list[float]:
+        """Per parameter of X, the learning rate of the step the hypergradient differentiates: the last
+        one, or with a shared forward the one in progress."""
+        backend = self.lower.backend
+        return backend.current_lrs() if self.shared is not None else backend.step_lrs()
+
+    def objective_batches(self) -> list[Any]:
+        """The batches of X's objective: those of its last step, or the shared forward's batch."""
+        return [self.shared.batch] if self.shared is not None else self.lower.objective_batches()
 
     def take_v(self) -> vectors.Vector:
         """Hand the adjoint's storage to the method (``v`` is None afterwards), to build w in place."""
@@ -107,7 +123,7 @@ class ResponseProblem:
 
     def _summed_over_batches(self, per_loss: Callable[[torch.Tensor], vectors.Vector]) -> vectors.Vector:
         """sum over X's objective batches b of per_loss(loss_b / k): a linear map applied to f_X."""
-        batches = self.lower.objective_batches()
+        batches = self.objective_batches()
         total: vectors.Vector | None = None
         for i, batch in enumerate(batches):
             self.lower.evaluating_batch(i)
@@ -120,7 +136,7 @@ class ResponseProblem:
         values its ``training_step`` passes to ``Level.held`` are held from here (the coordinator
         calls it inside ``lower.holding()`` before the method, for a level that uses ``held``)."""
         with self._evaluating([]), torch.no_grad():
-            for i, batch in enumerate(self.lower.objective_batches()):
+            for i, batch in enumerate(self.objective_batches()):
                 self.lower.evaluating_batch(i)
                 self.lower.loss(batch)
 
@@ -196,14 +212,18 @@ class ResponseProblem:
 
         Needs only gradients with respect to the uppers at X's parameters
         moved to p_X +- eps w (eps = radius / ||w||): for data reweighting that
-        backward never enters X's model.
+        backward never enters X's model. With a shared forward: the one-sided
+        estimator of :mod:`scalemlo.hypergrad.shared_forward` instead.
         """
+        if self.shared is not None:
+            return shared_forward.mixed_(self, w)  # its own radius (LevelConfig.shared_forward_radius)
         (grads,) = self.central_difference_(w, radius, lambda: [self._flat_upper_grads()])
         return self._split(grads)
 
     def mixed_(self, w: vectors.Vector) -> dict[str, vectors.Vector]:
-        """The mixed product by ``config.second_order``; may take ``w``'s storage."""
-        if self.config.second_order == "finite_difference":
+        """The mixed product by ``config.second_order`` (a shared forward's estimator when there is one);
+        may take ``w``'s storage."""
+        if self.config.second_order == "finite_difference" or self.shared is not None:
             return self.mixed_difference_(w, self.config.fd_radius)
         return self.mixed_autograd(w)
 

@@ -73,7 +73,7 @@ def sama(problem: ResponseProblem) -> dict[str, vectors.Vector]:
             "use Adam, AdamW or SGD, or another method"
         )
     last = lower.backend.last_step
-    lrs = lower.backend.step_lrs()
+    lrs = problem.step_lrs()
     groups = [optimizer.param_groups[i] for i in lower.backend.group_index]
     w = []
     for i, (p, v) in enumerate(zip(lower.params, problem.v)):

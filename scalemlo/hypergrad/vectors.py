@@ -195,6 +195,9 @@ def perturbed_(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor]
     Yields nothing; from entry on, ``direction`` holds the realized step.
     """
     fixes: list[tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]] = []
+    # Through .data: the writes do not bump the parameters' version counters, so a graph that saved
+    # them before the move (the shared forward's) stays usable after the exact restore.
+    params = [p.data for p in params]
     pieces = [piece for p, d in zip(params, direction) for piece in _pieces(p, d)]
     largest = max((p.numel() for p, _ in pieces), default=0)
     with torch.no_grad():

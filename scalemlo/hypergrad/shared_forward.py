@@ -1,0 +1,166 @@
+"""The reweighting estimator that shares the lower level's forward (``LevelConfig.shared_forward``).
+
+Every data-reweighting program has the structure
+
+    f(θ, λ) = mean_i m_λ(s_i) ℓ_i(θ)
+
+with per-example losses ℓ_i, weights m_λ from the upper level and weight
+inputs s_i held fixed in the lower step (the losses themselves for
+Meta-Weight-Net, a source or example id for tables). A level declares it by
+defining ``per_example_losses`` and ``example_weights`` (a *reweighted*
+level). Along the training dynamics the mixed product of a method's w is
+
+    (d²f / dλ dθ) w = mean_i (∇ℓ_i · w) ∂m_λ(s_i)/∂λ        (s_i fixed)
+
+and the upper level can take its step at the start of the lower level's next
+step, on that step's forward:
+
+1. the lower level's forward on its coming batch gives ℓ_i(θ), graph kept;
+2. v = ∇_θ F on the meta batch, w from the method (lr v, sama's
+   preconditioned v, Neumann or CG on that batch);
+3. one forward at θ + εw without gradient, then the exact restore:
+   c_i = (ℓ_i(θ + εw) − ℓ_i(θ)) / ε with s_i unchanged;
+4. the upper level steps on −∇_λ mean_i c_i m_λ(s_i) (a backward through the
+   weighting model only);
+5. the lower level finishes its step: new weights m_λ'(s_i), backward through
+   the kept graph, optimizer step.
+
+7 forward-equivalent units per step instead of the central difference's 8,
+and the directional derivatives are those of the training dynamics (the
+weights' inputs are never recomputed at moved parameters). The difference is
+one-sided: its truncation error is ε/2 · wᵀ∇²ℓ_i w / (∇ℓ_i · w) relative per
+example, linear in the radius, and in float32 rounding grows as the radius
+shrinks (``LevelConfig.shared_forward_radius``; ``benchmarks/
+hypergradient_accuracy.py`` reports both). The error is nearly the same
+factor for every example, so it scales the hypergradient more than it turns it. The learning rate in w is that of the step about to be taken
+(the one the hypergradient differentiates).
+
+The perturbation writes the parameters' storage through ``p.data`` (as
+``vectors.perturbed_`` always does), so the kept graph's saved tensors see no
+version change, and the restore is exact, so they hold the values the forward
+saw; at ZeRO-3 the partitions are restored and re-released
+before the kept backward gathers them again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from scalemlo.hypergrad import vectors
+
+from scalemlo.level import Level, frozen
+
+if TYPE_CHECKING:
+    from scalemlo.hypergrad.problem import ResponseProblem
+
+
+class SharedForward:
+    """The lower level's forward on the batch of its coming step, shared with an upper level's step.
+
+    Attributes:
+        lower: the reweighted level whose step is in progress.
+        batch: that step's batch.
+        losses: ℓ_i(θ) with its graph once :meth:`forward` ran, else None.
+        rng_state: the CPU generator state the forward started from (replayed for the moved forward).
+    """
+
+    def __init__(self, lower: Level, batch: Any):
+        self.lower = lower
+        self.batch = batch
+        self.losses: torch.Tensor | None = None
+        self.rng_state: torch.Tensor | None = None
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def forward(self, others: Sequence[Level]) -> torch.Tensor:
+        """ℓ_i(θ) on the batch, graph kept for the lower level's backward (computed once)."""
+        if self.losses is None:
+            self.rng_state = torch.get_rng_state()
+            with frozen([lv for lv in others if lv is not self.lower]):
+                self.losses = self.lower.checked_per_example_losses(self.batch)
+            # ZeRO-3 keeps some parameters gathered after a forward (persistent small ones): re-partition,
+            # so that the moved forward sees every write to the partitions (the backward gathers again)
+            self.lower.backend.release_gathered()
+            # The forward is the step's own: what it did to buffers (BatchNorm statistics) stays,
+            # although the hypergradient around it restores every level's buffers.
+            self._buffers = [(b, b.detach().clone()) for b in self.lower.module.buffers()]
+        return self.losses
+
+    def keep_buffers(self) -> None:
+        """Put back the buffers as the shared forward left them (after the hypergradient restored them)."""
+        with torch.no_grad():
+            for buffer, value in self._buffers or ():
+                buffer.copy_(value)
+        self._buffers = None
+
+
+def check_program(upper: Level, below: Sequence[Level]) -> None:
+    """Refuse, before anything is built, a program whose structure the estimator does not have.
+
+    ``below``: every level below ``upper``.
+    """
+    where = f"level {upper.name!r} has LevelConfig.shared_forward=True"
+    if len(below) != 1:
+        raise ValueError(
+            f"{where}, which needs exactly one level below it (the reweighted one); it has "
+            f"{sorted(lv.name for lv in below)}. Set shared_forward=False for it"
+        )
+    (lower,) = below
+    if not lower.reweighted:
+        missing = [m for m in ("per_example_losses", "example_weights") if getattr(type(lower), m) is getattr(Level, m)]
+        raise ValueError(
+            f"{where}, but level {lower.name!r} is not reweighted: define per_example_losses(self, batch) -> [B] "
+            f"and example_weights(self, batch, losses) -> [B] on it (missing: {missing}) instead of training_step, "
+            "or set shared_forward=False"
+        )
+    if type(lower).training_step is not Level.training_step:
+        raise ValueError(
+            f"{where}, but level {lower.name!r} defines its own training_step: the estimator needs its objective "
+            "to be mean(example_weights * per_example_losses); remove training_step (the default is that mean), "
+            "or set shared_forward=False"
+        )
+    if type(lower).on_inner_loop_start is not Level.on_inner_loop_start:
+        raise ValueError(
+            f"{where}, but level {lower.name!r} restarts its inner loop (on_inner_loop_start) after every step "
+            f"of {upper.name!r}, which shared_forward takes in the middle of {lower.name!r}'s step; set "
+            "shared_forward=False"
+        )
+
+
+DEFAULT_RADIUS = {torch.float64: 1e-5}  # other dtypes: 1e-3
+FALLBACK_RADIUS = 1e-3
+
+
+def radius_for(problem: ResponseProblem) -> float:
+    """``shared_forward_radius``, or the default for the lower level's parameter dtype."""
+    if problem.config.shared_forward_radius is not None:
+        return problem.config.shared_forward_radius
+    return DEFAULT_RADIUS.get(problem.local_shards[0].dtype, FALLBACK_RADIUS)
+
+
+def mixed_(problem: ResponseProblem, w: vectors.Vector) -> dict[str, vectors.Vector]:
+    """(d²f / dλ dθ) w for every upper, from the shared forward and one moved forward; takes ``w``'s storage."""
+    radius = radius_for(problem)
+    shared = problem.shared
+    lower = problem.lower
+    losses = shared.forward(problem.all_levels)
+    base = losses.detach()
+    params = [p for y in problem.uppers for p in y.params]
+    size = float(problem.across_ranks.norm(w))
+    if size == 0.0:
+        return problem._split(vectors.zeros_like(params))
+    eps = radius / size
+    try:
+        with vectors.perturbed_(problem.local_shards, w, eps), torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(shared.rng_state)  # the dropout masks of the shared forward
+            with frozen(problem.all_levels):
+                moved = lower.per_example_losses(shared.batch)
+    finally:
+        lower.backend.release_gathered()
+    slopes = (moved.detach() - base) / eps  # c_i = (ℓ_i(θ + εw) − ℓ_i(θ)) / ε
+    with problem._evaluating(problem.uppers):
+        weights = lower.example_weights(shared.batch, base)
+        grads = torch.autograd.grad((slopes * weights).mean(), params, allow_unused=True)
+    return problem._split(vectors.grads_or_zeros(grads, params))
