@@ -23,7 +23,11 @@ of the *undetached* objective; the undetached columns show that they do so
 accurately, the others how far that is from the training dynamics. The
 system ``scalemlo-held`` feeds the weight net through ``Level.held``, which
 keeps its input at the value of the current parameters in every evaluation:
-it estimates the training dynamics' mixed term. Each
+it estimates the training dynamics' mixed term. ``scalemlo-shared`` uses
+``LevelConfig.shared_forward`` (the LM level declared reweighted; the meta step
+taken inside the next LM step on its forward, one-sided difference): it runs
+one LM step more with the meta lr at 0, so that its meta step sees the same
+parameters, optimizer state and learning rate as the reference. Each
 comparison reports the cosine and the relative error ||g - ref|| / ||ref||
 (a cosine alone is blind to the scale: a hypergradient off by the lr factor
 scores 1.0).
@@ -43,7 +47,13 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reweighting_worker import WeightNet, betty_problems, per_example_loss, scalemlo_levels  # noqa: E402
+from reweighting_worker import (  # noqa: E402
+    WeightNet,
+    betty_problems,
+    per_example_loss,
+    scalemlo_levels,
+    scalemlo_shared_levels,
+)
 
 WARM, LM_LR = 3, 1e-2
 
@@ -77,10 +87,10 @@ def flat(params) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).double() for p in params])
 
 
-def run_scalemlo(method: str, held: bool = False) -> torch.Tensor:
+def run_scalemlo(method: str, held: bool = False, shared: bool = False, central: bool = False) -> torch.Tensor:
     from scalemlo import Engine, EngineConfig, LevelConfig
 
-    LM, Reweight = scalemlo_levels(held)
+    LM, Reweight = scalemlo_shared_levels() if shared else scalemlo_levels(held)
 
     train, meta = data()
     lm = tiny_lm()
@@ -88,8 +98,10 @@ def run_scalemlo(method: str, held: bool = False) -> torch.Tensor:
     weigher = WeightNet(hidden=16)
     upper_opt = torch.optim.SGD(weigher.parameters(), lr=0.0)
     lower = LM("lm", lm, torch.optim.Adam(lm.parameters(), lr=LM_LR), [train])
-    upper = Reweight("reweight", weigher, upper_opt, [meta], config=LevelConfig(method=method))
-    engine = Engine([lower, upper], {"reweight": ["lm"]}, EngineConfig(max_steps=WARM, progress_bar=False))
+    upper = Reweight("reweight", weigher, upper_opt, [meta], config=LevelConfig(
+        method=method, shared_forward=shared, shared_forward_difference="central" if central else "one_sided"))
+    # shared: the meta step comes before the LM step of its iteration, so one iteration more first
+    engine = Engine([lower, upper], {"reweight": ["lm"]}, EngineConfig(max_steps=WARM + shared, progress_bar=False))
     engine.run()
     for group in upper.optimizer.param_groups:
         group["lr"] = 1.0
@@ -197,7 +209,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def measure() -> list[dict]:
     refs = references()
-    systems = [("scalemlo", run_scalemlo), ("scalemlo-held", lambda method: run_scalemlo(method, held=True))]
+    systems = [
+        ("scalemlo", run_scalemlo),
+        ("scalemlo-held", lambda method: run_scalemlo(method, held=True)),
+        ("scalemlo-shared", lambda method: run_scalemlo(method, shared=True)),
+        ("scalemlo-shared-central", lambda method: run_scalemlo(method, shared=True, central=True)),
+    ]
     if importlib.util.find_spec("betty") is not None:
         systems.append(("betty", run_betty))
     rows = []
@@ -221,7 +238,7 @@ def main() -> None:
     rows = measure()
     for r in rows:
         print(
-            f"{r['system']:>9} {r['method']:>17}: against the float64 reference cosine "
+            f"{r['system']:>15} {r['method']:>17}: against the float64 reference cosine "
             f"{r['cosine_vs_float64']:.6f}, rel. error {r['rel_err_vs_float64']:.3g}; with the weight net's "
             f"input not detached: cosine {r['cosine_vs_float64_undetached']:.6f}, "
             f"rel. error {r['rel_err_vs_float64_undetached']:.3g}"

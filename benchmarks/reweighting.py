@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "reweighting_worker.py"
 
 
-def configurations(sizes, methods, unrolls, unroll_sizes, with_betty):
+def configurations(sizes, methods, unrolls, unroll_sizes, with_betty, systems=("scalemlo", "scalemlo-shared")):
     """One round's configurations, in the order they run (unroll_steps > 1 only at ``unroll_sizes``)."""
     for size in sizes:
         yield {"system": "plain", "method": "none", "size": size, "unroll": 1}
@@ -39,14 +39,15 @@ def configurations(sizes, methods, unrolls, unroll_sizes, with_betty):
                 yield {"system": "betty", "method": method, "size": size, "unroll": 1}
             for unroll in unrolls:
                 if unroll == 1 or size in unroll_sizes:
-                    yield {"system": "scalemlo", "method": method, "size": size, "unroll": unroll}
+                    for system in systems:
+                        yield {"system": system, "method": method, "size": size, "unroll": unroll}
 
 
 def key(cfg) -> tuple:
     return (cfg["system"], cfg["method"], cfg["size"], cfg["unroll"])
 
 
-def run_one(cfg, steps: int, warmup: int) -> dict:
+def run_one(cfg, steps: int, warmup: int, threads: int = 0) -> dict:
     cmd = [
         sys.executable,
         str(WORKER),
@@ -62,6 +63,8 @@ def run_one(cfg, steps: int, warmup: int) -> dict:
         str(steps),
         "--warmup",
         str(warmup),
+        "--threads",
+        str(threads),
     ]
     env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -94,7 +97,7 @@ def summarize(rounds: list[dict[tuple, dict]]) -> list[dict]:
         row["time_vs_plain"] = _spread(ratio_time)
         row["memory_vs_plain"] = _spread(ratio_mem)
         betty_key = ("betty", method, size, 1)
-        if system == "scalemlo" and unroll == 1 and betty_key in rounds[0]:  # Betty runs at unroll 1 only
+        if system.startswith("scalemlo") and unroll == 1 and betty_key in rounds[0]:  # Betty runs at unroll 1 only
             betty = [r[betty_key] for r in rounds]
             row["time_vs_betty"] = _spread(
                 [statistics.median(x["step_s"]) / statistics.median(b["step_s"]) for x, b in zip(per_round, betty)]
@@ -102,6 +105,12 @@ def summarize(rounds: list[dict[tuple, dict]]) -> list[dict]:
             row["memory_vs_betty"] = _spread([x["peak_rss_mb"] / b["peak_rss_mb"] for x, b in zip(per_round, betty)])
         rows.append(row)
     return rows
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _spread(values: list[float]) -> dict:
@@ -145,7 +154,7 @@ def chart(rows: list[dict], path: Path) -> None:
             f"{r['system']}\n{r['method']}" + (f"\nunroll {r['unroll_steps']}" if r["unroll_steps"] > 1 else "")
             for r in sub
         ]
-        colors = {"plain": "#999999", "betty": "#d95f02", "scalemlo": "#1b9e77"}
+        colors = {"plain": "#999999", "betty": "#d95f02", "scalemlo": "#1b9e77", "scalemlo-shared": "#7570b3"}
         ax.bar(range(len(sub)), [r["median_step_s"] for r in sub], color=[colors[r["system"]] for r in sub])
         ax.set_xticks(range(len(sub)), labels, fontsize=7)
         ax.set_ylabel("median step time (s)")
@@ -160,6 +169,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["finite_difference", "sama"])
     parser.add_argument("--unrolls", nargs="+", type=int, default=[1, 5, 10], help="scalemlo unroll_steps to measure")
     parser.add_argument("--unroll-sizes", nargs="+", default=["4m"], help="sizes at which unroll_steps > 1 run")
+    parser.add_argument("--systems", nargs="+", default=["scalemlo", "scalemlo-shared"],
+                        choices=["scalemlo", "scalemlo-shared"], help="scalemlo variants to measure")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -175,13 +187,13 @@ def main() -> None:
     with_betty = importlib.util.find_spec("betty") is not None
     if not with_betty:
         print("Betty is not installed: pip install --no-deps --ignore-requires-python betty-ml==0.2.1 (skipping it)")
-    configs = list(configurations(args.sizes, args.methods, args.unrolls, args.unroll_sizes, with_betty))
+    configs = list(configurations(args.sizes, args.methods, args.unrolls, args.unroll_sizes, with_betty, args.systems))
     rounds: list[dict[tuple, dict]] = []
     start = time.time()
     for i in range(args.rounds):
         result = {}
         for cfg in configs:
-            result[key(cfg)] = run_one(cfg, args.steps, args.warmup)
+            result[key(cfg)] = run_one(cfg, args.steps, args.warmup, args.threads)
             r = result[key(cfg)]
             print(
                 f"round {i + 1}/{args.rounds} {cfg['system']:>8} {cfg['method']:>17} {cfg['size']:>5} "
@@ -203,6 +215,7 @@ def main() -> None:
         "rounds": args.rounds,
         "steps": args.steps,
         "warmup": args.warmup,
+        "threads": args.threads or torch_threads(),
     }
     out.with_suffix(".json").write_text(
         json.dumps(

@@ -10,7 +10,9 @@ interleaved rounds. Task: GPT-2-style causal LM (random token data, batch 8 x
 Systems:
 - plain:    weighted fine-tuning in plain torch (the weight net is fixed);
 - betty:    Betty 0.2.1 (``darts`` for finite_difference, ``sama``);
-- scalemlo: this library (levels in DeepSpeed ZeRO-0 fp32 engines).
+- scalemlo: this library (levels in DeepSpeed ZeRO-0 fp32 engines);
+- scalemlo-shared: the same with ``LevelConfig.shared_forward`` (the LM level declared
+  reweighted; the meta step inside the LM's step, on its forward: 7 units instead of 8).
 """
 
 from __future__ import annotations
@@ -113,6 +115,22 @@ def scalemlo_levels(held: bool = False):
     return LM, Reweight
 
 
+def scalemlo_shared_levels():
+    """The task's levels declared reweighted, for ``LevelConfig.shared_forward``: (LM, Reweight)."""
+    from scalemlo import Level
+
+    _, Reweight = scalemlo_levels()
+
+    class LM(Level):
+        def per_example_losses(self, batch):
+            return per_example_loss(self.module, batch[0])
+
+        def example_weights(self, batch, losses):
+            return self.uppers["reweight"](losses)
+
+    return LM, Reweight
+
+
 def betty_problems():
     """The two Betty problem classes of the task: (LM, Reweight)."""
     from betty.problems import ImplicitProblem
@@ -132,7 +150,8 @@ def betty_problems():
 def run_scalemlo(args) -> tuple[list[float], int]:
     from scalemlo import Engine, EngineConfig, LevelConfig
 
-    LM, Reweight = scalemlo_levels()
+    shared = args.system == "scalemlo-shared"
+    LM, Reweight = scalemlo_shared_levels() if shared else scalemlo_levels()
     lm, weigher = make_lm(args.size), WeightNet()
     lower = LM("lm", lm, torch.optim.Adam(lm.parameters(), lr=LM_LR), batches(args.size, 4, 0))
     upper = Reweight(
@@ -140,7 +159,7 @@ def run_scalemlo(args) -> tuple[list[float], int]:
         weigher,
         torch.optim.Adam(weigher.parameters(), lr=META_LR),
         batches(args.size, 4, 1),
-        config=LevelConfig(method=args.method, unroll_steps=args.unroll),
+        config=LevelConfig(method=args.method, unroll_steps=args.unroll, shared_forward=shared),
     )
     engine = Engine([lower, upper], {"reweight": ["lm"]}, EngineConfig(max_steps=0, progress_bar=False))
     # One measured "step" is one full cycle of unroll_steps lower steps and one
@@ -193,7 +212,7 @@ def run_betty(args) -> tuple[list[float], int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--system", choices=["plain", "betty", "scalemlo"], required=True)
+    parser.add_argument("--system", choices=["plain", "betty", "scalemlo", "scalemlo-shared"], required=True)
     parser.add_argument("--method", choices=["finite_difference", "sama", "none"], default="finite_difference")
     parser.add_argument("--size", choices=sorted(SIZES), default="4m")
     parser.add_argument("--unroll", type=int, default=1)
@@ -204,7 +223,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    runner = {"plain": run_plain, "betty": run_betty, "scalemlo": run_scalemlo}[args.system]
+    runner = {"plain": run_plain, "betty": run_betty, "scalemlo": run_scalemlo, "scalemlo-shared": run_scalemlo}[
+        args.system
+    ]
     times, params = runner(args)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(

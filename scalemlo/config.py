@@ -15,6 +15,7 @@ BACKENDS = ("deepspeed", "torch")
 SECOND_ORDER = ("autograd", "finite_difference")
 NONFINITE = ("raise", "skip")
 SHARED_FORWARD_METHODS = ("finite_difference", "sama", "neumann", "cg")
+SHARED_DIFFERENCES = ("one_sided", "central")
 
 
 def _method_names() -> tuple[str, ...]:
@@ -79,6 +80,10 @@ class LevelConfig:
             difference (ε = r / ||w||); its truncation error is linear in r and
             its rounding error grows as r shrinks. None: 1e-3 for float32 and
             lower precisions, 1e-5 for float64 (the parameters' dtype).
+        shared_forward_difference: "one_sided" (one moved forward: 7 units per
+            step; an error linear in the radius, nearly the same factor for
+            every example) or "central" (forwards at θ ± εw, radius
+            ``fd_radius``: 8 units, an error quadratic in the radius).
         gradient_accumulation: batches averaged per step of this level.
         gradient_clipping: max global gradient norm (0 disables).
         warmup_steps: global iterations during which this level does not step.
@@ -103,6 +108,7 @@ class LevelConfig:
     exact_max_params: int = 4096
     shared_forward: bool = False
     shared_forward_radius: float | None = None
+    shared_forward_difference: str = "one_sided"
     gradient_accumulation: int = 1
     gradient_clipping: float = 0.0
     warmup_steps: int = 0
@@ -125,6 +131,7 @@ class LevelConfig:
         _check_int("LevelConfig.exact_max_params", self.exact_max_params, 1)
         if not isinstance(self.shared_forward, bool):
             raise ValueError(f"LevelConfig.shared_forward must be True or False, got {self.shared_forward!r}")
+        _check_choice("LevelConfig.shared_forward_difference", self.shared_forward_difference, SHARED_DIFFERENCES)
         if self.shared_forward_radius is not None:
             _check_positive("LevelConfig.shared_forward_radius", self.shared_forward_radius)
         if self.shared_forward and self.method not in SHARED_FORWARD_METHODS:

@@ -158,6 +158,16 @@ def test_float32_estimator_close_to_reference(layers, width, bound, monkeypatch)
     assert err <= bound and cos > 0.9999, (err, cos)
 
 
+def test_central_difference_option_is_second_order(monkeypatch):
+    errors = []
+    for radius in (1e-2, 1e-3):
+        engine = program(shared_forward_difference="central", fd_radius=radius)
+        got, w, shared = shared_hypergradient(engine, monkeypatch)
+        ref = mixed_reference(engine.levels["model"].module, engine.levels["meta"].module, shared.batch, w)
+        errors.append(relative_error(got, ref)[0])
+    assert 70 < errors[0] / errors[1] < 130 and errors[0] < 1e-3, errors
+
+
 def test_truncation_error_is_linear_in_the_radius(monkeypatch):
     errors = []
     for radius in (1e-2, 1e-3):
@@ -280,6 +290,7 @@ def test_program_without_the_structure_is_refused(model_cls, match):
         ({"method": "exact"}, "mixed product is its last step"),
         ({"gradient_accumulation": 2}, "gradient_accumulation=2 cannot be used"),
         ({"shared_forward_radius": 0.0}, "shared_forward_radius must be > 0"),
+        ({"shared_forward_difference": "forward"}, "shared_forward_difference='forward' is not known"),
     ],
 )
 def test_bad_shared_forward_config_is_refused(config, match):

@@ -25,7 +25,9 @@ step, on that step's forward:
 5. the lower level finishes its step: new weights m_λ'(s_i), backward through
    the kept graph, optimizer step.
 
-7 forward-equivalent units per step instead of the central difference's 8,
+7 forward-equivalent units per step instead of the central difference's 8
+(``shared_forward_difference="central"`` takes both θ ± εw for 8 units and an
+error quadratic in the radius, still exact about the detach),
 and the directional derivatives are those of the training dynamics (the
 weights' inputs are never recomputed at moved parameters). The difference is
 one-sided: its truncation error is ε/2 · wᵀ∇²ℓ_i w / (∇ℓ_i · w) relative per
@@ -134,33 +136,48 @@ FALLBACK_RADIUS = 1e-3
 
 
 def radius_for(problem: ResponseProblem) -> float:
-    """``shared_forward_radius``, or the default for the lower level's parameter dtype."""
-    if problem.config.shared_forward_radius is not None:
-        return problem.config.shared_forward_radius
+    """The radius of the difference: ``fd_radius`` for the central one; for the one-sided one
+    ``shared_forward_radius``, or the default for the lower level's parameter dtype."""
+    config = problem.config
+    if config.shared_forward_difference == "central":
+        return config.fd_radius
+    if config.shared_forward_radius is not None:
+        return config.shared_forward_radius
     return DEFAULT_RADIUS.get(problem.local_shards[0].dtype, FALLBACK_RADIUS)
 
 
 def mixed_(problem: ResponseProblem, w: vectors.Vector) -> dict[str, vectors.Vector]:
-    """(d²f / dλ dθ) w for every upper, from the shared forward and one moved forward; takes ``w``'s storage."""
-    radius = radius_for(problem)
+    """(d²f / dλ dθ) w for every upper, from the shared forward and one moved forward (two with
+    ``shared_forward_difference="central"``); takes ``w``'s storage."""
     shared = problem.shared
-    lower = problem.lower
     losses = shared.forward(problem.all_levels)
     base = losses.detach()
     params = [p for y in problem.uppers for p in y.params]
     size = float(problem.across_ranks.norm(w))
     if size == 0.0:
         return problem._split(vectors.zeros_like(params))
-    eps = radius / size
-    try:
-        with vectors.perturbed_(problem.local_shards, w, eps), torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(shared.rng_state)  # the dropout masks of the shared forward
-            with frozen(problem.all_levels):
-                moved = lower.per_example_losses(shared.batch)
-    finally:
-        lower.backend.release_gathered()
-    slopes = (moved.detach() - base) / eps  # c_i = (ℓ_i(θ + εw) − ℓ_i(θ)) / ε
+    eps = radius_for(problem) / size
+    if problem.config.shared_forward_difference == "central":
+        with vectors.perturbed_(problem.local_shards, w, eps):
+            plus = _moved_losses(problem)
+        with vectors.perturbed_(problem.local_shards, w, -1.0):  # the realized step, reversed
+            minus = _moved_losses(problem)
+        slopes = (plus - minus) / (2 * eps)
+    else:
+        with vectors.perturbed_(problem.local_shards, w, eps):
+            slopes = (_moved_losses(problem) - base) / eps  # c_i = (ℓ_i(θ + εw) − ℓ_i(θ)) / ε
     with problem._evaluating(problem.uppers):
-        weights = lower.example_weights(shared.batch, base)
+        weights = problem.lower.example_weights(shared.batch, base)
         grads = torch.autograd.grad((slopes * weights).mean(), params, allow_unused=True)
     return problem._split(vectors.grads_or_zeros(grads, params))
+
+
+def _moved_losses(problem: ResponseProblem) -> torch.Tensor:
+    """ℓ_i at the (moved) parameters, without gradient, with the shared forward's random state."""
+    lower, shared = problem.lower, problem.shared
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), frozen(problem.all_levels):
+            torch.set_rng_state(shared.rng_state)  # the dropout masks of the shared forward
+            return lower.per_example_losses(shared.batch).detach()
+    finally:
+        lower.backend.release_gathered()
