@@ -85,20 +85,47 @@ def reference(tmp_path_factory):
     return t
 
 
+class CountForwards(TrainerCallback):
+    def __init__(self, model):
+        self.count = 0
+        model.register_forward_hook(lambda *_: setattr(self, "count", self.count + 1))
+
+
 def test_the_weights_learn_to_trust_the_clean_source(reference):
     alpha = reference.reweighter.source_weights()
     assert alpha["clean"] > 0.55 > alpha["noisy"]  # started at 0.5 each
-    assert reference._meta_level.steps == 6
+    # shared forward (the default): the meta step made due by step t is taken inside step t + 1, so
+    # the one due after the last step (6) is not taken
+    assert reference.args.meta_level_config().shared_forward and reference._meta_level.steps == 5
     logged = [h for h in reference.state.log_history if "meta/hypergrad_norm" in h]
-    assert len(logged) == 6 and all(h["weight/source/noisy"] < h["weight/source/clean"] for h in logged[1:])
+    assert len(logged) == 5 and all(h["weight/source/noisy"] < h["weight/source/clean"] for h in logged[1:])
 
 
-def test_gradient_accumulation_is_right_for_both_levels(tmp_path, reference):
-    """Batches of 8 in one step, or the same 8 in two micro-batches of 4: one trajectory. The weights are
-    fixed over a step's micro-batches, and the hypergradient differentiates both of them."""
-    t = trainer(tmp_path, batch=4, accumulation=2)
+@pytest.mark.parametrize("shared, forwards", [(True, 6 + 5 * 2), (False, 6 + 6 * 4)])
+def test_a_shared_meta_step_costs_two_forwards_of_the_model(tmp_path, shared, forwards):
+    """6 steps: shared, each meta step adds the meta batch's forward and one moved forward (its training
+    forward is the step's own); without, the meta batch's, the held losses' and two moved forwards."""
+    t = trainer(tmp_path, shared_forward=shared)
+    counter = CountForwards(t.model)
     t.train()
-    a, b = parameters(t), parameters(reference)
+    assert counter.count == forwards
+
+
+@pytest.fixture(scope="module")
+def unshared_reference(tmp_path_factory):
+    t = trainer(tmp_path_factory.mktemp("unshared"), shared_forward=False)
+    t.train()
+    return t
+
+
+def test_gradient_accumulation_is_right_for_both_levels(tmp_path, unshared_reference):
+    """Batches of 8 in one step, or the same 8 in two micro-batches of 4: one trajectory. The weights are
+    fixed over a step's micro-batches, and the hypergradient differentiates both of them (so accumulation
+    turns the shared forward off by default: it would differentiate the first micro-batch only)."""
+    t = trainer(tmp_path, batch=4, accumulation=2)
+    assert not t.args.meta_level_config().shared_forward
+    t.train()
+    a, b = parameters(t), parameters(unshared_reference)
     assert float((a - b).norm() / b.norm()) < 1e-5
 
 

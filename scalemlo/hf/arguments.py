@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from scalemlo.config import LevelConfig
+from scalemlo.config import SHARED_FORWARD_METHODS, LevelConfig
 
 META_OPTIMIZERS = ("adam", "adamw", "sgd")
 LONG_SEQUENCES = ("truncate", "refuse")
@@ -62,6 +62,22 @@ class ReweightingArguments(TrainingArguments):
         default="finite_difference",
         metadata=_help("How neumann/cg form second-order products: finite_difference or autograd (not at ZeRO-3)"),
     )
+    shared_forward: bool | None = field(
+        default=None,
+        metadata=_help(
+            "Take each meta step inside the model's next optimizer step, on its forward (7 forward units instead "
+            "of 8, exact about the weights' held inputs; scalemlo.LevelConfig.shared_forward). Default: on for "
+            "finite_difference, sama, neumann and cg without gradient accumulation on either level (with it, the "
+            "meta step would differentiate the first micro-batch of the step only)"
+        ),
+    )
+    shared_forward_difference: str = field(
+        default="one_sided",
+        metadata=_help("Shared forward: 'one_sided' (one moved forward) or 'central' (two, error quadratic in fd_radius)"),
+    )
+    shared_forward_radius: float | None = field(
+        default=None, metadata=_help("Shared forward: radius of the one-sided difference (default by dtype: 1e-3 fp32)")
+    )
     meta_max_grad_norm: float = field(default=0.0, metadata=_help("Gradient clipping of the weighting model (0: off)"))
     meta_deepspeed: str | None = field(
         default=None,
@@ -99,6 +115,15 @@ class ReweightingArguments(TrainingArguments):
             raise ValueError(f"--meta_warmup_steps must be >= 0, got {self.meta_warmup_steps}")
         self.meta_level_config()  # bad method names, radii, ... fail now, before any model is built
 
+    def _shared_forward(self) -> bool:
+        if self.shared_forward is not None:
+            return self.shared_forward
+        return (
+            self.hypergradient_method in SHARED_FORWARD_METHODS
+            and self.meta_gradient_accumulation_steps == 1
+            and self.gradient_accumulation_steps == 1  # else the meta step would see the first micro-batch only
+        )
+
     def meta_level_config(self) -> LevelConfig:
         """The weighting level's :class:`scalemlo.LevelConfig` from these arguments."""
         return LevelConfig(
@@ -111,6 +136,9 @@ class ReweightingArguments(TrainingArguments):
             penalty_alpha=self.penalty_alpha,
             penalty_steps=self.penalty_steps,
             second_order=self.second_order,
+            shared_forward=self._shared_forward(),
+            shared_forward_difference=self.shared_forward_difference,
+            shared_forward_radius=self.shared_forward_radius,
             gradient_accumulation=self.meta_gradient_accumulation_steps,
             gradient_clipping=self.meta_max_grad_norm,
             deepspeed_config=self.meta_deepspeed,

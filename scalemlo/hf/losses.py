@@ -79,10 +79,7 @@ def per_example_causal_lm_loss(
     batch_size, seq_len, vocab_size = _check_inputs(logits, labels, attention_mask, chunk_tokens)
     device = logits.device
     labels = labels.to(device)
-    counted = labels[:, 1:] != ignore_index
-    if attention_mask is not None:
-        attended = attention_mask.to(device) != 0
-        counted = counted & attended[:, 1:] & attended[:, :-1]
+    counted = counted_targets(labels, attention_mask, ignore_index)
     example_index, position = counted.nonzero(as_tuple=True)  # position t predicts labels[:, t + 1]
     targets = labels[example_index, position + 1].to(torch.int64)
     if targets.numel() and bool(((targets < 0) | (targets >= vocab_size)).any()):
@@ -98,6 +95,16 @@ def per_example_causal_lm_loss(
     token_counts = counted.sum(dim=1)
     losses = loss_sums / token_counts.clamp(min=1).to(torch.float32)
     return losses, token_counts
+
+
+def counted_targets(labels: Tensor, attention_mask: Tensor | None = None, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """[B, T-1] bool: which targets :func:`per_example_causal_lm_loss` counts (its ``token_counts``
+    are the row sums): ``labels[:, t + 1]`` is not ignored and positions t and t + 1 are attended."""
+    counted = labels[:, 1:] != ignore_index
+    if attention_mask is not None:
+        attended = attention_mask.to(labels.device) != 0
+        counted = counted & attended[:, 1:] & attended[:, :-1]
+    return counted
 
 
 class _ChunkedTokenCrossEntropy(torch.autograd.Function):

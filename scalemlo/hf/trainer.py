@@ -20,6 +20,16 @@ method registry as :class:`scalemlo.Engine` (``Engine.step_level``).
 Gradient accumulation is right for both levels: the weights stay fixed over
 an optimizer step's micro-batches (they only change between steps), and the
 hypergradient differentiates the mean over those same micro-batches.
+
+By default (``--shared_forward``, on for finite_difference, sama, neumann and
+cg) the meta step shares the model's forward
+(:mod:`scalemlo.hypergrad.shared_forward`): it is taken at the start of the
+optimizer step after the one that made it due, between the forward of that
+step's first micro-batch and its backward, on that micro-batch (7 forward
+units instead of 8, and exact about the weights' held inputs); the weights of
+the whole step then come from the new weighting parameters. The point it
+differentiates at is the same (the parameters after the due step); a meta step
+due after the last optimizer step is not taken.
 """
 
 from __future__ import annotations
@@ -41,8 +51,9 @@ from scalemlo.distributed import ensure_distributed, is_main_process, world_size
 from scalemlo.engine import Engine
 from scalemlo.hf.arguments import ReweightingArguments
 from scalemlo.hf.exports import WeightTable, write_weights
-from scalemlo.hf.losses import per_example_causal_lm_loss
+from scalemlo.hf.losses import counted_targets, per_example_causal_lm_loss
 from scalemlo.hf.reweighting import CollapseMonitor, Reweighter, build_reweighter, weight_stats
+from scalemlo.hypergrad.shared_forward import SharedForward
 from scalemlo.level import FED, Level, frozen
 
 log = logging.getLogger(__name__)
@@ -76,15 +87,21 @@ def per_example_losses(module: torch.nn.Module, batch: Mapping[str, Any]) -> tup
 
 
 class _Model(Level):
-    """The model the Trainer fine-tunes: its objective is the weighted loss."""
+    """The model the Trainer fine-tunes, a reweighted level: its objective is sum_i w_i l_i / n over the
+    n examples with a counted target (the weighting's inputs held: ``Level.held``, as in compute_loss)."""
 
-    def training_step(self, batch):
-        losses, counts = per_example_losses(self.module, batch)
-        # held: the weighting's inputs are constants of the step, also at the moved parameters a
-        # hypergradient evaluates (Level.held), as in the Trainer's own step (compute_loss)
-        weights = self.uppers["meta"].module.weights(self.held(losses), batch)
-        valid = counts > 0
-        return (weights * losses)[valid].sum() / valid.sum().clamp_min(1)
+    def per_example_losses(self, batch):
+        return per_example_losses(self.module, batch)[0]
+
+    def example_weights(self, batch, losses):
+        return valid_weights(self.uppers["meta"].module.weights(losses, batch), batch)
+
+
+def valid_weights(weights: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+    """Weights that make mean_i w_i l_i the mean over the examples with a counted target (the others have
+    loss 0, and get weight 0)."""
+    valid = counted_targets(batch["labels"].to(weights.device), batch.get("attention_mask")).any(dim=1)
+    return weights * valid * (len(valid) / valid.sum().clamp_min(1))
 
 
 class _Meta(Level):
@@ -105,7 +122,8 @@ class _Schedule(TrainerCallback):
         self.trainer._start_mlo()
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.trainer._model_level.backend.record_step()  # the lrs the coming step uses
+        if not self.trainer._shared:  # the lrs the coming step uses (shared: the methods read the coming lrs)
+            self.trainer._model_level.backend.record_step()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._maybe_meta_step()
@@ -146,6 +164,8 @@ class ReweightingTrainer(Trainer):
         self._resume_dir: Path | None = None
         self._group_index: list[int] | None = None
         self._meta_logs: dict[str, float] = {}
+        self._shared = self.args.meta_level_config().shared_forward
+        self._meta_due = False  # shared forward: a meta step waits for the next optimizer step's forward
         self._weight_sums: dict[str, float] = {}
         self._weight_count = 0
         self._collapse = CollapseMonitor(raw_epsilon=1e-6)
@@ -206,12 +226,23 @@ class ReweightingTrainer(Trainer):
 
     # ---- the loss the Trainer trains on -------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The weighted loss; the weighting module is held fixed (its step comes from the hypergradient)."""
+        """The weighted loss; the weighting module is held fixed (its step comes from the hypergradient).
+
+        With a shared forward and a meta step due, the meta step is taken here, between this
+        micro-batch's forward and the weights that multiply its losses."""
+        losses = None
+        if self._meta_due and model.training:
+            self._meta_due = False
+            shared = SharedForward(self._model_level, inputs, losses_of=lambda batch: per_example_losses(model, batch)[0])
+            self._meta_step(shared)
+            shared.keep_buffers()
+            losses = shared.forward(list(self.mlo.levels.values()))
         with frozen([self._meta_level]):
-            losses, counts = per_example_losses(model, inputs)
+            if losses is None:
+                losses = per_example_losses(model, inputs)[0]
             weights = self.reweighter.weights(losses.detach(), inputs)
-        valid = counts > 0
-        loss = (weights * losses)[valid].sum() / valid.sum().clamp_min(1)
+        loss = (valid_weights(weights, inputs) * losses).mean()
+        valid = counted_targets(inputs["labels"].to(weights.device), inputs.get("attention_mask")).any(dim=1)
         self._track_weights(weights.detach()[valid], inputs.get("source"))
         if model.training:
             self.weight_table.update(inputs.get("id"), weights.detach(), inputs.get("source"))
@@ -261,16 +292,19 @@ class ReweightingTrainer(Trainer):
         config = EngineConfig(max_steps=0, log_every=0, progress_bar=False, nonfinite=args.nonfinite)
         self.mlo = Engine([model_level, meta_level], {"meta": ["model"]}, config)
         if args.hypergradient_method == "sama":
-            self._keep_step_gradients(model_level.backend)
+            self._keep_step_gradients(model_level.backend, record=self._shared)
         if self._resume_dir is not None:
             scalemlo_checkpoint.load(self.mlo, self._resume_dir / SCALEMLO_DIR, levels=["meta"])
+            # a meta step made due by the checkpoint's step is taken in the step after it
+            self._meta_due = self._shared and self._meta_step_due_after(self.state.global_step)
 
     @staticmethod
-    def _keep_step_gradients(backend) -> None:
+    def _keep_step_gradients(backend, record: bool = False) -> None:
         """sama reads the gradients of the model's last optimizer step, which the Trainer's step
         (DeepSpeed's included) clears: a pre-step hook on the torch optimizer keeps a copy of each
         (one parameter-sized buffer) in ``backend.last_step``, whose lrs ``record_step`` noted at
-        the step's start."""
+        the step's start (``record``: the hook records the step itself, for a shared forward, whose
+        meta step comes after the next step's start)."""
         optimizer = backend._optimizer_for_state  # the torch optimizer, under any DeepSpeed wrapper
         if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)):
             raise ValueError(
@@ -279,7 +313,7 @@ class ReweightingTrainer(Trainer):
             )
 
         def keep(_optimizer, _args, _kwargs) -> None:
-            if backend.last_step is None:
+            if record or backend.last_step is None:
                 backend.record_step()
             backend.last_step.grads = [
                 torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in backend.params
@@ -305,11 +339,20 @@ class ReweightingTrainer(Trainer):
         return DataLoader(self.meta_dataset, batch_size=args.per_device_meta_batch_size, sampler=sampler,
                           collate_fn=self.data_collator, drop_last=True)  # fmt: skip
 
+    def _meta_step_due_after(self, step: int) -> bool:
+        args = self.args
+        return step > args.meta_warmup_steps and not step % args.unroll_steps
+
     def _maybe_meta_step(self) -> None:
-        step, args = self.state.global_step, self.args
-        if step <= args.meta_warmup_steps or step % args.unroll_steps:
+        if not self._meta_step_due_after(self.state.global_step):
             return
-        metrics = self.mlo.step_level("meta")
+        if self._shared:
+            self._meta_due = True  # taken inside the next step, on its forward (compute_loss)
+        else:
+            self._meta_step()
+
+    def _meta_step(self, shared: SharedForward | None = None) -> None:
+        metrics = self.mlo.step_level("meta", shared=shared)
         self._meta_logs = {f"meta/{k.split('/', 1)[1]}" if k.startswith("meta/") else k: v for k, v in metrics.items()}
 
     # ---- logging ----------------------------------------------------------------------------------

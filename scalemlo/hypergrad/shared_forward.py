@@ -46,7 +46,7 @@ before the kept backward gathers them again.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -65,13 +65,16 @@ class SharedForward:
     Attributes:
         lower: the reweighted level whose step is in progress.
         batch: that step's batch.
+        losses_of: the forward of the step (default ``lower.per_example_losses``), e.g. through a
+            wrapper the driver's step uses; the moved forwards use ``lower.per_example_losses``.
         losses: ℓ_i(θ) with its graph once :meth:`forward` ran, else None.
         rng_state: the CPU generator state the forward started from (replayed for the moved forward).
     """
 
-    def __init__(self, lower: Level, batch: Any):
+    def __init__(self, lower: Level, batch: Any, losses_of: Callable[[Any], torch.Tensor] | None = None):
         self.lower = lower
         self.batch = batch
+        self.losses_of = losses_of
         self.losses: torch.Tensor | None = None
         self.rng_state: torch.Tensor | None = None
         self._buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -81,7 +84,10 @@ class SharedForward:
         if self.losses is None:
             self.rng_state = torch.get_rng_state()
             with frozen([lv for lv in others if lv is not self.lower]):
-                self.losses = self.lower.checked_per_example_losses(self.batch)
+                if self.losses_of is None:
+                    self.losses = self.lower.checked_per_example_losses(self.batch)
+                else:
+                    self.losses = self.losses_of(self.batch)
             # ZeRO-3 keeps some parameters gathered after a forward (persistent small ones): re-partition,
             # so that the moved forward sees every write to the partitions (the backward gathers again)
             self.lower.backend.release_gathered()
