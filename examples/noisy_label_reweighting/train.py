@@ -286,27 +286,43 @@ def example_weights(out: torch.Tensor, link: str, normalize: str) -> torch.Tenso
 
 
 class Classifier(Level):
-    """Lower level: (weighted) cross-entropy on the training batches."""
+    """Lower level: (weighted) cross-entropy on the training batches, a reweighted level.
+
+    Its objective is Level's default for that structure, mean_i w_i l_i with the weight net reading
+    the losses through ``Level.held`` (a constant of the step, also when a hypergradient re-evaluates
+    this loss at moved parameters; README: "Why sama inverted"), which an upper level with
+    ``shared_forward`` can also take its step inside of.
+    """
 
     def __init__(
-        self, *args, normalize: str, test: tuple, meta: tuple, link: str = "sigmoid", input: str = "held", **kwargs
+        self, *args, normalize: str, test: tuple, meta: tuple, link: str = "sigmoid", **kwargs
     ):
         super().__init__(*args, **kwargs)
-        self.normalize, self.link, self.input = normalize, link, input
+        self.normalize, self.link = normalize, link
         self.test, self.meta = test, meta
 
-    def training_step(self, batch):
+    def per_example_losses(self, batch):
         x, y = batch
         self.examples_seen = len(y)  # this rank's share of the global batch
-        losses = F.cross_entropy(self.module(x), y, reduction="none")
+        return F.cross_entropy(self.module(x), y, reduction="none")
+
+    def example_weights(self, batch, losses):
+        if "reweight" not in self.uppers:  # the reference systems: uniform weights
+            return torch.ones_like(losses)
+        out = self.uppers["reweight"](losses.unsqueeze(-1)).squeeze(-1)
+        return example_weights(out, self.link, self.normalize)
+
+
+class DetachedClassifier(Classifier):
+    """``weight_net.input: detached``: the weight net reads ``loss.detach()``, recomputed at the moved
+    parameters of a difference (the biased estimator of the README's "Why sama inverted")."""
+
+    def training_step(self, batch):
+        losses = self.per_example_losses(batch)
         if "reweight" not in self.uppers:
             return losses.mean()
-        # held: the weight net's input is a constant of the step, also when a hypergradient re-evaluates
-        # this loss at moved parameters (Level.held; README: "Why sama inverted")
-        inputs = self.held(losses) if self.input == "held" else losses.detach()
-        out = self.uppers["reweight"](inputs.unsqueeze(-1)).squeeze(-1)
-        w = example_weights(out, self.link, self.normalize)
-        return (w * losses).sum() / len(losses)
+        out = self.uppers["reweight"](losses.detach().unsqueeze(-1)).squeeze(-1)
+        return (example_weights(out, self.link, self.normalize) * losses).sum() / len(losses)
 
     def validation_step(self):
         x, y = self.meta
@@ -373,14 +389,13 @@ def run_system(cfg: dict, data: dict, system: str, seed: int, log=print) -> dict
         train = Batches(data["x_meta"], data["y_meta"], c["batch_size"], seed)
     else:
         train = Batches(data["x_train"], data["y_train"], c["batch_size"], seed)
-    classifier = Classifier(
+    classifier = (Classifier if wn["input"] == "held" else DetachedClassifier)(
         "classifier",
         net,
         lambda params: torch.optim.Adam(params, lr=c["lr"], weight_decay=c["weight_decay"]),
         data=train,
         normalize=wn["normalize"],
         link=wn["link"],
-        input=wn["input"],
         test=(data["x_test"], data["y_test"]),
         meta=(data["x_meta"], data["y_meta"]),
     )

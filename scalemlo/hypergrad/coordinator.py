@@ -85,8 +85,8 @@ class Coordinator:
                     shared=shared if shared is not None and shared.lower is lower else None,
                 )
                 with lower.holding():  # the inputs the lower step holds fixed (Level.held) stay fixed
-                    if problem.shared is not None:  # the step's own forward gives the held losses
-                        lower.prime_held(0, [problem.shared.forward(all_levels)])
+                    if problem.shared is not None:
+                        pass  # the step's own forward gives the held losses when a product needs them
                     elif lower.uses_held is not False:  # True, or not known yet (the evaluation tells)
                         problem.evaluate_held()
                         lower.uses_held = bool(lower.uses_held)

@@ -140,8 +140,15 @@ class ResponseProblem:
                 self.lower.evaluating_batch(i)
                 self.lower.loss(batch)
 
+    def _held_from_shared_forward(self) -> None:
+        """With a shared forward, before the first product that evaluates X's objective (called at an
+        unmoved point): run the step's forward and hold its losses, as ``training_step`` would."""
+        if self.shared is not None and not self.lower._held:
+            self.lower.prime_held(0, [self.shared.forward(self.all_levels)])
+
     def upper_grads(self) -> dict[str, vectors.Vector]:
         """dF_X/dp_Y at the current point, for every upper Y (one backward to the uppers only)."""
+        self._held_from_shared_forward()
         params = [p for y in self.uppers for p in y.params]
         with self._evaluating(self.uppers):
             grads = self._summed_over_batches(
@@ -151,12 +158,14 @@ class ResponseProblem:
 
     def lower_grad(self) -> vectors.Vector:
         """d f_X / dp_X at the current point, in the layout of ``local_shards``, averaged over ranks."""
+        self._held_from_shared_forward()
         with self._evaluating([self.lower]):
             return self._summed_over_batches(self.lower.backend.gradient)
 
     def lower_grad_graph(self) -> vectors.Vector:
         """d f_X / dp_X with its graph kept (``create_graph``), for second derivatives; this rank's data only."""
         self.require_autograd("a dense Hessian")
+        self._held_from_shared_forward()
         params = self.lower.params
         with self._evaluating([self.lower]):
             return self._summed_over_batches(
@@ -190,6 +199,7 @@ class ResponseProblem:
 
     def hvp(self, w: Sequence[torch.Tensor]) -> vectors.Vector:
         """H_X w, averaged over ranks, by double backward or by a central difference of gradients."""
+        self._held_from_shared_forward()
         if self.config.second_order == "finite_difference":
             step = vectors.clone(w)
             return self.central_difference_(step, self.config.fd_radius, lambda: [self.lower_grad()])[0]
@@ -202,6 +212,7 @@ class ResponseProblem:
     def mixed_autograd(self, w: Sequence[torch.Tensor]) -> dict[str, vectors.Vector]:
         """(d^2 f_X / dp_Y dp_X) w for every upper Y, by double backward (this rank's data)."""
         self.require_autograd("second_order='autograd'")
+        self._held_from_shared_forward()
         upper_params = [p for y in self.uppers for p in y.params]
         with self._evaluating([self.lower, *self.uppers]):
             out = self._summed_over_batches(self._double_backward(w, upper_params))

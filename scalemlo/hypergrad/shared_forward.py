@@ -82,7 +82,10 @@ class SharedForward:
     def forward(self, others: Sequence[Level]) -> torch.Tensor:
         """ℓ_i(θ) on the batch, graph kept for the lower level's backward (computed once)."""
         if self.losses is None:
-            self.rng_state = torch.get_rng_state()
+            if self.rng_state is None:
+                self.rng_state = torch.get_rng_state()
+            elif not torch.equal(self.rng_state, torch.get_rng_state()):
+                raise RuntimeError("scalemlo: the random state moved between the moved forward and the step's forward")
             with frozen([lv for lv in others if lv is not self.lower]):
                 if self.losses_of is None:
                     self.losses = self.lower.checked_per_example_losses(self.batch)
@@ -154,24 +157,33 @@ def radius_for(problem: ResponseProblem) -> float:
 
 def mixed_(problem: ResponseProblem, w: vectors.Vector) -> dict[str, vectors.Vector]:
     """(d²f / dλ dθ) w for every upper, from the shared forward and one moved forward (two with
-    ``shared_forward_difference="central"``); takes ``w``'s storage."""
+    ``shared_forward_difference="central"``); takes ``w``'s storage and frees it.
+
+    The moved forward runs first, while the step's forward has not built its graph yet (unless
+    a product of the method needed it already), and ``w`` is freed before that graph is built:
+    the parameter-sized w and the kept activations are never held together."""
     shared = problem.shared
-    losses = shared.forward(problem.all_levels)
-    base = losses.detach()
     params = [p for y in problem.uppers for p in y.params]
     size = float(problem.across_ranks.norm(w))
     if size == 0.0:
         return problem._split(vectors.zeros_like(params))
     eps = radius_for(problem) / size
+    if shared.rng_state is None:  # the random state the step's forward will start from
+        shared.rng_state = torch.get_rng_state()
     if problem.config.shared_forward_difference == "central":
         with vectors.perturbed_(problem.local_shards, w, eps):
             plus = _moved_losses(problem)
         with vectors.perturbed_(problem.local_shards, w, -1.0):  # the realized step, reversed
             minus = _moved_losses(problem)
-        slopes = (plus - minus) / (2 * eps)
     else:
         with vectors.perturbed_(problem.local_shards, w, eps):
-            slopes = (_moved_losses(problem) - base) / eps  # c_i = (ℓ_i(θ + εw) − ℓ_i(θ)) / ε
+            plus = _moved_losses(problem)
+    w.clear()  # the realized step is not needed after the exact restore
+    base = shared.forward(problem.all_levels).detach()
+    if problem.config.shared_forward_difference == "central":
+        slopes = (plus - minus) / (2 * eps)
+    else:
+        slopes = (plus - base) / eps  # c_i = (ℓ_i(θ + εw) − ℓ_i(θ)) / ε
     with problem._evaluating(problem.uppers):
         weights = problem.lower.example_weights(shared.batch, base)
         grads = torch.autograd.grad((slopes * weights).mean(), params, allow_unused=True)
