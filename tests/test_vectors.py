@@ -43,6 +43,20 @@ def test_perturbation_in_pieces_restores_bit_for_bit(monkeypatch):
     assert torch.equal(param.detach(), values) and torch.equal(other.detach(), other_values)
 
 
+@pytest.mark.parametrize("chunk", [7, 1 << 22])
+def test_moved_goes_to_the_rounded_point_and_restores_bit_for_bit(monkeypatch, chunk):
+    monkeypatch.setattr(V, "_CHUNK", chunk)  # 7: a 5x9 tensor in 7 pieces
+    g = torch.Generator().manual_seed(2)
+    values = torch.randn(5, 9, generator=g)
+    values[3, 4] = 1e-30  # where subtracting the step back would be inexact
+    param = torch.nn.Parameter(values.clone())
+    saved = torch.ones(5, 9, requires_grad=True) * param  # a graph that saved the parameter
+    step = [torch.randn(5, 9, generator=g)]
+    expected = torch.add(values, step[0], alpha=0.3)
+    with V.moved_([param], step, 0.3):
+        assert torch.equal(param.detach(), expected)  # fl(p + eps d) itself
+    assert torch.equal(param.detach(), values)
+    saved.sum().backward()  # no version change: the graph is still usable
 def test_grads_or_zeros_copies_expansions_and_shared_tensors():
     x = torch.nn.Parameter(torch.ones(3))
     y = torch.nn.Parameter(torch.ones(3))

@@ -37,8 +37,8 @@ hypergradient_accuracy.py`` reports both). The error is nearly the same
 factor for every example, so it scales the hypergradient more than it turns it. The learning rate in w is that of the step about to be taken
 (the one the hypergradient differentiates).
 
-The perturbation writes the parameters' storage through ``p.data`` (as
-``vectors.perturbed_`` always does), so the kept graph's saved tensors see no
+The perturbation (``vectors.moved_``: w's storage keeps θ while the
+parameters are moved, so the restore is a copy) writes through ``p.data``, so the kept graph's saved tensors see no
 version change, and the restore is exact, so they hold the values the forward
 saw; at ZeRO-3 the partitions are restored and re-released
 before the kept backward gathers them again.
@@ -176,7 +176,7 @@ def mixed_(problem: ResponseProblem, w: vectors.Vector) -> dict[str, vectors.Vec
         with vectors.perturbed_(problem.local_shards, w, -1.0):  # the realized step, reversed
             minus = _moved_losses(problem)
     else:
-        with vectors.perturbed_(problem.local_shards, w, eps):
+        with vectors.moved_(problem.local_shards, w, eps):  # w's storage holds θ meanwhile
             plus = _moved_losses(problem)
     w.clear()  # the realized step is not needed after the exact restore
     base = shared.forward(problem.all_levels).detach()

@@ -226,6 +226,36 @@ def perturbed_(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor]
 
 
 @contextlib.contextmanager
+def moved_(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], eps: float):
+    """Move ``params`` to ``fl(params + eps * direction)`` and back, bit for bit; consumes ``direction``.
+
+    For a caller that needs no realized step afterwards (the shared forward's one-sided difference):
+    ``direction``'s storage keeps the parameters' values while they are moved (a swap through one
+    scratch buffer of at most ``_CHUNK`` elements), and the restore copies them back. About a fifth
+    of :func:`perturbed_`'s cost (124M parameters, one thread: 0.15 s against 0.66 s for both ways).
+    Writes through ``p.data`` (no version-counter change, see :func:`perturbed_`). Afterwards
+    ``direction`` holds the parameters' values, not the direction.
+    """
+    params = [p.data for p in params]
+    pieces = [piece for p, d in zip(params, direction) for piece in _pieces(p, d)]
+    largest = max((p.numel() for p, _ in pieces), default=0)
+    with torch.no_grad():
+        scratch_buf = pieces[0][0].new_empty(largest) if largest else None
+        for p, d in pieces:
+            scratch = scratch_buf[: p.numel()].view_as(p)
+            torch.add(p, d.to(p.dtype), alpha=eps, out=scratch)
+            d.copy_(p)
+            p.copy_(scratch)
+        del scratch_buf
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.copy_(d)
+
+
+@contextlib.contextmanager
 def swapped_(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]):
     """Exchange the contents of ``params`` and ``values`` in place for a while (exact); writes both."""
 
