@@ -312,6 +312,15 @@ class Classifier(Level):
         out = self.uppers["reweight"](losses.unsqueeze(-1)).squeeze(-1)
         return example_weights(out, self.link, self.normalize)
 
+    def validation_step(self):
+        x, y = self.meta
+        logits = self.module(x)
+        return {
+            "test_acc": accuracy(self.module, *self.test),
+            "meta_acc": float((logits.argmax(-1) == y).float().mean()),
+            "meta_loss": float(F.cross_entropy(logits, y)),
+        }
+
 
 class DetachedClassifier(Classifier):
     """``weight_net.input: detached``: the weight net reads ``loss.detach()``, recomputed at the moved
@@ -323,15 +332,6 @@ class DetachedClassifier(Classifier):
             return losses.mean()
         out = self.uppers["reweight"](losses.detach().unsqueeze(-1)).squeeze(-1)
         return (example_weights(out, self.link, self.normalize) * losses).sum() / len(losses)
-
-    def validation_step(self):
-        x, y = self.meta
-        logits = self.module(x)
-        return {
-            "test_acc": accuracy(self.module, *self.test),
-            "meta_acc": float((logits.argmax(-1) == y).float().mean()),
-            "meta_loss": float(F.cross_entropy(logits, y)),
-        }
 
 
 class Reweight(Level):
