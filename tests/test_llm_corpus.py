@@ -82,14 +82,14 @@ def test_splits_are_disjoint_and_cover_every_document_once(corpus, built):
 
 def test_corrupted_share_only_in_corrupted_sources_of_train(corpus, built):
     settings, info = corpus.CorpusSettings(), built["info"]
-    assert settings.corruption_rate == 0.3
+    assert settings.corruption_rate == 0.5 and len(settings.corrupted_sources) == 3
     train = built["splits"]["train"]
     in_corrupted = 0
     for source in corpus.SOURCE_TOPICS:
         rows = [row for row in train if row["source"] == source]
         n_bad = sum(row["corrupted"] for row in rows)
         if source in settings.corrupted_sources:
-            assert n_bad == round(0.3 * len(rows))
+            assert n_bad == round(settings.corruption_rate * len(rows))
             kinds = collections.Counter(row["corruption"] for row in rows if row["corrupted"])
             assert set(kinds) == set(corpus.CORRUPTIONS) and max(kinds.values()) - min(kinds.values()) <= 1
             in_corrupted += len(rows)
@@ -97,7 +97,8 @@ def test_corrupted_share_only_in_corrupted_sources_of_train(corpus, built):
             assert n_bad == 0
         assert info["splits"]["train"]["per_source"][source] == {"documents": len(rows), "corrupted": n_bad}
     share = sum(row["corrupted"] for row in train) / in_corrupted
-    assert abs(share - 0.3) < 0.005
+    assert abs(share - settings.corruption_rate) < 0.005
+    assert abs(info["splits"]["train"]["corrupted_share"] - 0.3) < 0.02  # about 30 % of all train documents
     assert info["splits"]["train"]["corrupted_share_in_corrupted_sources"] == pytest.approx(share)
     for row in train:
         assert row["corrupted"] == (row["corruption"] != "") and row["corruption"] in ("", *corpus.CORRUPTIONS)
@@ -123,13 +124,29 @@ def test_every_corruption_really_corrupts(corpus, built):
         elif kind == "char_noise":
             assert len(text) == len(original)
             changed = [a != b for a, b in zip(text, original) if b != " "]
-            assert 0.15 < sum(changed) / len(changed) < 0.6
+            assert abs(sum(changed) / len(changed) - corpus.CorpusSettings().char_noise_rate) < 0.25
         elif kind == "other_script":
             letters = [c for c in text if c.isalpha()]
             assert sum("\u0400" <= c <= "\u04ff" for c in letters) / len(letters) > 0.9
         elif kind == "near_duplicate":
             assert _word_ratio(text, original) > 0.88
     assert all(seen[kind] >= 10 for kind in corpus.CORRUPTIONS)
+
+
+def test_near_duplicates_copy_a_few_documents_per_source(corpus, built, tmp_path):
+    settings = corpus.CorpusSettings()
+    for source in settings.corrupted_sources:
+        copies = collections.Counter(
+            row["duplicate_of"] for row in built["splits"]["train"]
+            if row["source"] == source and row["corruption"] == "near_duplicate"
+        )  # fmt: skip
+        assert len(copies) == settings.near_duplicate_originals and min(copies.values()) >= 5
+    # near_duplicate_originals=0: one copy of a different document each
+    splits = corpus.split_documents(corpus.clean_documents(), 0, corpus.CorpusSettings(near_duplicate_originals=0))
+    originals = [row["duplicate_of"] for row in splits["train"] if row["corruption"] == "near_duplicate"]
+    assert len(originals) == len(set(originals)) >= 10
+    with pytest.raises(ValueError, match="near_duplicate_originals"):
+        corpus.CorpusSettings(near_duplicate_originals=-1)
 
 
 def test_count_model_scores_noise_lower_than_clean_text(corpus, built):

@@ -6,7 +6,10 @@ of English), paragraphs repeated across topics kept once, packed into documents 
 ``heldout`` is drawn with a fixed seed, ``validation`` and ``meta`` (equal counts per source) with
 the run seed, the rest is ``train``. In ``corrupted_sources`` exactly ``round(corruption_rate * n)``
 of the n train documents are replaced by one of the ``CORRUPTIONS``, kinds in turn. Outside those
-sources and outside train everything is clean, and no text crosses splits. Output in ``out_dir``:
+sources and outside train everything is clean, and no text crosses splits. The defaults corrupt half of
+three sources' train documents, 30 % of all of them; the near-duplicates are near-copies of a few documents
+per source (``near_duplicate_originals``), redundant text that over-weights those few documents (dropping them
+lowers the held-out loss, see the example's README), not one harmless copy each. Output in ``out_dir``:
 ``{train,meta,validation,heldout}.jsonl``, ``corpus_info.json`` and ``tokenizer/`` (byte-level BPE
 trained on train, for ``AutoTokenizer.from_pretrained``); byte-identical for the same seed, settings
 and Python version (the topics change between Python releases; their hash is in the info).
@@ -80,9 +83,10 @@ class CorpusSettings:
     heldout_per_source: int = 32  # fixed across seeds, so every seed reports on the same documents
     validation_per_source: int = 16
     meta_per_source: int = 20
-    corrupted_sources: tuple[str, ...] = ("builtin_types", "library")
-    corruption_rate: float = 0.3  # exactly round(rate * n_train) documents per corrupted source
-    char_noise_rate: float = 0.35  # share of non-space characters replaced in a char_noise document
+    corrupted_sources: tuple[str, ...] = ("builtin_types", "library", "data_model")
+    corruption_rate: float = 0.5  # exactly round(rate * n_train) documents per corrupted source (30 % of train)
+    char_noise_rate: float = 0.7  # share of non-space characters replaced in a char_noise document
+    near_duplicate_originals: int = 2  # per corrupted source: near-copies of this many documents (0: one each)
     vocab_size: int = 3000
     model_max_length: int = 128
 
@@ -95,6 +99,7 @@ class CorpusSettings:
             "corrupted_sources": set(self.corrupted_sources) <= set(SOURCE_TOPICS),
             "corruption_rate": 0.0 <= self.corruption_rate < 1.0,
             "char_noise_rate": 0.0 < self.char_noise_rate <= 1.0,
+            "near_duplicate_originals": self.near_duplicate_originals >= 0,
             "vocab_size": self.vocab_size >= 300,  # 256 bytes, 2 special tokens, some merges
             "model_max_length": self.model_max_length >= 8,
         }
@@ -263,18 +268,28 @@ def split_documents(documents: list[dict[str, Any]], seed: int, settings: Corpus
 
 
 def _corrupt(train: list[dict[str, Any]], rng: random.Random, settings: CorpusSettings) -> list[dict[str, Any]]:
-    """Replace exactly ``round(rate * len(train))`` documents, kinds in turn (counts differ by at most one)."""
+    """Replace exactly ``round(rate * len(train))`` documents, kinds in turn (counts differ by at most one).
+
+    Near-duplicates copy ``near_duplicate_originals`` clean documents of this source in turn (the
+    originals stay in train, clean), or with 0 each copies its own clean document.
+    """
     n_corrupt = round(settings.corruption_rate * len(train))
     chosen = sorted(rng.sample(range(len(train)), n_corrupt))
     kinds = [CORRUPTIONS[i % len(CORRUPTIONS)] for i in range(n_corrupt)]
     rng.shuffle(kinds)
     kind_of = dict(zip(chosen, kinds))
     clean = [d for i, d in enumerate(train) if i not in kind_of]
-    originals = rng.sample(clean, min(len(clean), kinds.count("near_duplicate")))
+    n_originals = settings.near_duplicate_originals or kinds.count("near_duplicate")
+    originals = rng.sample(clean, min(len(clean), n_originals))
+    copies = 0
     rows = []
     for i, doc in enumerate(train):
         kind = kind_of.get(i, "")
-        if kind == "near_duplicate":  # the slot's own text is dropped; it repeats another train document
+        if kind == "near_duplicate" and settings.near_duplicate_originals:  # many near-copies of a few documents
+            original = originals[copies % len(originals)]
+            copies += 1
+            rows.append(_row(doc, near_duplicate(original["text"], rng), kind, original["id"]))
+        elif kind == "near_duplicate":  # the slot's own text is dropped; it repeats another train document
             original = originals.pop() if originals else rng.choice(clean)
             rows.append(_row(doc, near_duplicate(original["text"], rng), kind, original["id"]))
         elif kind == "shuffled":
@@ -404,16 +419,19 @@ def load_split(out_dir: str | Path, name: str) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Command line: ``python corpus.py --out DIR [--seed S] [--corruption-rate R] [--corrupted-sources ...]``."""
+    """Command line: ``python corpus.py --out DIR [--seed S] [--corruption-rate R] [--corrupted-sources ...] ...``."""
     defaults = CorpusSettings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="directory for the splits, tokenizer/ and corpus_info.json")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--corruption-rate", type=float, default=defaults.corruption_rate)
     parser.add_argument("--corrupted-sources", nargs="+", default=list(defaults.corrupted_sources))
+    parser.add_argument("--char-noise-rate", type=float, default=defaults.char_noise_rate)
+    parser.add_argument("--near-duplicate-originals", type=int, default=defaults.near_duplicate_originals)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    settings = {"corruption_rate": args.corruption_rate, "corrupted_sources": args.corrupted_sources}
+    settings = {"corruption_rate": args.corruption_rate, "corrupted_sources": args.corrupted_sources,
+                "char_noise_rate": args.char_noise_rate, "near_duplicate_originals": args.near_duplicate_originals}
     info = build_corpus(args.out, seed=args.seed, **settings)
     for name, split in info["splits"].items():
         share, tokens = 100 * split["corrupted_share"], split["tokens"]

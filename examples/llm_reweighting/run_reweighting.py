@@ -12,9 +12,9 @@ through ``datasets`` from local files (json, jsonl, csv or text): text in a
 (else the row index); ``--dataset_name`` when a hub is reachable.
 
 Without arguments it runs the default: a corpus built from the text shipped
-with Python (``corpus.py``: five sources, 30 % of two sources' documents
-corrupted), a tokenizer trained on it, a small GPT-2-style model from a
-config; uniform weighting and learned weighting with the same budget; the
+with Python (``corpus.py``: five sources, half of three sources' documents
+corrupted, 30 % of all), a tokenizer trained on it, a small GPT-2-style model
+from a config; uniform weighting and learned weighting with the same budget; the
 held-out clean loss of both, the ROC-AUC of the learned weights separating
 corrupted from clean documents, the mean weight per source, ``report.json``
 and ``weights.png`` in the output directory.
