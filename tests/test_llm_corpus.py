@@ -49,6 +49,23 @@ def test_same_seed_same_bytes_other_seed_same_heldout(built):
     assert other["train.jsonl"] != a["train.jsonl"] and other["meta.jsonl"] != a["meta.jsonl"]
 
 
+def test_a_built_corpus_is_reused_only_for_its_own_seed_and_settings(corpus, built):
+    """The default run rebuilds <output_dir>/corpus unless it is exactly the one it would build (a
+    directory left by another seed or an older corpus design must not be trained on silently)."""
+    assert corpus.is_built(built["dir"], seed=0) and corpus.is_built(built["root"] / "seed1", seed=1)
+    assert not corpus.is_built(built["dir"], seed=1)
+    assert not corpus.is_built(built["dir"], seed=0, corruption_rate=0.2)
+    assert not corpus.is_built(built["root"] / "missing", seed=0)
+
+
+def test_the_default_run_reads_its_output_dir_and_corpus_seed_in_either_flag_form():
+    script = examples_helper.load_file(PATH.parent / "run_reweighting.py", "llm_run_reweighting_flags")
+    argv = ["--output_dir", "runs/x", "--seed", "1", "--corpus_seed=2"]
+    assert script.flag_value(argv, "output_dir", "d") == "runs/x" and script.flag_value(argv, "corpus_seed", 0) == "2"
+    assert script.flag_value(["--corpus_seed", "3"], "corpus_seed", 0) == "3"
+    assert script.flag_value([], "corpus_seed", 0) == 0
+
+
 def test_splits_are_disjoint_and_cover_every_document_once(corpus, built):
     splits = built["splits"]
     ids = [row["id"] for rows in splits.values() for row in rows]

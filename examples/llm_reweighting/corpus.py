@@ -371,6 +371,26 @@ def _split_info(rows: list[dict[str, Any]], lengths: list[int], settings: Corpus
     }
 
 
+def _topics_hash() -> str:
+    return hashlib.sha256(json.dumps(topics_text(), sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def is_built(out_dir: str | Path, seed: int = 0, **settings: Any) -> bool:
+    """Whether ``out_dir`` holds the corpus ``build_corpus(out_dir, seed, **settings)`` would write (its
+    info names the same seed, settings, Python version and pydoc topics), so it can be reused."""
+    path = Path(out_dir) / "corpus_info.json"
+    if not path.is_file():
+        return False
+    info = json.loads(path.read_text(encoding="utf-8"))
+    expected = {
+        "seed": seed,
+        "settings": json.loads(json.dumps(dataclasses.asdict(CorpusSettings.from_kwargs(**settings)))),
+        "python": ".".join(map(str, sys.version_info[:3])),
+        "pydoc_topics_sha256": _topics_hash(),
+    }
+    return all(info.get(k) == v for k, v in expected.items())
+
+
 def build_corpus(out_dir: str | Path, seed: int = 0, **settings: Any) -> dict[str, Any]:
     """Write the four splits, ``tokenizer/`` and ``corpus_info.json`` to ``out_dir``; return the info.
 
@@ -387,12 +407,11 @@ def build_corpus(out_dir: str | Path, seed: int = 0, **settings: Any) -> dict[st
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     texts = [row["text"] for row in splits["train"]]
     tokenizer = train_tokenizer(texts, out / "tokenizer", config.vocab_size, config.model_max_length)
-    topics = json.dumps(topics_text(), sort_keys=True).encode("utf-8")
     info: dict[str, Any] = {
         "seed": seed,
         "settings": dataclasses.asdict(config),
         "python": ".".join(map(str, sys.version_info[:3])),
-        "pydoc_topics_sha256": hashlib.sha256(topics).hexdigest(),
+        "pydoc_topics_sha256": _topics_hash(),
         "sources": {source: list(names) for source, names in SOURCE_TOPICS.items()},
         "vocab_size": len(tokenizer),
         "splits": {},

@@ -211,12 +211,23 @@ def parse(argv: list[str]):
     return parser.parse_args_into_dataclasses(argv)
 
 
+def flag_value(argv: list[str], name: str, default):
+    """The last value of ``--name=value`` or ``--name value`` in ``argv`` (as argparse reads it), else ``default``."""
+    value = default
+    for i, a in enumerate(argv):
+        if a.startswith(f"--{name}="):
+            value = a.split("=", 1)[1]
+        elif a == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
 def default_run_argv(out: Path, seed: int) -> list[str]:
     """Build the default corpus, tokenizer and model config under ``out``; the flags that use them."""
     import corpus
 
     data = out / "corpus"
-    if is_main_process() and not (data / "corpus_info.json").is_file():
+    if is_main_process() and not corpus.is_built(data, seed):  # absent, or another seed, settings or Python
         corpus.build_corpus(data, seed=seed)
         tokenizer = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
         corpus.model_config(tokenizer).save_pretrained(str(data / "model_config"))
@@ -240,8 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not any(a.startswith(("--train_file", "--dataset_name")) for a in argv) and not (
         len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml"))
     ):  # the default run (other flags given override its defaults)
-        out = next((a.split("=", 1)[1] for a in argv if a.startswith("--output_dir=")), default_flags()["output_dir"])
-        seed = int(next((a.split("=", 1)[1] for a in argv if a.startswith("--corpus_seed=")), 0))
+        out = flag_value(argv, "output_dir", default_flags()["output_dir"])
+        seed = int(flag_value(argv, "corpus_seed", 0))
         argv = default_run_argv(Path(out), seed) + argv
     model_args, data, run, args = parse(argv)
     start = time.perf_counter()
