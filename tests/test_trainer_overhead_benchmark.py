@@ -17,8 +17,10 @@ def test_the_overhead_benchmark_measures_three_rows(tmp_path):
     result = json.loads(out.read_text())
     rows = {r["row"]: r for r in result["rows"]}
     assert list(rows) == ["plain", "unroll_steps=1", "unroll_steps=10"]
-    # every optimizer step of the reweighting rows took a meta step at its schedule: 12 and 1 (step 10)
-    assert [r["meta_steps"] for r in rows.values()] == [0, 12, 1]
+    # the reweighting rows took their meta steps at the schedule, on the shared forward (the Trainer's
+    # default): the one due after step t inside step t + 1, so 11 (due after steps 1-12, the last one
+    # never taken) and 1 (due after step 10, taken in step 11)
+    assert [r["meta_steps"] for r in rows.values()] == [0, 11, 1]
     for r in rows.values():
         assert r["seconds_per_step"] > 0 and r["peak_rss_mib"] > 0 and len(r["step_seconds"]) == 12
     assert rows["plain"]["time_ratio"] == 1.0 and "targets" in result
