@@ -97,10 +97,15 @@ class _Model(Level):
         return valid_weights(self.uppers["meta"].module.weights(losses, batch), batch)
 
 
-def valid_weights(weights: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+def valid_examples(batch: Mapping[str, Any], device: torch.device) -> torch.Tensor:
+    """[B] bool: the examples with at least one counted target."""
+    return counted_targets(batch["labels"].to(device), batch.get("attention_mask")).any(dim=1)
+
+
+def valid_weights(weights: torch.Tensor, batch: Mapping[str, Any], valid: torch.Tensor | None = None) -> torch.Tensor:
     """Weights that make mean_i w_i l_i the mean over the examples with a counted target (the others have
-    loss 0, and get weight 0)."""
-    valid = counted_targets(batch["labels"].to(weights.device), batch.get("attention_mask")).any(dim=1)
+    loss 0, and get weight 0); ``valid``: :func:`valid_examples`, if already at hand."""
+    valid = valid_examples(batch, weights.device) if valid is None else valid
     return weights * valid * (len(valid) / valid.sum().clamp_min(1))
 
 
@@ -241,8 +246,8 @@ class ReweightingTrainer(Trainer):
             if losses is None:
                 losses = per_example_losses(model, inputs)[0]
             weights = self.reweighter.weights(losses.detach(), inputs)
-        loss = (valid_weights(weights, inputs) * losses).mean()
-        valid = counted_targets(inputs["labels"].to(weights.device), inputs.get("attention_mask")).any(dim=1)
+        valid = valid_examples(inputs, weights.device)
+        loss = (valid_weights(weights, inputs, valid) * losses).mean()
         self._track_weights(weights.detach()[valid], inputs.get("source"))
         if model.training:
             self.weight_table.update(inputs.get("id"), weights.detach(), inputs.get("source"))

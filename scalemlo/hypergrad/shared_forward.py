@@ -34,14 +34,15 @@ one-sided: its truncation error is ε/2 · wᵀ∇²ℓ_i w / (∇ℓ_i · w) re
 example, linear in the radius, and in float32 rounding grows as the radius
 shrinks (``LevelConfig.shared_forward_radius``; ``benchmarks/
 hypergradient_accuracy.py`` reports both). The error is nearly the same
-factor for every example, so it scales the hypergradient more than it turns it. The learning rate in w is that of the step about to be taken
-(the one the hypergradient differentiates).
+factor for every example, so it scales the hypergradient more than it turns
+it. The learning rate in w is that of the step about to be taken (the one the
+hypergradient differentiates).
 
 The perturbation (``vectors.moved_``: w's storage keeps θ while the
-parameters are moved, so the restore is a copy) writes through ``p.data``, so the kept graph's saved tensors see no
-version change, and the restore is exact, so they hold the values the forward
-saw; at ZeRO-3 the partitions are restored and re-released
-before the kept backward gathers them again.
+parameters are moved, so the restore is a copy) writes through ``p.data``, so
+the kept graph's saved tensors see no version change, and the restore is
+exact, so they hold the values the forward saw; at ZeRO-3 the partitions are
+restored and re-released before the kept backward gathers them again.
 """
 
 from __future__ import annotations
@@ -170,19 +171,15 @@ def mixed_(problem: ResponseProblem, w: vectors.Vector) -> dict[str, vectors.Vec
     eps = radius_for(problem) / size
     if shared.rng_state is None:  # the random state the step's forward will start from
         shared.rng_state = torch.get_rng_state()
-    if problem.config.shared_forward_difference == "central":
-        with vectors.perturbed_(problem.local_shards, w, eps):
-            plus = _moved_losses(problem)
-        with vectors.perturbed_(problem.local_shards, w, -1.0):  # the realized step, reversed
-            minus = _moved_losses(problem)
+    central = problem.config.shared_forward_difference == "central"
+    if central:  # the coordinator's own exact central difference, of the per-example losses
+        ((slopes,),) = problem.central_difference_(w, radius_for(problem), lambda: [[_moved_losses(problem)]])
     else:
         with vectors.moved_(problem.local_shards, w, eps):  # w's storage holds θ meanwhile
             plus = _moved_losses(problem)
     w.clear()  # the realized step is not needed after the exact restore
     base = shared.forward(problem.all_levels).detach()
-    if problem.config.shared_forward_difference == "central":
-        slopes = (plus - minus) / (2 * eps)
-    else:
+    if not central:
         slopes = (plus - base) / eps  # c_i = (ℓ_i(θ + εw) − ℓ_i(θ)) / ε
     with problem._evaluating(problem.uppers):
         weights = problem.lower.example_weights(shared.batch, base)
