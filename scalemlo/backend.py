@@ -43,6 +43,7 @@ from scalemlo.distributed import (
     world_size,
 )
 from scalemlo.hypergrad.vectors import AcrossRanks, grads_or_zeros
+from scalemlo.precision import Float32Evaluation
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,14 @@ class _Backend:
         self.world_size = world_size()
         self._optimizer_for_state = optimizer  # keyed by the parameters themselves
 
+    @property
+    def precision(self) -> Float32Evaluation:
+        """Swaps a low-precision level to float32 for a hypergradient's evaluations (:mod:`scalemlo.precision`)."""
+        if getattr(self, "_precision", None) is None:
+            module = self.engine.module if hasattr(self, "engine") else self.module
+            self._precision = Float32Evaluation(module, self.partitioned, self.release_gathered)
+        return self._precision
+
     def current_lrs(self) -> list[float]:
         """Per trainable parameter, the learning rate its parameter group has now."""
         groups = self.optimizer.param_groups
@@ -98,13 +107,36 @@ class _Backend:
         """
         self._record_step(keep_grads)
 
+    def optimizer_state(self, p: torch.Tensor) -> dict:
+        """The optimizer's state for one trainable parameter ({} before its first step).
+
+        DeepSpeed's bf16 optimizer at ZeRO-0 steps float32 copies of the parameters (its
+        ``fp32_groups``, one per ``fp16_groups`` entry), so its state is keyed by those.
+        """
+        wrapper = getattr(self, "optimizer", None)
+        if hasattr(wrapper, "fp16_groups") and hasattr(wrapper, "fp32_groups"):
+            if getattr(self, "_master_of", None) is None:
+                self._master_of = {
+                    id(low): high
+                    for lows, highs in zip(wrapper.fp16_groups, wrapper.fp32_groups)
+                    for low, high in zip(lows, highs)
+                }
+            p = self._master_of.get(id(p), p)
+        return self._optimizer_for_state.state.get(p, {})
+
     def _record_step(self, keep_grads: bool) -> None:
-        state = self._optimizer_for_state.state
         self.last_step = LastStep(
             lrs=self.current_lrs(),
-            fresh=[not state.get(p) for p in self.params],
-            grads=[p.grad for p in self.params] if keep_grads else None,
+            fresh=[not self.optimizer_state(p) for p in self.params],
+            grads=self._kept_grads() if keep_grads else None,
         )
+
+    def _kept_grads(self) -> list[torch.Tensor | None]:
+        grads = [p.grad for p in self.params]
+        if hasattr(getattr(self, "optimizer", None), "fp16_groups"):
+            # DeepSpeed's bf16/fp16 ZeRO-0 optimizer zeroes them in place in its step: copy
+            grads = [None if g is None else g.clone() for g in grads]
+        return grads
 
     def progress_state(self) -> dict:
         """Step counters and the last step's record (not its gradients), for a checkpoint."""
@@ -249,6 +281,7 @@ class DeepSpeedBackend(_Backend):
         )
         release_shared_memory()  # deepspeed.initialize may have started DeepSpeed's communication
         self._init_common(params, user_optimizer, group_index)
+        self._undo_initial_step()
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         if self.world_size == 1 and self.zero_stage == 0:
             # One rank has nothing to reduce; DeepSpeed's ZeRO-0 reduction would
@@ -257,6 +290,24 @@ class DeepSpeedBackend(_Backend):
             self.engine.enable_backward_allreduce = False
         self.partitioned = self.zero_stage == 3
         self.across_ranks = AcrossRanks(self.world_size, sharded=self.partitioned)
+
+    def _undo_initial_step(self) -> None:
+        """Undo the optimizer step DeepSpeed's bf16/fp16 ZeRO-0 optimizer takes when it is built.
+
+        ``FP16_UnfusedOptimizer.initialize_optimizer_states`` steps the torch optimizer once on zero
+        gradients, so that its state exists: Adam's step counter then starts at 1 (its first real step
+        is 2.35x torch's at the default betas, bias correction of t = 2) and AdamW has already decayed
+        the float32 master weights once. Here the state is dropped and the masters are copied from the
+        parameters again, so a bf16 level trains as the same torch optimizer would.
+        """
+        wrapper = self.optimizer
+        if not (hasattr(wrapper, "fp16_groups") and hasattr(wrapper, "fp32_groups")):
+            return
+        with torch.no_grad():
+            for lows, highs in zip(wrapper.fp16_groups, wrapper.fp32_groups):
+                for low, high in zip(lows, highs):
+                    high.copy_(low.float())
+                    self._optimizer_for_state.state.pop(high, None)
 
     @classmethod
     def adopt(cls, engine, params, group_index: Sequence[int]) -> DeepSpeedBackend:
@@ -333,13 +384,15 @@ class DeepSpeedBackend(_Backend):
         engine._backward_epilogue()
 
     def _clear_partition_grads(self) -> None:
-        from deepspeed.utils import safe_get_local_grad
+        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
         self.engine.zero_grad()
         for p in self.params:
             buffer = safe_get_local_grad(p)
-            if buffer is not None:
-                buffer.zero_()
+            if buffer is not None and bool(buffer.any()):
+                # The accessor returns a float32 copy of a bf16 (or offloaded) partition: zeroing it would
+                # clear nothing, so the zeros are written through DeepSpeed.
+                safe_set_local_grad(p, torch.zeros_like(buffer))
 
     def release_gathered(self) -> None:
         """Re-partition every gathered parameter, so that writes to ``local_shards`` reach the next forward.
@@ -545,10 +598,9 @@ def deepspeed_config_for(config, name: str, module: torch.nn.Module | None = Non
         # DeepSpeed asks for this flag for any optimizer outside its short list
         # (torch's SGD among them); ZeRO works with any torch optimizer.
         cfg.setdefault("zero_allow_untested_optimizer", True)
-    for precision in ("fp16", "bf16"):
-        if cfg.get(precision, {}).get("enabled"):
-            raise ValueError(
-                f"level {name!r}: {precision} levels are not supported yet; "
-                "hypergradients need the precision rules of the mixed-precision work"
-            )
+    if cfg.get("fp16", {}).get("enabled"):
+        raise ValueError(
+            f"level {name!r}: fp16 levels are not supported yet (their loss scaling does not cover the "
+            'hypergradient\'s passes); use "bf16": {"enabled": true}, or float32'
+        )
     return cfg

@@ -21,6 +21,7 @@ from scalemlo.backend import (
 from scalemlo.config import LevelConfig
 from scalemlo.data import DataCursor
 from scalemlo.distributed import finite_on_every_rank
+from scalemlo.precision import is_low_precision
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,16 @@ class Level:
 
     # ---- reaching other levels ----------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run this level's module (the one DeepSpeed wraps, parameters shared)."""
+        """Run this level's module (the one DeepSpeed wraps, parameters shared).
+
+        Floating-point tensor arguments are cast to the module's parameter dtype when one of the two
+        is bf16/fp16 (a float32 weight net fed a bf16 model's losses, or the reverse), as in a program
+        whose levels have different precisions.
+        """
+        dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()), None)
+        if dtype is not None:
+            args = tuple(_cast_to(a, dtype) for a in args)
+            kwargs = {k: _cast_to(v, dtype) for k, v in kwargs.items()}
         return self.module(*args, **kwargs)
 
     def level(self, name: str) -> Level:
@@ -507,6 +517,17 @@ class Level:
             with torch.no_grad():
                 for b, copy in saved:
                     b.copy_(copy)
+
+
+def _cast_to(value: Any, dtype: torch.dtype) -> Any:
+    if (
+        isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and value.dtype != dtype
+        and (is_low_precision(value.dtype) or is_low_precision(dtype))
+    ):
+        return value.to(dtype)
+    return value
 
 
 @contextlib.contextmanager

@@ -48,9 +48,9 @@ def launch(tmp_path_factory):
     return {"records": {r["name"]: r for r in records}, "returncode": returncode, "tail": tail}
 
 
-def case_names(program, cases):
+def case_names(program, cases, upper_stages=suite.UPPER_STAGES):
     for method, kw, lower_stages in cases:
-        for upper in suite.UPPER_STAGES:
+        for upper in upper_stages:
             for lower in lower_stages:
                 yield f"{program}/{method}/{json.dumps(kw, sort_keys=True)}/upper{upper}/lower{lower}"
 
@@ -99,6 +99,15 @@ def test_ridge_split_over_ranks_matches_the_closed_form(launch, name):
     tolerance = 1e-3 if r["settings"].get("second_order") == "finite_difference" else 1e-5
     assert r["hypergradient_rel_err"] < tolerance
     assert r["hypergradient_cosine"] > 0.9999
+
+
+@pytest.mark.parametrize("name", list(case_names("bf16", suite.BF16_CASES, suite.BF16_UPPER_STAGES)))
+def test_bf16_lower_level_on_two_ranks_matches_its_float32_run(launch, name):
+    """scalemlo.precision on 2 ranks: a bf16 lower level (its hypergradients evaluated in float32 at its
+    own parameters) against the float32 run of the same program, every hypergradient stepped on."""
+    r = record_of(launch, name)
+    assert r["model_moved"] > 1e-3  # the runs trained
+    assert min(r["cosines"]) >= 0.99, r["cosines"]
 
 
 def test_one_process_zero_stages_match_float64():

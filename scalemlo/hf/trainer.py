@@ -186,9 +186,9 @@ class ReweightingTrainer(Trainer):
             enabled = model_cfg.get(flag, {}).get("enabled", False)
             if getattr(args, flag) or enabled is True:
                 raise ValueError(
-                    f"the model level runs in {flag} (--{flag} or its --deepspeed config), and the weighting level's "
-                    "hypergradient has no mixed-precision rules yet (finite differences of bf16/fp16 losses are "
-                    f"mostly rounding): train in fp32 (drop --{flag}, set {flag}.enabled false)"
+                    f"the model level runs in {flag} (--{flag} or its --deepspeed config), which the Trainer does not "
+                    "support yet (scalemlo.Engine runs bf16 levels, evaluating hypergradients in float32; the "
+                    f"Trainer's shared forward is not wired to it): train in fp32 (drop --{flag}, set {flag}.enabled false)"
                 )
         stage = model_cfg.get("zero_optimization", {}).get("stage", 0)
         if args.hypergradient_method == "sama" and stage != 0:
@@ -208,6 +208,12 @@ class ReweightingTrainer(Trainer):
         meta = args.meta_level_config()
         raw = meta.resolved_deepspeed_config()
         cfg = deepspeed_config_for(meta, "meta")  # unknown keys, accumulation, clipping, batch sizes, precision
+        if cfg.get("bf16", {}).get("enabled") is True:
+            raise ValueError(
+                f"--meta_deepspeed {args.meta_deepspeed} runs the weighting model in bf16, which the Trainer does not "
+                "support yet (scalemlo.Engine does); keep the weighting model in fp32 (set bf16.enabled false): "
+                "it is small"
+            )
         if zero_stage_of(cfg, "meta") == 3:
             raise ValueError(
                 f"--meta_deepspeed {args.meta_deepspeed} uses ZeRO-3, but the weighting model steps on "

@@ -62,6 +62,8 @@ class Coordinator:
         rng_state = torch.get_rng_state()
         with contextlib.ExitStack() as stack:
             for lv in all_levels:
+                # a bf16 level is evaluated in float32 at its own parameters (scalemlo.precision)
+                stack.enter_context(lv.backend.precision.float32())
                 stack.enter_context(lv.preserved_buffers())
             loss, adjoint = self._direct_gradients(owner, owner_and_below, all_levels, batch, rng_state)
             self.last_loss[owner_name] = loss

@@ -44,7 +44,10 @@ def _adam_sensitivity(p, v, state, group, grad, lr: float, decoupled: bool) -> t
         # that point is p + lr m_hat / denom. AdamW's decay does not depend on g.
         g = g + group["weight_decay"] * (p.detach() + lr * m_hat / denom)
     curvature = torch.where(root > 0, m_hat * (1 - beta2) * g / (bc2 * root.clamp_min(1e-300) * denom**2), 0.0)
-    return lr * ((1 - beta1) / (bc1 * denom) - curvature) * v
+    # Where the second moment is exactly zero (only zero gradients so far: an unused entry, or a bf16
+    # gradient that cancelled to 0) the step did not move the entry and its sensitivity is a spike of
+    # height 1/eps at g = 0, which would make w there ~1e8 lr v and swamp the difference: use 0 there.
+    return torch.where(root > 0, lr * ((1 - beta1) / (bc1 * denom) - curvature) * v, 0.0)
 
 
 def _sgd_sensitivity(v, group, lr: float, first_step: bool) -> torch.Tensor:
@@ -66,6 +69,7 @@ def _sgd_sensitivity(v, group, lr: float, first_step: bool) -> torch.Tensor:
 def sama(problem: ResponseProblem) -> dict[str, vectors.Vector]:
     lower = problem.lower
     optimizer = lower.optimizer
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's bf16 ZeRO-0 wrapper holds the torch one
     adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
     if not adam and not isinstance(optimizer, torch.optim.SGD):
         raise ValueError(
@@ -78,7 +82,7 @@ def sama(problem: ResponseProblem) -> dict[str, vectors.Vector]:
     w = []
     for i, (p, v) in enumerate(zip(lower.params, problem.v)):
         group, lr = groups[i], lrs[i]
-        state = optimizer.state.get(p, {})
+        state = lower.backend.optimizer_state(p)
         if last is None or (adam and "exp_avg" not in state):
             # No step taken yet (or its state was reset): no sensitivity exists; fall back to lr
             # (as finite_difference).

@@ -87,7 +87,9 @@ class SharedForward:
                 self.rng_state = torch.get_rng_state()
             elif not torch.equal(self.rng_state, torch.get_rng_state()):
                 raise RuntimeError("scalemlo: the random state moved between the moved forward and the step's forward")
-            with frozen([lv for lv in others if lv is not self.lower]):
+            # a low-precision level's step runs in its own precision (the hypergradient's evaluations
+            # around it in float32, scalemlo.precision)
+            with frozen([lv for lv in others if lv is not self.lower]), self.lower.backend.precision.native():
                 if self.losses_of is None:
                     self.losses = self.lower.checked_per_example_losses(self.batch)
                 else:
@@ -145,11 +147,17 @@ DEFAULT_RADIUS = {torch.float64: 1e-5}  # other dtypes: 1e-3
 FALLBACK_RADIUS = 1e-3
 
 
+def is_central(problem: ResponseProblem) -> bool:
+    """Whether the difference is central: when asked for, and always for a low-precision lower level,
+    whose step's forward (bf16) cannot be differenced against a float32 moved forward."""
+    return problem.config.shared_forward_difference == "central" or problem.lower.backend.precision.active
+
+
 def radius_for(problem: ResponseProblem) -> float:
     """The radius of the difference: ``fd_radius`` for the central one; for the one-sided one
     ``shared_forward_radius``, or the default for the lower level's parameter dtype."""
     config = problem.config
-    if config.shared_forward_difference == "central":
+    if is_central(problem):
         return config.fd_radius
     if config.shared_forward_radius is not None:
         return config.shared_forward_radius
@@ -171,7 +179,7 @@ def mixed_(problem: ResponseProblem, w: vectors.Vector) -> dict[str, vectors.Vec
     eps = radius_for(problem) / size
     if shared.rng_state is None:  # the random state the step's forward will start from
         shared.rng_state = torch.get_rng_state()
-    central = problem.config.shared_forward_difference == "central"
+    central = is_central(problem)
     if central:  # the coordinator's own exact central difference, of the per-example losses
         ((slopes,),) = problem.central_difference_(w, radius_for(problem), lambda: [[_moved_losses(problem)]])
     else:

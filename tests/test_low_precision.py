@@ -1,0 +1,238 @@
+"""bf16 levels: hypergradients against the float32 run of the same program (scalemlo.precision).
+
+Program: a tiny GPT-2 in bf16 (DeepSpeed ``"bf16": {"enabled": true}``, ZeRO 0 or 3) under a
+float32 Meta-Weight-Net at ZeRO-0 (levels of different precision in one program). The float32
+run is the same program with the bf16 block left out, from the same initial weights and batches.
+Every hypergradient of a short run must point where the float32 run's does (cosine >= 0.99):
+the bf16 run evaluates its hypergradients in float32 at its own bf16 parameters, so what remains
+is the small drift of bf16 training. Without that rule a difference quotient of bf16 forwards
+cancels (the sensitivity test below takes the rule out and sees the cosine collapse).
+"""
+
+import contextlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from scalemlo import Engine, EngineConfig, Level, LevelConfig  # noqa: E402
+
+VOCAB, SEQ, BATCH, ACCUMULATION = 64, 8, 4, 2
+
+
+def tiny_gpt2() -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=SEQ, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")  # fmt: skip
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():  # both runs start from the same (bf16-representable) weights
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    return model
+
+
+def weight_net() -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1), torch.nn.Sigmoid())
+
+
+def per_example_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids).logits[:, :-1].float()  # the loss in float32, as HF computes it
+    ce = F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1), reduction="none")
+    return ce.view(ids.shape[0], -1).mean(1)
+
+
+class Model(Level):
+    def training_step(self, ids):
+        losses = per_example_loss(self, ids)
+        weights = self.uppers["weights"](self.held(losses)[:, None]).squeeze(1)  # bf16 losses -> float32 net
+        return (weights * losses).mean()
+
+
+class SharedModel(Level):
+    def per_example_losses(self, ids):
+        return per_example_loss(self, ids)
+
+    def example_weights(self, ids, losses):
+        return self.uppers["weights"](losses[:, None]).squeeze(1)
+
+
+class Weights(Level):
+    def training_step(self, ids):
+        return per_example_loss(self.lowers["model"], ids).mean()
+
+
+def batches(kind: str, count: int = 8) -> list[torch.Tensor]:
+    out = []
+    for i in range(count):
+        g = torch.Generator().manual_seed(10 * i + (kind == "meta"))
+        ids = (torch.randint(0, VOCAB, (BATCH, 1), generator=g) + torch.arange(SEQ)) % VOCAB
+        if kind == "train":
+            ids[::2] = torch.randint(0, VOCAB, (BATCH // 2, SEQ), generator=g)
+        out.append(ids)
+    return out
+
+
+def run(stage: int, bf16: bool, method: str, steps: int = 3, **kw) -> list[torch.Tensor]:
+    """Every hypergradient the weights stepped on in ``steps`` MLO steps, then one more."""
+    ds = {"zero_optimization": {"stage": stage}}
+    if bf16:
+        ds["bf16"] = {"enabled": True}
+    lm, net = tiny_gpt2(), weight_net()
+    kind = SharedModel if kw.get("shared_forward") else Model
+    model = kind("model", lm, torch.optim.Adam(lm.parameters(), lr=1e-3), batches("train"),
+                 config=LevelConfig(gradient_accumulation=ACCUMULATION, deepspeed_config=ds))  # fmt: skip
+    weights = Weights("weights", net, torch.optim.SGD(net.parameters(), lr=1.0), batches("meta"),
+                      config=LevelConfig(method=method, deepspeed_config={"zero_optimization": {"stage": 0}}, **kw))  # fmt: skip
+    engine = Engine([model, weights], {"weights": ["model"]},
+                    EngineConfig(max_steps=steps * ACCUMULATION, progress_bar=False))  # fmt: skip
+    out = []
+    hypergradient = engine.coordinator.hypergradient
+
+    def recorded(*args, **kwargs):
+        grads = hypergradient(*args, **kwargs)
+        out.append(torch.cat([g.flatten().double() for g in grads]))
+        return grads
+
+    engine.coordinator.hypergradient = recorded
+    engine.run()
+    engine.hypergradient("weights")
+    return out
+
+
+def cosines(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
+    assert len(a) == len(b) > 1
+    return [round(float(F.cosine_similarity(x, y, dim=0)), 5) for x, y in zip(a, b)]
+
+
+FD2 = {"second_order": "finite_difference"}
+CASES = [
+    ("finite_difference", {}, [0, 3]),
+    ("sama", {}, [0]),
+    ("neumann", {**FD2, "neumann_iterations": 3, "neumann_alpha": 0.1}, [0, 3]),
+    ("cg", {**FD2, "cg_iterations": 3}, [0, 3]),
+    ("penalty", {"penalty_steps": 2}, [0, 3]),
+    ("finite_difference", {"shared_forward": True}, [0, 3]),
+    ("sama", {"shared_forward": True}, [0]),
+]
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+@pytest.mark.parametrize("method,kw", [(m, kw) for m, kw, _ in CASES], ids=[f"{m}{'-shared' if kw.get('shared_forward') else ''}" for m, kw, _ in CASES])
+def test_bf16_hypergradients_match_float32(method, kw, stage):
+    if stage not in next(s for m, k, s in CASES if m == method and k == kw):
+        pytest.skip(f"{method} does not allow a ZeRO-{stage} lower level")
+    got = cosines(run(stage, True, method, **kw), run(stage, False, method, **kw))
+    if method == "sama":
+        # After Adam's first step sama's w is lr eps / (|g| + eps)^2 v, dominated by the entries whose gradient
+        # is nearest zero, where bf16 and float32 gradients differ most (0.25 measured on 2 ranks): from the second
+        got = got[1:]
+    assert min(got) >= 0.99, got
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_at_the_same_point_a_bf16_level_gives_the_float32_hypergradient(stage, monkeypatch):
+    """Before any step both runs sit at the same (bf16-representable) weights: the bf16 level's
+    hypergradient, evaluated in float32 at its own parameters, is the float32 one up to summation
+    order. With the rule taken out (evaluated in bf16) it is percents off (4e-2 measured on this tiny
+    model; 58 % was measured on a 3.7M GPT-2 at the same radius)."""
+    from scalemlo.precision import Float32Evaluation
+
+    def rel_err() -> float:
+        (got,), (want,) = run(stage, True, "finite_difference", steps=0), run(stage, False, "finite_difference", steps=0)
+        return float((got - want).norm() / want.norm())
+
+    with_rule = rel_err()
+    monkeypatch.setattr(Float32Evaluation, "float32", contextlib.contextmanager(lambda self: (yield)))
+    without = rel_err()
+    assert with_rule < 1e-3 and without > 1e-2, (with_rule, without)
+
+
+def test_hypergradients_leave_a_bf16_zero3_level_training_as_before():
+    """A hypergradient takes gradients of a ZeRO-3 level through DeepSpeed and clears them again. In bf16
+    DeepSpeed's local-gradient accessor returns a float32 copy, so zeroing what it returns cleared
+    nothing and the next step trained on the hypergradient's gradient too (found by this file)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    def trained(with_hypergradients: bool) -> torch.Tensor:
+        ds = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}
+        lm, net = tiny_gpt2(), weight_net()
+        model = Model("model", lm, torch.optim.Adam(lm.parameters(), lr=1e-3), batches("train"),
+                      config=LevelConfig(gradient_accumulation=ACCUMULATION, deepspeed_config=ds))  # fmt: skip
+        weights = Weights("weights", net, torch.optim.SGD(net.parameters(), lr=1.0), batches("meta"),
+                          config=LevelConfig(deepspeed_config={"zero_optimization": {"stage": 0}}))  # fmt: skip
+        engine = Engine([model, weights], {"weights": ["model"]}, EngineConfig(max_steps=0, progress_bar=False))
+        for _ in range(2 * ACCUMULATION):
+            if with_hypergradients:
+                engine.hypergradient("weights")
+            engine.step_level("model")
+        return torch.cat([safe_get_full_fp32_param(p).flatten() for p in model.params])
+
+    assert torch.equal(trained(True), trained(False))
+
+
+def test_a_bf16_zero0_adam_level_steps_as_torch_adam():
+    """DeepSpeed's bf16 ZeRO-0 optimizer steps Adam once on zero gradients when it is built; the
+    backend undoes that, so the first real step moves every entry by lr (Adam's first step is
+    lr * sign(g)), not 2.35 lr (the bias correction of a second step)."""
+    ds = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}
+    lm, net = tiny_gpt2(), weight_net()
+    model = Model("model", lm, torch.optim.Adam(lm.parameters(), lr=1e-3), batches("train"),
+                  config=LevelConfig(gradient_accumulation=ACCUMULATION, deepspeed_config=ds))  # fmt: skip
+    weights = Weights("weights", net, torch.optim.SGD(net.parameters(), lr=1.0), batches("meta"),
+                      config=LevelConfig(deepspeed_config={"zero_optimization": {"stage": 0}}))  # fmt: skip
+    engine = Engine([model, weights], {"weights": ["model"]}, EngineConfig(max_steps=0, progress_bar=False))
+    wrapper = model.backend.optimizer
+    masters = [m for group in wrapper.fp32_groups for m in group]
+    before = [m.detach().clone() for m in masters]
+    assert all(torch.equal(m, p.detach().float()) for m, p in zip(masters, model.params))
+    engine.step_level("model")  # one optimizer step (ACCUMULATION micro-steps)
+    moves = torch.cat([(m - b).abs().flatten() for m, b in zip(masters, before)])
+    moved = moves[moves > 0]
+    # |g| >> eps almost everywhere: lr * |g| / (|g| + eps) = lr (a few entries with tiny g move less)
+    assert float(moved.max()) <= 1e-3 * (1 + 1e-4), float(moved.max())  # float32 rounding of the differences
+    assert float(moved.median()) == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_a_float32_level_called_with_bf16_tensors_gets_them_in_float32():
+    """Levels of different precision in one program: a level's module receives floating inputs in its
+    own dtype when one side is bf16/fp16 (float64 vs float32 is left alone: that is a user's mistake)."""
+    net = weight_net()
+    level = Weights("weights", net, torch.optim.SGD(net.parameters(), lr=1.0), batches("meta"),
+                    config=LevelConfig(backend="torch"))  # fmt: skip
+    out = level(torch.ones(3, 1, dtype=torch.bfloat16))
+    assert out.dtype == torch.float32
+    with pytest.raises(RuntimeError):
+        level(torch.ones(3, 1, dtype=torch.float64))
+
+
+def test_fp16_levels_are_refused_with_the_fix():
+    lm, net = tiny_gpt2(), weight_net()
+    ds = {"zero_optimization": {"stage": 0}, "fp16": {"enabled": True}}
+    model = Model("model", lm, torch.optim.Adam(lm.parameters(), lr=1e-3), batches("train"),
+                  config=LevelConfig(deepspeed_config=ds))  # fmt: skip
+    weights = Weights("weights", net, torch.optim.SGD(net.parameters(), lr=1.0), batches("meta"),
+                      config=LevelConfig(backend="torch"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"fp16 levels are not supported yet .* use \"bf16\""):
+        Engine([model, weights], {"weights": ["model"]}, EngineConfig(max_steps=0, progress_bar=False))
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_the_shipped_bf16_configs_run_an_mlo_step(stage):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "ds" / f"zero{stage}_bf16.json"
+    lm, net = tiny_gpt2(), weight_net()
+    model = Model("model", lm, torch.optim.Adam(lm.parameters(), lr=1e-3), batches("train"),
+                  config=LevelConfig(deepspeed_config=str(path)))  # fmt: skip
+    weights = Weights("weights", net, torch.optim.SGD(net.parameters(), lr=1.0), batches("meta"),
+                      config=LevelConfig(deepspeed_config={"zero_optimization": {"stage": 0}}))  # fmt: skip
+    history = Engine([model, weights], {"weights": ["model"]}, EngineConfig(max_steps=2, log_every=1, progress_bar=False)).run()
+    assert {p.dtype for p in model.params} == {torch.bfloat16}
+    assert all(torch.isfinite(torch.tensor(v)) for row in history for v in row.values() if isinstance(v, float))
+    assert history[-1]["weights/hypergrad_norm"] > 0
