@@ -107,22 +107,22 @@ class _Backend:
         """
         self._record_step(keep_grads)
 
-    def optimizer_state(self, p: torch.Tensor) -> dict:
-        """The optimizer's state for one trainable parameter ({} before its first step).
-
-        DeepSpeed's bf16 optimizer at ZeRO-0 steps float32 copies of the parameters (its
-        ``fp32_groups``, one per ``fp16_groups`` entry), so its state is keyed by those.
-        """
+    def stepped_tensor(self, p: torch.Tensor) -> torch.Tensor:
+        """The tensor the torch optimizer steps for trainable parameter ``p``: ``p`` itself, or under
+        DeepSpeed's bf16 optimizer at ZeRO-0 its float32 copy (``fp32_groups``, one per ``fp16_groups``
+        entry), which holds the optimizer state and, during the step, the gradient stepped on."""
         wrapper = getattr(self, "optimizer", None)
-        if hasattr(wrapper, "fp16_groups") and hasattr(wrapper, "fp32_groups"):
-            if getattr(self, "_master_of", None) is None:
-                self._master_of = {
-                    id(low): high
-                    for lows, highs in zip(wrapper.fp16_groups, wrapper.fp32_groups)
-                    for low, high in zip(lows, highs)
-                }
-            p = self._master_of.get(id(p), p)
-        return self._optimizer_for_state.state.get(p, {})
+        if not (hasattr(wrapper, "fp16_groups") and hasattr(wrapper, "fp32_groups")):
+            return p
+        if getattr(self, "_master_of", None) is None:
+            self._master_of = {
+                id(low): high for lows, highs in zip(wrapper.fp16_groups, wrapper.fp32_groups) for low, high in zip(lows, highs)
+            }
+        return self._master_of.get(id(p), p)
+
+    def optimizer_state(self, p: torch.Tensor) -> dict:
+        """The optimizer's state for one trainable parameter ({} before its first step)."""
+        return self._optimizer_for_state.state.get(self.stepped_tensor(p), {})
 
     def _record_step(self, keep_grads: bool) -> None:
         self.last_step = LastStep(
@@ -321,6 +321,7 @@ class DeepSpeedBackend(_Backend):
         self.engine, self.optimizer, self.scheduler = engine, engine.optimizer, engine.lr_scheduler
         base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
         self._init_common(params, base, group_index)
+        self._undo_initial_step()
         self.zero_stage = int(engine.zero_optimization_stage())
         self.partitioned = self.zero_stage == 3
         self.across_ranks = AcrossRanks(self.world_size, sharded=self.partitioned)

@@ -25,11 +25,71 @@ float32 run of the same program (cosine >= 0.99).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+# Outside the innermost hypergradient: the autocast state, and the forwards Accelerate wrapped in autocast
+# (``--bf16`` without DeepSpeed: ``model.forward`` runs under torch autocast, the plain one is kept as
+# ``model._original_forward``); restored by native_autocast for a training forward taken inside one (the
+# Trainer's shared forward).
+_outside: list[tuple[list[tuple[str, bool, torch.dtype]], list[tuple[torch.nn.Module, Any]]]] = []
+
+
+def _autocast_devices() -> list[str]:
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def _autocast_wrapped(module: torch.nn.Module) -> bool:
+    return "_original_forward" in vars(module) and "forward" in vars(module)
+
+
+@contextlib.contextmanager
+def without_autocast(modules: Sequence[torch.nn.Module] = ()) -> Iterator[None]:
+    """Autocast off for a while (the hypergradient's evaluations: autocast would round every matmul to
+    bf16, the precision the rule above avoids), also inside ``modules`` whose forward Accelerate wrapped
+    in autocast (their plain forward is used meanwhile)."""
+    state = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _autocast_devices()]
+    wrapped = [(m, vars(m)["forward"]) for m in modules if _autocast_wrapped(m)]
+    _outside.append((state, wrapped))
+    try:
+        with contextlib.ExitStack() as stack:
+            for device, enabled, _ in state:
+                if enabled:
+                    stack.enter_context(torch.autocast(device_type=device, enabled=False))
+            for module, _ in wrapped:
+                module.forward = module._original_forward
+            yield
+    finally:
+        for module, forward in wrapped:
+            module.forward = forward
+        _outside.pop()
+
+
+def autocast_outside() -> bool:
+    """Whether autocast was on outside the innermost :func:`without_autocast` (a training forward taken
+    inside the hypergradient runs in bf16 then, and cannot be differenced against a float32 one)."""
+    return bool(_outside) and (any(enabled for _, enabled, _ in _outside[-1][0]) or bool(_outside[-1][1]))
+
+
+@contextlib.contextmanager
+def native_autocast() -> Iterator[None]:
+    """Inside :func:`without_autocast`: the autocast state from outside it, for a training forward."""
+    state, wrapped = _outside[-1] if _outside else ([], [])
+    try:
+        with contextlib.ExitStack() as stack:
+            for device, enabled, dtype in state:
+                if enabled:
+                    stack.enter_context(torch.autocast(device_type=device, dtype=dtype))
+            for module, forward in wrapped:
+                module.forward = forward
+            yield
+    finally:
+        for module, _ in wrapped:
+            module.forward = module._original_forward
 
 
 def is_low_precision(dtype: torch.dtype) -> bool:

@@ -78,19 +78,23 @@ def batches(kind: str, count: int = 8) -> list[torch.Tensor]:
     return out
 
 
-def run(stage: int, bf16: bool, method: str, steps: int = 3, **kw) -> list[torch.Tensor]:
-    """Every hypergradient the weights stepped on in ``steps`` MLO steps, then one more."""
-    ds = {"zero_optimization": {"stage": stage}}
-    if bf16:
-        ds["bf16"] = {"enabled": True}
+def program(model_ds: dict | str, max_steps: int = 0, **kw) -> Engine:
+    """The bf16-or-not GPT-2 (``model_ds``: its DeepSpeed config) under the float32 weight net at ZeRO-0;
+    ``kw``: the weight net's LevelConfig fields (method and its settings)."""
     lm, net = tiny_gpt2(), weight_net()
     kind = SharedModel if kw.get("shared_forward") else Model
     model = kind("model", lm, torch.optim.Adam(lm.parameters(), lr=1e-3), batches("train"),
-                 config=LevelConfig(gradient_accumulation=ACCUMULATION, deepspeed_config=ds))  # fmt: skip
+                 config=LevelConfig(gradient_accumulation=ACCUMULATION, deepspeed_config=model_ds))  # fmt: skip
     weights = Weights("weights", net, torch.optim.SGD(net.parameters(), lr=1.0), batches("meta"),
-                      config=LevelConfig(method=method, deepspeed_config={"zero_optimization": {"stage": 0}}, **kw))  # fmt: skip
-    engine = Engine([model, weights], {"weights": ["model"]},
-                    EngineConfig(max_steps=steps * ACCUMULATION, progress_bar=False))  # fmt: skip
+                      config=LevelConfig(deepspeed_config={"zero_optimization": {"stage": 0}}, **kw))  # fmt: skip
+    config = EngineConfig(max_steps=max_steps, log_every=1, progress_bar=False)
+    return Engine([model, weights], {"weights": ["model"]}, config)
+
+
+def run(stage: int, bf16: bool, method: str, steps: int = 3, **kw) -> list[torch.Tensor]:
+    """Every hypergradient the weights stepped on in ``steps`` MLO steps, then one more."""
+    ds = {"zero_optimization": {"stage": stage}, **({"bf16": {"enabled": True}} if bf16 else {})}
+    engine = program(ds, steps * ACCUMULATION, method=method, **kw)
     out = []
     hypergradient = engine.coordinator.hypergradient
 
@@ -160,13 +164,8 @@ def test_hypergradients_leave_a_bf16_zero3_level_training_as_before():
     from deepspeed.utils import safe_get_full_fp32_param
 
     def trained(with_hypergradients: bool) -> torch.Tensor:
-        ds = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}
-        lm, net = tiny_gpt2(), weight_net()
-        model = Model("model", lm, torch.optim.Adam(lm.parameters(), lr=1e-3), batches("train"),
-                      config=LevelConfig(gradient_accumulation=ACCUMULATION, deepspeed_config=ds))  # fmt: skip
-        weights = Weights("weights", net, torch.optim.SGD(net.parameters(), lr=1.0), batches("meta"),
-                          config=LevelConfig(deepspeed_config={"zero_optimization": {"stage": 0}}))  # fmt: skip
-        engine = Engine([model, weights], {"weights": ["model"]}, EngineConfig(max_steps=0, progress_bar=False))
+        engine = program({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}})
+        model = engine.levels["model"]
         for _ in range(2 * ACCUMULATION):
             if with_hypergradients:
                 engine.hypergradient("weights")
@@ -180,13 +179,8 @@ def test_a_bf16_zero0_adam_level_steps_as_torch_adam():
     """DeepSpeed's bf16 ZeRO-0 optimizer steps Adam once on zero gradients when it is built; the
     backend undoes that, so the first real step moves every entry by lr (Adam's first step is
     lr * sign(g)), not 2.35 lr (the bias correction of a second step)."""
-    ds = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}
-    lm, net = tiny_gpt2(), weight_net()
-    model = Model("model", lm, torch.optim.Adam(lm.parameters(), lr=1e-3), batches("train"),
-                  config=LevelConfig(gradient_accumulation=ACCUMULATION, deepspeed_config=ds))  # fmt: skip
-    weights = Weights("weights", net, torch.optim.SGD(net.parameters(), lr=1.0), batches("meta"),
-                      config=LevelConfig(deepspeed_config={"zero_optimization": {"stage": 0}}))  # fmt: skip
-    engine = Engine([model, weights], {"weights": ["model"]}, EngineConfig(max_steps=0, progress_bar=False))
+    engine = program({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}})
+    model = engine.levels["model"]
     wrapper = model.backend.optimizer
     masters = [m for group in wrapper.fp32_groups for m in group]
     before = [m.detach().clone() for m in masters]
@@ -212,14 +206,8 @@ def test_a_float32_level_called_with_bf16_tensors_gets_them_in_float32():
 
 
 def test_fp16_levels_are_refused_with_the_fix():
-    lm, net = tiny_gpt2(), weight_net()
-    ds = {"zero_optimization": {"stage": 0}, "fp16": {"enabled": True}}
-    model = Model("model", lm, torch.optim.Adam(lm.parameters(), lr=1e-3), batches("train"),
-                  config=LevelConfig(deepspeed_config=ds))  # fmt: skip
-    weights = Weights("weights", net, torch.optim.SGD(net.parameters(), lr=1.0), batches("meta"),
-                      config=LevelConfig(backend="torch"))  # fmt: skip
     with pytest.raises(ValueError, match=r"fp16 levels are not supported yet .* use \"bf16\""):
-        Engine([model, weights], {"weights": ["model"]}, EngineConfig(max_steps=0, progress_bar=False))
+        program({"zero_optimization": {"stage": 0}, "fp16": {"enabled": True}})
 
 
 @pytest.mark.parametrize("stage", [0, 3])
@@ -227,12 +215,9 @@ def test_the_shipped_bf16_configs_run_an_mlo_step(stage):
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "configs" / "ds" / f"zero{stage}_bf16.json"
-    lm, net = tiny_gpt2(), weight_net()
-    model = Model("model", lm, torch.optim.Adam(lm.parameters(), lr=1e-3), batches("train"),
-                  config=LevelConfig(deepspeed_config=str(path)))  # fmt: skip
-    weights = Weights("weights", net, torch.optim.SGD(net.parameters(), lr=1.0), batches("meta"),
-                      config=LevelConfig(deepspeed_config={"zero_optimization": {"stage": 0}}))  # fmt: skip
-    history = Engine([model, weights], {"weights": ["model"]}, EngineConfig(max_steps=2, log_every=1, progress_bar=False)).run()
+    engine = program(str(path), max_steps=2)
+    model = engine.levels["model"]
+    history = engine.run()
     assert {p.dtype for p in model.params} == {torch.bfloat16}
     assert all(torch.isfinite(torch.tensor(v)) for row in history for v in row.values() if isinstance(v, float))
     assert history[-1]["weights/hypergrad_norm"] > 0

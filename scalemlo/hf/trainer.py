@@ -182,14 +182,13 @@ class ReweightingTrainer(Trainer):
         """The two levels' settings must agree: refused here, before any engine is built or any step runs."""
         args = self.args
         model_cfg = args.hf_deepspeed_config.config if args.deepspeed and args.hf_deepspeed_config else {}
-        for flag in ("bf16", "fp16"):
-            enabled = model_cfg.get(flag, {}).get("enabled", False)
-            if getattr(args, flag) or enabled is True:
-                raise ValueError(
-                    f"the model level runs in {flag} (--{flag} or its --deepspeed config), which the Trainer does not "
-                    "support yet (scalemlo.Engine runs bf16 levels, evaluating hypergradients in float32; the "
-                    f"Trainer's shared forward is not wired to it): train in fp32 (drop --{flag}, set {flag}.enabled false)"
-                )
+        enabled = model_cfg.get("fp16", {}).get("enabled", False)
+        if args.fp16 or enabled is True:
+            raise ValueError(
+                "the model level runs in fp16 (--fp16 or its --deepspeed config), which scalemlo does not support yet "
+                "(its loss scaling does not cover the hypergradient's passes): use --bf16 (with \"bf16\": "
+                '{"enabled": "auto"} in a --deepspeed config), or fp32'
+            )
         stage = model_cfg.get("zero_optimization", {}).get("stage", 0)
         if args.hypergradient_method == "sama" and stage != 0:
             raise ValueError(
@@ -326,8 +325,11 @@ class ReweightingTrainer(Trainer):
         def keep(_optimizer, _args, _kwargs) -> None:
             if record or backend.last_step is None:
                 backend.record_step()
+            # the gradients the torch optimizer steps on (clipped; under DeepSpeed's bf16 ZeRO-0 optimizer
+            # those of its float32 copies)
+            stepped = [backend.stepped_tensor(p) for p in backend.params]
             backend.last_step.grads = [
-                torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in backend.params
+                torch.zeros_like(q) if q.grad is None else q.grad.detach().clone() for q in stepped
             ]
 
         optimizer.register_step_pre_hook(keep)

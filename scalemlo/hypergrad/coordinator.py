@@ -26,6 +26,7 @@ from scalemlo.hypergrad import vectors
 from scalemlo.hypergrad.problem import ResponseProblem, replayed_and_frozen
 from scalemlo.hypergrad.registry import get_method
 from scalemlo.level import Level
+from scalemlo.precision import without_autocast
 
 
 class Coordinator:
@@ -61,6 +62,7 @@ class Coordinator:
         all_levels = list(self.levels.values())
         rng_state = torch.get_rng_state()
         with contextlib.ExitStack() as stack:
+            stack.enter_context(without_autocast([lv.module for lv in all_levels]))
             for lv in all_levels:
                 # a bf16 level is evaluated in float32 at its own parameters (scalemlo.precision)
                 stack.enter_context(lv.backend.precision.float32())

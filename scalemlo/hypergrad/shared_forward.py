@@ -55,6 +55,7 @@ import torch
 from scalemlo.hypergrad import vectors
 
 from scalemlo.level import Level, frozen
+from scalemlo.precision import autocast_outside, native_autocast
 
 if TYPE_CHECKING:
     from scalemlo.hypergrad.problem import ResponseProblem
@@ -89,7 +90,11 @@ class SharedForward:
                 raise RuntimeError("scalemlo: the random state moved between the moved forward and the step's forward")
             # a low-precision level's step runs in its own precision (the hypergradient's evaluations
             # around it in float32, scalemlo.precision)
-            with frozen([lv for lv in others if lv is not self.lower]), self.lower.backend.precision.native():
+            with (
+                frozen([lv for lv in others if lv is not self.lower]),
+                self.lower.backend.precision.native(),
+                native_autocast(),
+            ):
                 if self.losses_of is None:
                     self.losses = self.lower.checked_per_example_losses(self.batch)
                 else:
@@ -148,9 +153,14 @@ FALLBACK_RADIUS = 1e-3
 
 
 def is_central(problem: ResponseProblem) -> bool:
-    """Whether the difference is central: when asked for, and always for a low-precision lower level,
-    whose step's forward (bf16) cannot be differenced against a float32 moved forward."""
-    return problem.config.shared_forward_difference == "central" or problem.lower.backend.precision.active
+    """Whether the difference is central: when asked for, and always for a low-precision lower level
+    (or one trained under autocast), whose step's forward (bf16) cannot be differenced against a
+    float32 moved forward."""
+    return (
+        problem.config.shared_forward_difference == "central"
+        or problem.lower.backend.precision.active
+        or autocast_outside()
+    )
 
 
 def radius_for(problem: ResponseProblem) -> float:
