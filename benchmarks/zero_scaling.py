@@ -69,14 +69,17 @@ def main() -> None:
     parser.add_argument("--fused_adam", action="store_true", help="torch's fused (in-place) Adam for the LM")
     parser.add_argument("--zero", default=None, help="JSON merged into zero_optimization (e.g. live-parameter limits)")
     parser.add_argument("--systems", nargs="+", default=["plain", "scalemlo"], choices=["plain", "scalemlo"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                        help="the LM level's precision (each configuration runs in each)")
     args = parser.parse_args()
     rows = []
     for spec in args.configs:
         size, stage = spec.split(":")
-        for system in args.systems:
+        for system, precision in [(s, p) for p in args.precisions for s in args.systems]:
             started = time.time()
             flags = ["--whole"] * args.whole + ["--checkpointing"] * args.checkpointing + ["--fused_adam"] * args.fused_adam
             flags += ["--zero", args.zero] if args.zero else []
+            flags += ["--bf16"] if precision == "bf16" else []
             per_rank = launch(size, int(stage), system, args.ranks, args.steps, args.warmup, flags)
             row = {
                 "system": system,
@@ -87,6 +90,7 @@ def main() -> None:
                 "built": per_rank[0]["built"],
                 "checkpointing": per_rank[0]["checkpointing"],
                 "fused_adam": per_rank[0]["fused_adam"],
+                "precision": per_rank[0]["precision"],
                 "zero": per_rank[0]["zero"],
                 "first_step_s": statistics.mean(r["first_step_s"] for r in per_rank),
                 "ranks": args.ranks,
@@ -98,22 +102,23 @@ def main() -> None:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    plain = {(r["size"], r["zero_stage"]): r for r in rows if r["system"] == "plain"}
+    plain = {(r["size"], r["zero_stage"], r["precision"]): r for r in rows if r["system"] == "plain"}
     for r in rows:
-        base = plain.get((r["size"], r["zero_stage"]), {})  # absent with --systems scalemlo
+        base = plain.get((r["size"], r["zero_stage"], r["precision"]), {})  # absent with --systems scalemlo
         r["time_vs_plain_same_stage"] = r["median_step_s"] / base.get("median_step_s", float("nan"))
         r["peak_rss_vs_plain_same_stage"] = r["peak_rss_mb_per_rank"] / base.get("peak_rss_mb_per_rank", float("nan"))
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     header = (
-        "| system | size | ZeRO | ranks | step s | peak RSS/rank MB | end RSS/rank MB | time / plain "
-        "| peak RSS / plain |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "| system | size | ZeRO | precision | ranks | step s | peak RSS/rank MB | end RSS/rank MB | end RSS B/param (runtime incl.) "
+        "| time / plain | peak RSS / plain |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
-        f"| {r['system']} | {r['size']} ({r['params'] / 1e6:.0f}M) | {r['zero_stage']} | {r['ranks']} | "
+        f"| {r['system']} | {r['size']} ({r['params'] / 1e6:.0f}M) | {r['zero_stage']} | {r['precision']} | {r['ranks']} | "
         f"{r['median_step_s']:.2f} | {r['peak_rss_mb_per_rank']:.0f} | {r['end_rss_mb_per_rank']:.0f} | "
+        f"{r['end_live_mb_per_rank'] * 2**20 / r['params']:.1f} | "
         f"{r['time_vs_plain_same_stage']:.2f} | {r['peak_rss_vs_plain_same_stage']:.2f} |"
         for r in rows
     ]

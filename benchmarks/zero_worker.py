@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the LM's blocks")
     parser.add_argument("--fused_adam", action="store_true",
                         help="torch's fused Adam for the LM (in place: no full-size temporaries in its step)")
+    parser.add_argument("--bf16", action="store_true", help="the LM level in bf16 (the weight net stays fp32)")
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
 
@@ -102,6 +103,8 @@ def main() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     torch.manual_seed(0)
     ds_config = {"zero_optimization": {**zero_settings(args.stage), **json.loads(args.zero)}}
+    if args.bf16:
+        ds_config["bf16"] = {"enabled": True}
     # At ZeRO-3 the LM is built partitioned (scalemlo.zero_init: deepspeed.zero.Init), so no rank
     # holds it whole; with --whole (and at stages 0-2) every rank builds it whole and
     # deepspeed.initialize partitions it, so the peak includes one whole fp32 copy.
@@ -159,6 +162,7 @@ def main() -> None:
         "built": "whole" if args.whole or args.stage != 3 else "zero_init",
         "checkpointing": args.checkpointing,
         "fused_adam": args.fused_adam,
+        "precision": "bf16" if args.bf16 else "fp32",
         "first_step_s": times[0],
     }
     print(json.dumps(record), flush=True)

@@ -87,8 +87,18 @@ class _Backend:
         """Swaps a low-precision level to float32 for a hypergradient's evaluations (:mod:`scalemlo.precision`)."""
         if getattr(self, "_precision", None) is None:
             module = self.engine.module if hasattr(self, "engine") else self.module
-            self._precision = Float32Evaluation(module, self.partitioned, self.release_gathered)
+            self._precision = Float32Evaluation(module, self.partitioned, self.release_gathered, self._master)
         return self._precision
+
+    def _master(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        """The optimizer's float32 master of ``p`` where this rank holds it whole (bf16 ZeRO-0) or holds
+        its ZeRO-3 partition; else None."""
+        if self.partitioned:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            return safe_get_local_fp32_param(p)
+        q = self.stepped_tensor(p)
+        return q if q is not p else None
 
     def current_lrs(self) -> list[float]:
         """Per trainable parameter, the learning rate its parameter group has now."""

@@ -12,12 +12,15 @@ bf16/fp16 level's parameters are float32 copies of its low-precision
 parameters (the values its forward uses), the evaluations (the owner's
 objective, gradients, perturbed forwards) run in float32, and perturbations
 move the float32 copies. Afterwards the low-precision tensors are put back
-untouched (the copies are dropped, so the restore is exact by construction).
-The hypergradient is then the float32 hypergradient at the point the
-low-precision model actually is, at the price of float32 arithmetic for the
-hypergradient's passes and a transient float32 copy of each low-precision
-level's local parameters (at ZeRO-3, of its partitions only: gathered layers
-are float32 while in use). The training steps themselves stay in the level's
+untouched. Where the optimizer keeps a float32 master of what is swapped
+(DeepSpeed's bf16 optimizer at ZeRO-0: whole parameters; ZeRO-3: this rank's
+partitions), the master itself is used, in place: no memory is added, and
+every perturbation of it is restored exactly, as for any parameter. Else
+(ZeRO 1-2, whose masters are partitioned across ranks; a torch backend) a
+float32 copy of the parameter is made for the while. The hypergradient is
+then the float32 hypergradient at the master (or at the bf16 point), at the
+price of float32 arithmetic for the hypergradient's passes (gathered ZeRO-3
+layers are float32 while in use). The training steps themselves stay in the level's
 precision. ``tests/test_low_precision.py`` checks every method against the
 float32 run of the same program (cosine >= 0.99).
 """
@@ -97,42 +100,54 @@ def is_low_precision(dtype: torch.dtype) -> bool:
 
 
 class Float32Evaluation:
-    """Swaps one module's low-precision parameters for float32 copies, and back (exactly).
+    """Swaps one module's low-precision parameters for float32 tensors, and back (exactly).
 
     ``partitioned``: the module's parameters are ZeRO-3 partitioned; their
     partitions (``p.ds_tensor``) are swapped, so DeepSpeed gathers float32
     layers (it gathers in the partition's dtype). ``release`` re-partitions
     whatever ZeRO-3 keeps gathered (called before each swap, so no gathered
-    low-precision copy outlives it).
+    low-precision copy outlives it). ``master``: for a parameter, the
+    optimizer's float32 master of what is swapped (the whole parameter, or at
+    ZeRO-3 this rank's partition), or None; where there is one it is used in
+    place (no memory; perturbations move it and are restored exactly, as they
+    would move the parameter), else a float32 copy of the parameter is made.
     """
 
-    def __init__(self, module: torch.nn.Module, partitioned: bool, release=lambda: None):
+    def __init__(self, module: torch.nn.Module, partitioned: bool, release=lambda: None, master=lambda p: None):
         self.module = module
         self.partitioned = partitioned
         self.release = release
+        self.master = master
         self._saved: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (tensor swapped, its own data)
-        self._copies: list[torch.Tensor] | None = None  # the float32 copies (kept while suspended)
+        self._copies: list[torch.Tensor] | None = None  # the float32 tensors swapped in (kept while suspended)
 
     @property
     def low_precision(self) -> bool:
-        return any(is_low_precision(t.dtype) for t in self._targets())
+        return any(is_low_precision(t.dtype) for _, t in self._targets())
 
     @property
     def active(self) -> bool:
         return self._saved is not None
 
-    def _targets(self) -> list[torch.Tensor]:
+    def _targets(self) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        """(parameter, the tensor swapped for it): the parameter, or at ZeRO-3 its partition."""
         if self.partitioned:
-            return [p.ds_tensor for p in self.module.parameters() if hasattr(p, "ds_tensor")]
-        return list(self.module.parameters())
+            return [(p, p.ds_tensor) for p in self.module.parameters() if hasattr(p, "ds_tensor")]
+        return [(p, p) for p in self.module.parameters()]
+
+    def _float32_for(self, p: torch.nn.Parameter, own: torch.Tensor) -> torch.Tensor:
+        master = self.master(p) if p.requires_grad else None
+        if master is not None and master.dtype == torch.float32 and master.numel() == own.numel():
+            return master.view(own.shape)
+        return own.float()
 
     def _swap_in(self, copies: list[torch.Tensor] | None) -> None:
         self.release()
         saved, made = [], []
-        targets = [t for t in self._targets() if is_low_precision(t.dtype)]
-        for i, t in enumerate(targets):
+        targets = [(p, t) for p, t in self._targets() if is_low_precision(t.dtype)]
+        for i, (p, t) in enumerate(targets):
             own = t.data
-            copy = own.float() if copies is None else copies[i]
+            copy = self._float32_for(p, own) if copies is None else copies[i]
             saved.append((t, own))
             made.append(copy)
             t.data = copy

@@ -221,3 +221,27 @@ def test_the_shipped_bf16_configs_run_an_mlo_step(stage):
     assert {p.dtype for p in model.params} == {torch.bfloat16}
     assert all(torch.isfinite(torch.tensor(v)) for row in history for v in row.values() if isinstance(v, float))
     assert history[-1]["weights/hypergrad_norm"] > 0
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_the_float32_masters_are_evaluated_in_place_and_left_bit_identical(stage):
+    """Where the optimizer holds a float32 master of what a bf16 level swaps (ZeRO-0: whole parameters,
+    ZeRO-3: this rank's partitions), the evaluation uses it in place (no float32 copy), and every
+    method's perturbations of it are undone exactly: masters and bf16 parameters bit-identical after."""
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    engine = program({"zero_optimization": {"stage": stage}, "bf16": {"enabled": True}})
+    model = engine.levels["model"]
+    engine.step_level("model")
+    backend = model.backend
+    masters = [safe_get_local_fp32_param(p) if stage == 3 else backend.stepped_tensor(p) for p in model.params]
+    with backend.precision.float32():
+        swapped = {t.untyped_storage().data_ptr() for t in backend.precision._copies}
+    assert swapped <= {m.untyped_storage().data_ptr() for m in masters}
+    before = [m.clone() for m in masters] + [t.clone() for t in backend.local_shards]
+    for method, kw in [("finite_difference", {}), ("cg", FD2), ("penalty", {"penalty_steps": 2})]:
+        engine.levels["weights"].config = LevelConfig(method=method, **kw)
+        engine.hypergradient("weights")
+    after = [m for m in masters] + list(backend.local_shards)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert {t.dtype for t in backend.local_shards} == {torch.bfloat16}
