@@ -393,6 +393,14 @@ class DeepSpeedBackend(_Backend):
         scaled = engine.optimizer.scale_if_loss(loss)
         torch.autograd.backward(scaled, inputs=self.params, retain_graph=retain_graph)
         engine._backward_epilogue()
+        if getattr(engine.optimizer, "offload_optimizer", False):
+            # With offload_optimizer, ZeRO-3 copies the gradient partitions into the float32 buffers its
+            # local-gradient accessor reads only when a boundary is finalized (in its step): without this
+            # the hypergradient read zeros, a zero hypergradient, silently. The boundary flag it sets is
+            # put back.
+            saved = engine.optimizer._is_gradient_accumulation_boundary
+            engine.optimizer.finalize_gradient_accumulation_boundary()
+            engine.optimizer._is_gradient_accumulation_boundary = saved
 
     def _clear_partition_grads(self) -> None:
         from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
@@ -401,9 +409,16 @@ class DeepSpeedBackend(_Backend):
         for p in self.params:
             buffer = safe_get_local_grad(p)
             if buffer is not None and bool(buffer.any()):
-                # The accessor returns a float32 copy of a bf16 (or offloaded) partition: zeroing it would
-                # clear nothing, so the zeros are written through DeepSpeed.
+                # The accessor returns a float32 copy of a bf16 partition (and with offload_optimizer the
+                # float32 buffer the step reads): zeroing what it returns would clear nothing, so the
+                # zeros are written through DeepSpeed.
                 safe_set_local_grad(p, torch.zeros_like(buffer))
+        # With offload_optimizer the reduced partitions also stay in ZeRO-3's own flat buffer, which the
+        # accessor does not reach and the next backward accumulated onto (tested: training moved by
+        # taking hypergradients): cleared too.
+        flat = getattr(self.engine.optimizer, "grad_partitions_flat_buffer", None)
+        if flat is not None:
+            flat.zero_()
 
     def release_gathered(self) -> None:
         """Re-partition every gathered parameter, so that writes to ``local_shards`` reach the next forward.

@@ -1,12 +1,14 @@
 """bf16 levels: hypergradients against the float32 run of the same program (scalemlo.precision).
 
-Program: a tiny GPT-2 in bf16 (DeepSpeed ``"bf16": {"enabled": true}``, ZeRO 0 or 3) under a
+Program: a tiny GPT-2 in bf16 (DeepSpeed ``"bf16": {"enabled": true}``, ZeRO 0-3) under a
 float32 Meta-Weight-Net at ZeRO-0 (levels of different precision in one program). The float32
 run is the same program with the bf16 block left out, from the same initial weights and batches.
 Every hypergradient of a short run must point where the float32 run's does (cosine >= 0.99):
-the bf16 run evaluates its hypergradients in float32 at its own bf16 parameters, so what remains
+the bf16 run evaluates its hypergradients in float32 (at its float32 master, or its bf16 point), so what remains
 is the small drift of bf16 training. Without that rule a difference quotient of bf16 forwards
-cancels (the sensitivity test below takes the rule out and sees the cosine collapse).
+cancels (a test below takes the rule out). Also here: the DeepSpeed behaviours bf16 and offload
+exposed (gradient partitions not cleared or not read, the bf16 optimizer's initial step), and
+offloaded levels against the same levels not offloaded.
 """
 
 import contextlib
@@ -94,8 +96,14 @@ def program(model_ds: dict | str, max_steps: int = 0, **kw) -> Engine:
 def run(stage: int, bf16: bool, method: str, steps: int = 3, **kw) -> list[torch.Tensor]:
     """Every hypergradient the weights stepped on in ``steps`` MLO steps, then one more."""
     ds = {"zero_optimization": {"stage": stage}, **({"bf16": {"enabled": True}} if bf16 else {})}
+    return run_with(ds, method, steps, check_dtype=torch.bfloat16 if bf16 else torch.float32, **kw)
+
+
+def run_with(ds: dict, method: str = "finite_difference", steps: int = 3, check_dtype=None, **kw) -> list[torch.Tensor]:
+    """``run`` for any DeepSpeed config of the model level."""
     engine = program(ds, steps * ACCUMULATION, method=method, **kw)
-    assert {p.dtype for p in engine.levels["model"].params} == {torch.bfloat16 if bf16 else torch.float32}
+    if check_dtype is not None:
+        assert {p.dtype for p in engine.levels["model"].params} == {check_dtype}
     out = []
     hypergradient = engine.coordinator.hypergradient
 
@@ -247,3 +255,27 @@ def test_the_float32_masters_are_evaluated_in_place_and_left_bit_identical(stage
     after = [m for m in masters] + list(backend.local_shards)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert {t.dtype for t in backend.local_shards} == {torch.bfloat16}
+
+
+OFFLOAD = {
+    "zero3-offload-param-optimizer": {"stage": 3, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}},
+    "zero2-offload-optimizer": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+}
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(OFFLOAD))
+def test_an_offloaded_level_gives_the_hypergradients_of_the_same_level_not_offloaded(name, bf16):
+    """Optimizer (and parameter) offload of the lower level changes where its state lives, not the MLO: every
+    hypergradient of a 3-step run is the one without offload, to float32 summation order. Found on the way:
+    with offload_optimizer ZeRO-3 copies gradient partitions into the buffer its accessor reads only when
+    its step finalizes a boundary, so every hypergradient read zeros (a zero hypergradient, silently);
+    and the hypergradient's gradient left in ZeRO-3's flat partition buffer was accumulated into the next
+    training step."""
+    zero = OFFLOAD[name]
+    precision = {"bf16": {"enabled": True}} if bf16 else {}
+    base = run_with({"zero_optimization": {"stage": zero["stage"]}, **precision})
+    offloaded = run_with({"zero_optimization": zero, "zero_force_ds_cpu_optimizer": False, **precision})
+    rel = [float((a - b).norm() / b.norm()) for a, b in zip(offloaded, base)]
+    assert len(rel) > 3 and max(rel) < 1e-5, rel
+
