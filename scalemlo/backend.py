@@ -313,6 +313,10 @@ class DeepSpeedBackend(_Backend):
         wrapper = self.optimizer
         if not (hasattr(wrapper, "fp16_groups") and hasattr(wrapper, "fp32_groups")):
             return
+        state = self._optimizer_for_state.state
+        masters = [high for highs in wrapper.fp32_groups for high in highs]
+        if not all(_is_initial_state(state.get(high, {})) for high in masters):
+            return  # real steps were taken (a Trainer resumed from a checkpoint): nothing to undo
         with torch.no_grad():
             for lows, highs in zip(wrapper.fp16_groups, wrapper.fp32_groups):
                 for low, high in zip(lows, highs):
@@ -486,6 +490,14 @@ class DeepSpeedBackend(_Backend):
             return NONFINITE
         self.steps += 1
         return STEPPED
+
+
+def _is_initial_state(state: dict) -> bool:
+    """An optimizer state left by one step on zero gradients: at most one step, every tensor zero."""
+    step = state.get("step", 0)
+    return float(step) <= 1 and all(
+        not bool(v.any()) for k, v in state.items() if k != "step" and isinstance(v, torch.Tensor)
+    )
 
 
 def _autograd_gradient(loss: torch.Tensor, params: list[torch.Tensor], retain_graph: bool) -> list[torch.Tensor]:

@@ -279,3 +279,19 @@ def test_an_offloaded_level_gives_the_hypergradients_of_the_same_level_not_offlo
     rel = [float((a - b).norm() / b.norm()) for a, b in zip(offloaded, base)]
     assert len(rel) > 3 and max(rel) < 1e-5, rel
 
+
+
+def test_the_initial_step_is_undone_only_when_nothing_else_was_stepped():
+    """A backend adopted after real steps (a Trainer resumed from a checkpoint) keeps the optimizer's
+    state and masters: only the zero-gradient step's state is dropped."""
+    from scalemlo.backend import DeepSpeedBackend
+
+    engine = program({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}})
+    model = engine.levels["model"]
+    engine.step_level("model")
+    backend = model.backend
+    masters = [m.clone() for group in backend.optimizer.fp32_groups for m in group]
+    steps = [float(backend.optimizer_state(p)["step"]) for p in model.params]
+    adopted = DeepSpeedBackend.adopt(backend.engine, model.params, backend.group_index)
+    assert [float(adopted.optimizer_state(p)["step"]) for p in model.params] == steps == [1.0] * len(steps)
+    assert all(torch.equal(a, b) for a, b in zip(masters, [m for g in backend.optimizer.fp32_groups for m in g]))
