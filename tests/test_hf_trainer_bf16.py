@@ -81,3 +81,33 @@ def test_the_shipped_offload_config_gives_the_hypergradients_of_zero3(tmp_path, 
     assert len(offloaded) == len(plain) == 5
     rel = [float((a - b).norm() / b.norm()) for a, b in zip(offloaded, plain)]
     assert max(rel) < 2e-2, rel
+
+
+def test_a_bf16_zero0_run_resumes_bit_for_bit(tmp_path):
+    """Stopped at step 4 and resumed from checkpoint-4: the bf16 model, its float32 masters and the
+    weights end as in the uninterrupted run (the backend adopted at the resume keeps the loaded
+    optimizer state: only DeepSpeed's zero-gradient initial step is ever undone)."""
+    from test_hf_trainer import parameters
+
+    from scalemlo.hf import reset_trainer_state
+
+    def masters(t) -> torch.Tensor:
+        return torch.cat([m.flatten() for group in t.model_wrapped.optimizer.fp32_groups for m in group])
+
+    kw = {"deepspeed": ds_config(0), "bf16": True, "save_strategy": "steps", "save_steps": 2}
+    uninterrupted = trainer(tmp_path / "uninterrupted", **kw)
+    uninterrupted.train()
+    reference = parameters(uninterrupted), masters(uninterrupted)
+    reset_trainer_state()
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 4
+
+    first = trainer(tmp_path / "run", **kw)
+    first.add_callback(Stop())
+    first.train()
+    reset_trainer_state()
+    resumed = trainer(tmp_path / "run", **kw)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
+    assert torch.equal(parameters(resumed), reference[0]) and torch.equal(masters(resumed), reference[1])
