@@ -111,12 +111,13 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     header = (
-        "| system | size | ZeRO | precision | ranks | step s | peak RSS/rank MB | end RSS/rank MB | end RSS B/param (runtime incl.) "
-        "| time / plain | peak RSS / plain |\n"
+        "| system | size | ZeRO | precision | ranks | step s | peak RSS/rank MB | end RSS/rank MB "
+        "| end RSS B/param (runtime incl.) | time / plain | peak RSS / plain |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
-        f"| {r['system']} | {r['size']} ({r['params'] / 1e6:.0f}M) | {r['zero_stage']} | {r['precision']} | {r['ranks']} | "
+        f"| {r['system']} | {r['size']} ({r['params'] / 1e6:.0f}M) | {r['zero_stage']} | {r['precision']} | "
+        f"{r['ranks']} | "
         f"{r['median_step_s']:.2f} | {r['peak_rss_mb_per_rank']:.0f} | {r['end_rss_mb_per_rank']:.0f} | "
         f"{r['end_live_mb_per_rank'] * 2**20 / r['params']:.1f} | "
         f"{r['time_vs_plain_same_stage']:.2f} | {r['peak_rss_vs_plain_same_stage']:.2f} |"

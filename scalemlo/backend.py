@@ -125,9 +125,8 @@ class _Backend:
         if not (hasattr(wrapper, "fp16_groups") and hasattr(wrapper, "fp32_groups")):
             return p
         if getattr(self, "_master_of", None) is None:
-            self._master_of = {
-                id(low): high for lows, highs in zip(wrapper.fp16_groups, wrapper.fp32_groups) for low, high in zip(lows, highs)
-            }
+            pairs = zip(wrapper.fp16_groups, wrapper.fp32_groups)
+            self._master_of = {id(low): high for lows, highs in pairs for low, high in zip(lows, highs)}
         return self._master_of.get(id(p), p)
 
     def optimizer_state(self, p: torch.Tensor) -> dict:

@@ -158,15 +158,34 @@ def mean_over_ranks_(tensors: Sequence[torch.Tensor]) -> None:
         t.div_(n)
 
 
+def collective_device() -> torch.device:
+    """Where a scalar that scalemlo reduces over ranks must live: the current GPU under NCCL (which refuses
+    CPU tensors), else the CPU (gloo). Vectors are reduced where they already are (the parameters' device)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def reduced_scalar_(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """All-reduce a 0-d tensor over ranks (``op``: "sum", "min" or "max") on :func:`collective_device`;
+    the result, on the value's own device, is written into ``value`` and returned."""
+    import torch.distributed as dist
+
+    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+    moved = value.to(collective_device())
+    dist.all_reduce(moved, op=ops[op])
+    if moved is not value:
+        value.copy_(moved)
+    return value
+
+
 def finite_on_every_rank(tensors: Sequence[torch.Tensor]) -> bool:
     """True when every tensor is finite on every rank (all ranks get the same answer and branch alike)."""
     finite = all(bool(torch.isfinite(t.sum())) for t in tensors)  # one pass; inf/NaN survive the sum
     if world_size() > 1:
-        import torch.distributed as dist
-
-        flag = torch.tensor(1.0 if finite else 0.0)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        finite = bool(flag.item() == 1.0)
+        finite = bool(reduced_scalar_(torch.tensor(1.0 if finite else 0.0), "min").item() == 1.0)
     return finite
 
 

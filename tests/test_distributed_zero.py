@@ -128,4 +128,3 @@ def test_a_lower_level_built_partitioned_runs_the_same_program(launch, upper):
     r = record_of(launch, f"zero_init/finite_difference/{{}}/upper{upper}/lower3")
     assert r["model_moved"] > 1e-2
     assert r["model_rel_diff"] <= 1e-6 and r["weights_rel_diff"] <= 1e-6 and r["hypergradient_rel_diff"] <= 1e-6
-

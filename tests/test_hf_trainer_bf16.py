@@ -10,8 +10,6 @@ config must give the meta steps of ZeRO-3 without offload.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F

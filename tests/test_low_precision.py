@@ -158,7 +158,8 @@ def test_at_the_same_point_a_bf16_level_gives_the_float32_hypergradient(stage, m
     from scalemlo.precision import Float32Evaluation
 
     def rel_err() -> float:
-        (got,), (want,) = run(stage, True, "finite_difference", steps=0), run(stage, False, "finite_difference", steps=0)
+        (got,) = run(stage, True, "finite_difference", steps=0)
+        (want,) = run(stage, False, "finite_difference", steps=0)
         return float((got - want).norm() / want.norm())
 
     with_rule = rel_err()
@@ -258,7 +259,11 @@ def test_the_float32_masters_are_evaluated_in_place_and_left_bit_identical(stage
 
 
 OFFLOAD = {
-    "zero3-offload-param-optimizer": {"stage": 3, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}},
+    "zero3-offload-param-optimizer": {
+        "stage": 3,
+        "offload_param": {"device": "cpu"},
+        "offload_optimizer": {"device": "cpu"},
+    },
     "zero2-offload-optimizer": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
 }
 
@@ -278,7 +283,6 @@ def test_an_offloaded_level_gives_the_hypergradients_of_the_same_level_not_offlo
     offloaded = run_with({"zero_optimization": zero, "zero_force_ds_cpu_optimizer": False, **precision})
     rel = [float((a - b).norm() / b.norm()) for a, b in zip(offloaded, base)]
     assert len(rel) > 3 and max(rel) < 1e-5, rel
-
 
 
 def test_the_initial_step_is_undone_only_when_nothing_else_was_stepped():

@@ -53,7 +53,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from scalemlo.hypergrad import vectors
-
 from scalemlo.level import Level, frozen
 from scalemlo.precision import autocast_outside, native_autocast
 

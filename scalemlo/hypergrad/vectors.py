@@ -93,16 +93,14 @@ class AcrossRanks:
         self.sharded = sharded
 
     def _agree(self, local: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        # ``local`` is always a fresh local result: reduced in place.
+        # ``local`` is always a fresh local result (a CPU float64 scalar): reduced in place, on the
+        # device the process group needs (scalemlo.distributed.collective_device: a GPU under NCCL).
         if self.world_size > 1:
-            import torch.distributed as dist
+            from scalemlo.distributed import reduced_scalar_
 
-            if op == "max":
-                dist.all_reduce(local, op=dist.ReduceOp.MAX)
-            else:
-                dist.all_reduce(local)
-                if not self.sharded:
-                    local /= self.world_size
+            reduced_scalar_(local, "max" if op == "max" else "sum")
+            if op != "max" and not self.sharded:
+                local /= self.world_size
         return local
 
     def dot(self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:

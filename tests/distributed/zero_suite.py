@@ -138,6 +138,7 @@ def build(stages: tuple[int, int] | None, ranks: list[int], method: str, zero_in
     lm, net = tiny_gpt2(dtype), weight_net(dtype)
     if zero_init:
         import deepspeed
+
         import scalemlo
 
         whole = lm.state_dict()
