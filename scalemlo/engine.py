@@ -30,6 +30,7 @@ from scalemlo.distributed import finite_on_every_rank, mean_over_ranks_, world_s
 from scalemlo.graph import LevelGraph
 from scalemlo.hypergrad import shared_forward, vectors
 from scalemlo.hypergrad.coordinator import Coordinator
+from scalemlo.hypergrad.rng import RandomState
 from scalemlo.level import FED, Level
 from scalemlo.logging import MetricLogger, progress
 
@@ -256,7 +257,7 @@ class Engine:
         with contextlib.ExitStack() as stack:
             for lv in all_levels:
                 stack.enter_context(lv.preserved_buffers())
-            stack.enter_context(torch.random.fork_rng(devices=[]))
+            stack.enter_context(RandomState.capture().replayed())  # the generators as they were, after
             for name, batch in batches.items():
                 self.levels[name].loss(batch, require_grad=True)
         for lv in all_levels:

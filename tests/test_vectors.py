@@ -94,3 +94,21 @@ def test_norm_neither_underflows_nor_overflows_in_float32(magnitude):
     a = [torch.full((1000,), magnitude, dtype=torch.float32), torch.full((10,), -magnitude, dtype=torch.float32)]
     expected = magnitude * 1010**0.5
     assert float(V.norm(a)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_replayed_random_state_puts_the_generators_back_and_compares_by_value():
+    from scalemlo.hypergrad.rng import RandomState
+
+    torch.manual_seed(3)
+    state = RandomState.capture()
+    first = torch.rand(3)
+    with state.replayed():
+        again = torch.rand(3)
+    assert torch.equal(first, again)  # replayed from the captured state
+    after = torch.rand(3)
+    torch.manual_seed(3)
+    torch.rand(3)
+    assert torch.equal(after, torch.rand(3))  # the caller's generator went on as if nothing had run
+    assert RandomState.of(state.cpu) == state  # a bare tensor is a CPU state
+    torch.manual_seed(5)
+    assert RandomState.capture() == RandomState.capture() and state != RandomState.capture()

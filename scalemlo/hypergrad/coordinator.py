@@ -25,6 +25,7 @@ from scalemlo.graph import LevelGraph
 from scalemlo.hypergrad import vectors
 from scalemlo.hypergrad.problem import ResponseProblem, replayed_and_frozen
 from scalemlo.hypergrad.registry import get_method
+from scalemlo.hypergrad.rng import RandomState
 from scalemlo.level import Level
 from scalemlo.precision import without_autocast
 
@@ -60,7 +61,7 @@ class Coordinator:
         method = get_method(owner.config.method)
         owner_and_below = [owner] + [self.levels[n] for n in below]
         all_levels = list(self.levels.values())
-        rng_state = torch.get_rng_state()
+        rng_state = RandomState.capture()
         with contextlib.ExitStack() as stack:
             stack.enter_context(without_autocast([lv.module for lv in all_levels]))
             for lv in all_levels:

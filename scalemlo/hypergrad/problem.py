@@ -38,12 +38,15 @@ from typing import Any
 import torch
 
 from scalemlo.hypergrad import shared_forward, vectors
+from scalemlo.hypergrad.rng import RandomState
 from scalemlo.level import Level, frozen
 
 
 @contextlib.contextmanager
-def replayed_and_frozen(rng_state: torch.Tensor, all_levels: Sequence[Level], trainable: Sequence[Level]):
-    """Replay a CPU generator state and freeze every level but ``trainable`` for one evaluation.
+def replayed_and_frozen(
+    rng_state: RandomState | torch.Tensor, all_levels: Sequence[Level], trainable: Sequence[Level]
+):
+    """Replay a random state (CPU and CUDA generators) and freeze every level but ``trainable`` for one evaluation.
 
     Every evaluation within one hypergradient starts from the same generator
     state, so dropout masks and sampling agree between perturbed points (a
@@ -52,8 +55,7 @@ def replayed_and_frozen(rng_state: torch.Tensor, all_levels: Sequence[Level], tr
     so no backward writes into them or builds a graph for them.
     """
     others = [lv for lv in all_levels if all(lv is not t for t in trainable)]
-    with torch.random.fork_rng(devices=[]), frozen(others):
-        torch.set_rng_state(rng_state)
+    with RandomState.of(rng_state).replayed(), frozen(others):
         yield
 
 
@@ -70,7 +72,7 @@ class ResponseProblem:
         config: the LevelConfig of the level whose hypergradient is computed.
         state: the method's own memory for this (owner, lower) pair.
         all_levels: every level of the program (to hold the others fixed).
-        rng_state: CPU generator state replayed before each evaluation.
+        rng_state: the random state replayed before each evaluation (CPU and CUDA generators).
         shared: the lower level's forward on the batch of its step in progress
             (``LevelConfig.shared_forward``), or None. When set, that batch is X's
             objective, the mixed products come from the shared-forward estimator
@@ -84,7 +86,7 @@ class ResponseProblem:
     config: Any
     state: dict
     all_levels: Sequence[Level]
-    rng_state: torch.Tensor = field(repr=False)
+    rng_state: RandomState | torch.Tensor = field(repr=False)
     shared: Any = None
 
     @property

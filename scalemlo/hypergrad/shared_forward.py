@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from scalemlo.hypergrad import vectors
+from scalemlo.hypergrad.rng import RandomState
 from scalemlo.level import Level, frozen
 from scalemlo.precision import autocast_outside, native_autocast
 
@@ -69,7 +70,7 @@ class SharedForward:
         losses_of: the forward of the step (default ``lower.per_example_losses``), e.g. through a
             wrapper the driver's step uses; the moved forwards use ``lower.per_example_losses``.
         losses: ℓ_i(θ) with its graph once :meth:`forward` ran, else None.
-        rng_state: the CPU generator state the forward started from (replayed for the moved forward).
+        rng_state: the random state the forward started from (replayed for the moved forward).
     """
 
     def __init__(self, lower: Level, batch: Any, losses_of: Callable[[Any], torch.Tensor] | None = None):
@@ -77,15 +78,15 @@ class SharedForward:
         self.batch = batch
         self.losses_of = losses_of
         self.losses: torch.Tensor | None = None
-        self.rng_state: torch.Tensor | None = None
+        self.rng_state: RandomState | None = None
         self._buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, others: Sequence[Level]) -> torch.Tensor:
         """ℓ_i(θ) on the batch, graph kept for the lower level's backward (computed once)."""
         if self.losses is None:
             if self.rng_state is None:
-                self.rng_state = torch.get_rng_state()
-            elif not torch.equal(self.rng_state, torch.get_rng_state()):
+                self.rng_state = RandomState.capture()
+            elif self.rng_state != RandomState.capture():
                 raise RuntimeError("scalemlo: the random state moved between the moved forward and the step's forward")
             # a low-precision level's step runs in its own precision (the hypergradient's evaluations
             # around it in float32, scalemlo.precision)
@@ -187,7 +188,7 @@ def mixed_(problem: ResponseProblem, w: vectors.Vector) -> dict[str, vectors.Vec
         return problem._split(vectors.zeros_like(params))
     eps = radius_for(problem) / size
     if shared.rng_state is None:  # the random state the step's forward will start from
-        shared.rng_state = torch.get_rng_state()
+        shared.rng_state = RandomState.capture()
     central = is_central(problem)
     if central:  # the coordinator's own exact central difference, of the per-example losses
         ((slopes,),) = problem.central_difference_(w, radius_for(problem), lambda: [[_moved_losses(problem)]])
@@ -208,8 +209,7 @@ def _moved_losses(problem: ResponseProblem) -> torch.Tensor:
     """ℓ_i at the (moved) parameters, without gradient, with the shared forward's random state."""
     lower, shared = problem.lower, problem.shared
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]), frozen(problem.all_levels):
-            torch.set_rng_state(shared.rng_state)  # the dropout masks of the shared forward
+        with torch.no_grad(), shared.rng_state.replayed(), frozen(problem.all_levels):  # the forward's masks
             return lower.per_example_losses(shared.batch).detach()
     finally:
         lower.backend.release_gathered()
