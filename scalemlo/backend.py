@@ -121,13 +121,23 @@ class _Backend:
         """The tensor the torch optimizer steps for trainable parameter ``p``: ``p`` itself, or under
         DeepSpeed's bf16 optimizer at ZeRO-0 its float32 copy (``fp32_groups``, one per ``fp16_groups``
         entry), which holds the optimizer state and, during the step, the gradient stepped on."""
-        wrapper = getattr(self, "optimizer", None)
-        if not (hasattr(wrapper, "fp16_groups") and hasattr(wrapper, "fp32_groups")):
+        wrapper = self._low_precision_wrapper()
+        if wrapper is None:
             return p
         if getattr(self, "_master_of", None) is None:
             pairs = zip(wrapper.fp16_groups, wrapper.fp32_groups)
             self._master_of = {id(low): high for lows, highs in pairs for low, high in zip(lows, highs)}
         return self._master_of.get(id(p), p)
+
+    def _low_precision_wrapper(self):
+        """DeepSpeed's bf16/fp16 ZeRO-0 optimizer (``fp16_groups`` stepped through ``fp32_groups``), or None."""
+        wrapper = getattr(self, "optimizer", None)
+        return wrapper if hasattr(wrapper, "fp16_groups") and hasattr(wrapper, "fp32_groups") else None
+
+    @property
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer that steps, under any DeepSpeed wrapper (its state and param groups)."""
+        return self._optimizer_for_state
 
     def optimizer_state(self, p: torch.Tensor) -> dict:
         """The optimizer's state for one trainable parameter ({} before its first step)."""
@@ -142,7 +152,7 @@ class _Backend:
 
     def _kept_grads(self) -> list[torch.Tensor | None]:
         grads = [p.grad for p in self.params]
-        if hasattr(getattr(self, "optimizer", None), "fp16_groups"):
+        if self._low_precision_wrapper() is not None:
             # DeepSpeed's bf16/fp16 ZeRO-0 optimizer zeroes them in place in its step: copy
             grads = [None if g is None else g.clone() for g in grads]
         return grads
@@ -309,8 +319,8 @@ class DeepSpeedBackend(_Backend):
         the float32 master weights once. Here the state is dropped and the masters are copied from the
         parameters again, so a bf16 level trains as the same torch optimizer would.
         """
-        wrapper = self.optimizer
-        if not (hasattr(wrapper, "fp16_groups") and hasattr(wrapper, "fp32_groups")):
+        wrapper = self._low_precision_wrapper()
+        if wrapper is None:
             return
         state = self._optimizer_for_state.state
         masters = [high for highs in wrapper.fp32_groups for high in highs]
@@ -409,19 +419,20 @@ class DeepSpeedBackend(_Backend):
         from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
         self.engine.zero_grad()
-        for p in self.params:
-            buffer = safe_get_local_grad(p)
-            if buffer is not None and bool(buffer.any()):
-                # The accessor returns a float32 copy of a bf16 partition (and with offload_optimizer the
-                # float32 buffer the step reads): zeroing what it returns would clear nothing, so the
-                # zeros are written through DeepSpeed.
-                safe_set_local_grad(p, torch.zeros_like(buffer))
-        # With offload_optimizer the reduced partitions also stay in ZeRO-3's own flat buffer, which the
-        # accessor does not reach and the next backward accumulated onto (tested: training moved by
-        # taking hypergradients): cleared too.
-        flat = getattr(self.engine.optimizer, "grad_partitions_flat_buffer", None)
+        optimizer = self.engine.optimizer
+        # The reduced partitions of every parameter live in ZeRO-3's flat buffer, which the next backward
+        # may accumulate onto. In bf16 the local-gradient accessor returns float32 *copies* of them, so
+        # zeroing what it returns cleared nothing (tested: training moved by taking hypergradients).
+        flat = getattr(optimizer, "grad_partitions_flat_buffer", None)
         if flat is not None:
             flat.zero_()
+        if flat is None or getattr(optimizer, "offload_optimizer", False):
+            # With offload_optimizer the accessor reads float32 buffers of the offloaded optimizer instead:
+            # the zeros are written through DeepSpeed.
+            for p in self.params:
+                buffer = safe_get_local_grad(p)
+                if buffer is not None and bool(buffer.any()):
+                    safe_set_local_grad(p, torch.zeros_like(buffer))
 
     def release_gathered(self) -> None:
         """Re-partition every gathered parameter, so that writes to ``local_shards`` reach the next forward.

@@ -51,6 +51,23 @@ def _autocast_wrapped(module: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
+def _switched(state, on: bool, forwards) -> Iterator[None]:
+    """Autocast on (``on``) or off for each device enabled in ``state``, and each module's ``forward`` set
+    to ``during`` for a while, then to ``after`` (``forwards``: (module, during, after))."""
+    with contextlib.ExitStack() as stack:
+        for device, enabled, dtype in state:
+            if enabled:
+                stack.enter_context(torch.autocast(device_type=device, dtype=dtype, enabled=on))
+        for module, during, _ in forwards:
+            module.forward = during
+        try:
+            yield
+        finally:
+            for module, _, after in forwards:
+                module.forward = after
+
+
+@contextlib.contextmanager
 def without_autocast(modules: Sequence[torch.nn.Module] = ()) -> Iterator[None]:
     """Autocast off for a while (the hypergradient's evaluations: autocast would round every matmul to
     bf16, the precision the rule above avoids), also inside ``modules`` whose forward Accelerate wrapped
@@ -59,16 +76,9 @@ def without_autocast(modules: Sequence[torch.nn.Module] = ()) -> Iterator[None]:
     wrapped = [(m, vars(m)["forward"]) for m in modules if _autocast_wrapped(m)]
     _outside.append((state, wrapped))
     try:
-        with contextlib.ExitStack() as stack:
-            for device, enabled, _ in state:
-                if enabled:
-                    stack.enter_context(torch.autocast(device_type=device, enabled=False))
-            for module, _ in wrapped:
-                module.forward = module._original_forward
+        with _switched(state, False, [(m, m._original_forward, forward) for m, forward in wrapped]):
             yield
     finally:
-        for module, forward in wrapped:
-            module.forward = forward
         _outside.pop()
 
 
@@ -82,17 +92,8 @@ def autocast_outside() -> bool:
 def native_autocast() -> Iterator[None]:
     """Inside :func:`without_autocast`: the autocast state from outside it, for a training forward."""
     state, wrapped = _outside[-1] if _outside else ([], [])
-    try:
-        with contextlib.ExitStack() as stack:
-            for device, enabled, dtype in state:
-                if enabled:
-                    stack.enter_context(torch.autocast(device_type=device, dtype=dtype))
-            for module, forward in wrapped:
-                module.forward = forward
-            yield
-    finally:
-        for module, _ in wrapped:
-            module.forward = module._original_forward
+    with _switched(state, True, [(m, forward, m._original_forward) for m, forward in wrapped]):
+        yield
 
 
 def is_low_precision(dtype: torch.dtype) -> bool:

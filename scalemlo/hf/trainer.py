@@ -315,7 +315,7 @@ class ReweightingTrainer(Trainer):
         (one parameter-sized buffer) in ``backend.last_step``, whose lrs ``record_step`` noted at
         the step's start (``record``: the hook records the step itself, for a shared forward, whose
         meta step comes after the next step's start)."""
-        optimizer = backend._optimizer_for_state  # the torch optimizer, under any DeepSpeed wrapper
+        optimizer = backend.torch_optimizer
         if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)):
             raise ValueError(
                 f"hypergradient_method='sama' supports the model's optimizer Adam, AdamW or SGD, not "

@@ -31,10 +31,11 @@ class RandomState:
         return state if isinstance(state, RandomState) else cls(state)
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, RandomState) or (self.cuda is None) != (other.cuda is None):
-            return NotImplemented if not isinstance(other, RandomState) else False
-        pairs = [(self.cpu, other.cpu), *zip(self.cuda or (), other.cuda or ())]
-        return len(self.cuda or ()) == len(other.cuda or ()) and all(torch.equal(a, b) for a, b in pairs)
+        if not isinstance(other, RandomState):
+            return NotImplemented
+        mine, theirs = [self.cpu, *(self.cuda or ())], [other.cpu, *(other.cuda or ())]
+        same_kind = (self.cuda is None) == (other.cuda is None) and len(mine) == len(theirs)
+        return same_kind and all(torch.equal(a, b) for a, b in zip(mine, theirs))
 
     @contextlib.contextmanager
     def replayed(self) -> Iterator[None]:

@@ -68,8 +68,7 @@ def _sgd_sensitivity(v, group, lr: float, first_step: bool) -> torch.Tensor:
 @register("sama")
 def sama(problem: ResponseProblem) -> dict[str, vectors.Vector]:
     lower = problem.lower
-    optimizer = lower.optimizer
-    optimizer = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's bf16 ZeRO-0 wrapper holds the torch one
+    optimizer = lower.backend.torch_optimizer  # under DeepSpeed's bf16 ZeRO-0 wrapper too
     adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
     if not adam and not isinstance(optimizer, torch.optim.SGD):
         raise ValueError(
