@@ -136,8 +136,8 @@ class _Backend:
 
     @property
     def torch_optimizer(self) -> torch.optim.Optimizer:
-        """The torch optimizer that steps, under any DeepSpeed wrapper (its state and param groups)."""
-        return self._optimizer_for_state
+        """The torch optimizer that steps, under any DeepSpeed wrapper of ``optimizer`` (its state and groups)."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
 
     def optimizer_state(self, p: torch.Tensor) -> dict:
         """The optimizer's state for one trainable parameter ({} before its first step)."""
