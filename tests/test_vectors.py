@@ -57,6 +57,39 @@ def test_moved_goes_to_the_rounded_point_and_restores_bit_for_bit(monkeypatch, c
         assert torch.equal(param.detach(), expected)  # fl(p + eps d) itself
     assert torch.equal(param.detach(), values)
     saved.sum().backward()  # no version change: the graph is still usable
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [7, 1 << 22])
+def test_mirrored_visits_both_central_points_and_restores_bit_for_bit(monkeypatch, dtype, chunk):
+    monkeypatch.setattr(V, "_CHUNK", chunk)
+    g = torch.Generator().manual_seed(3)
+    values = torch.cat([torch.randn(40, generator=g) * 1e-7, torch.randn(5, generator=g)]).reshape(5, 9).to(dtype)
+    values[3, 4] = 1e-30  # next to a large step
+    direction = torch.randn(5, 9, generator=g).to(dtype)
+    param = torch.nn.Parameter(values.clone())
+    saved = torch.ones(5, 9, dtype=dtype, requires_grad=True) * param  # a graph that saved the parameter
+    step = [direction.clone()]
+    with V.mirrored_([param], step, 0.3) as to_mirror:
+        plus = param.detach().clone()
+        realized = plus - values
+        to_mirror()
+        minus = param.detach().clone()
+    assert torch.equal(param.detach(), values)
+    saved.sum().backward()  # writes through .data: the graph that saved the parameter is still usable
+    if dtype == torch.bfloat16:  # bf16 arithmetic may round in float32 first, by kernel: within an ulp
+        assert torch.allclose(plus.float(), values.float() + 0.3 * direction.float(), rtol=1e-2, atol=1e-2)
+        assert torch.allclose(minus.float(), values.float() - realized.float(), rtol=1e-2, atol=1e-2)
+        return
+    assert torch.equal(plus, torch.add(values, direction, alpha=0.3))  # fl(p + eps d) itself
+    assert torch.equal(minus, values - realized)  # p - r, the realized step reversed, rounded once
+
+
+def test_moved_refuses_a_direction_too_narrow_to_keep_the_values():
+    param = torch.nn.Parameter(torch.randn(4))
+    with pytest.raises(ValueError, match="cannot keep a torch.float32 parameter's values"):
+        with V.moved_([param], [torch.randn(4).bfloat16()], 0.1):
+            pass
+
+
 def test_grads_or_zeros_copies_expansions_and_shared_tensors():
     x = torch.nn.Parameter(torch.ones(3))
     y = torch.nn.Parameter(torch.ones(3))

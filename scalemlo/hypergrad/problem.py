@@ -246,16 +246,18 @@ class ResponseProblem:
         """[evaluate(p + eps d) - evaluate(p - eps d)] / 2 eps on X's parameters, exactly restored.
 
         eps = radius / ||d||, so the parameters move by ``radius`` whatever the
-        scale of d. Takes ``direction``'s storage: it holds the realized step
-        afterwards (no second parameter-sized buffer).
+        scale of d. Takes ``direction``'s storage: it holds the parameters'
+        values meanwhile (no second parameter-sized buffer), nothing useful
+        afterwards. The two points are p ± r, r = fl(p + eps d) - p
+        (``vectors.mirrored_``).
         """
         size = float(self.across_ranks.norm(direction))
         if size == 0.0:
             return [vectors.zeros_like(t) for t in evaluate()]
         eps = radius / size
-        with vectors.perturbed_(self.local_shards, direction, eps):
+        with vectors.mirrored_(self.local_shards, direction, eps) as to_mirror:
             plus = evaluate()
-        with vectors.perturbed_(self.local_shards, direction, -1.0):  # the realized step, reversed
+            to_mirror()
             minus = evaluate()
         return [[(a - b) / (2 * eps) for a, b in zip(pa, pb)] for pa, pb in zip(plus, minus)]
 

@@ -195,7 +195,7 @@ def mixed_(problem: ResponseProblem, w: vectors.Vector) -> dict[str, vectors.Vec
     else:
         with vectors.moved_(problem.local_shards, w, eps):  # w's storage holds θ meanwhile
             plus = _moved_losses(problem)
-    w.clear()  # the realized step is not needed after the exact restore
+    w.clear()  # its storage held θ for the exact restore; nothing of it is needed now
     base = shared.forward(problem.all_levels).detach()
     if not central:
         slopes = (plus - base) / eps  # c_i = (ℓ_i(θ + εw) − ℓ_i(θ)) / ε
