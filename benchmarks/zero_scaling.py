@@ -9,7 +9,9 @@ level alone, then scalemlo MLO (finite_difference). Writes
 ``benchmarks/results/zero_scaling.json`` and ``.md`` and prints the table.
 Per-rank memory is the mean over ranks; "peak" is ru_maxrss (at ZeRO-3 the
 model is built partitioned, under ``scalemlo.zero_init``; ``--whole`` builds it
-whole on every rank first, as before), "end" is the RSS after the last step.
+whole on every rank first, as before), "end" is the RSS after the last step,
+"held B/param" the live memory after the last step minus the live memory
+before the model was built, per parameter: what a rank keeps between steps.
 Ratios to plain compare the same size and stage.
 """
 
@@ -98,6 +100,12 @@ def main() -> None:
                 "peak_rss_mb_per_rank": statistics.mean(r["peak_rss_mb"] for r in per_rank),
                 "end_rss_mb_per_rank": statistics.mean(r["end_rss_mb"] for r in per_rank),
                 "end_live_mb_per_rank": statistics.mean(r["end_live_mb"] for r in per_rank),
+                # what a rank holds per parameter between steps, the runtime subtracted (live memory after
+                # the last step minus live memory before the model was built; weight net and batches
+                # included, negligible at these sizes)
+                "held_bytes_per_param": statistics.mean(
+                    (r["end_live_mb"] - r["baseline_live_mb"]) * 2**20 / r["params"] for r in per_rank
+                ),
                 "launch_s": round(time.time() - started, 1),
             }
             rows.append(row)
@@ -112,14 +120,14 @@ def main() -> None:
     Path(args.out + ".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     header = (
         "| system | size | ZeRO | precision | ranks | step s | peak RSS/rank MB | end RSS/rank MB "
-        "| end RSS B/param (runtime incl.) | time / plain | peak RSS / plain |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| end RSS B/param (runtime incl.) | held B/param (runtime excl.) | time / plain | peak RSS / plain |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
         f"| {r['system']} | {r['size']} ({r['params'] / 1e6:.0f}M) | {r['zero_stage']} | {r['precision']} | "
         f"{r['ranks']} | "
         f"{r['median_step_s']:.2f} | {r['peak_rss_mb_per_rank']:.0f} | {r['end_rss_mb_per_rank']:.0f} | "
-        f"{r['end_live_mb_per_rank'] * 2**20 / r['params']:.1f} | "
+        f"{r['end_live_mb_per_rank'] * 2**20 / r['params']:.1f} | {r['held_bytes_per_param']:.1f} | "
         f"{r['time_vs_plain_same_stage']:.2f} | {r['peak_rss_vs_plain_same_stage']:.2f} |"
         for r in rows
     ]

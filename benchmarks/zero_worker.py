@@ -102,6 +102,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     torch.manual_seed(0)
+    baseline_live = live_mb()  # the runtime alone (torch, DeepSpeed, the process group), before any model
     ds_config = {"zero_optimization": {**zero_settings(args.stage), **json.loads(args.zero)}}
     if args.bf16:
         ds_config["bf16"] = {"enabled": True}
@@ -158,6 +159,7 @@ def main() -> None:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "end_rss_mb": rss_mb(),
         "end_live_mb": live_mb(),
+        "baseline_live_mb": baseline_live,
         "zero": ds_config["zero_optimization"],
         "built": "whole" if args.whole or args.stage != 3 else "zero_init",
         "checkpointing": args.checkpointing,

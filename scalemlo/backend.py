@@ -74,6 +74,10 @@ class LastStep:
 class _Backend:
     """What both backends share: the learning rates per parameter and the record of the last step."""
 
+    process_group = None
+    """The level's data-parallel process group, for every collective scalemlo issues on its vectors
+    (None: all ranks; a DeepSpeed level: the group its engine reduces and partitions gradients over)."""
+
     def _init_common(self, params, optimizer, group_index: Sequence[int]) -> None:
         self.params = list(params)
         self.group_index = list(group_index)
@@ -183,7 +187,29 @@ class _Backend:
         reduce-scatter averaged already: nothing to do for them.
         """
         if not self.partitioned:
-            mean_over_ranks_(vector)
+            mean_over_ranks_(vector, self.process_group)
+
+
+def _data_parallel_group(engine, name: str):
+    """The process group ``engine`` reduces (and at ZeRO 1-3 partitions) gradients over: DeepSpeed's
+    sequence-data-parallel group, which is its data-parallel group without sequence parallelism (a
+    clone of the world group when no model parallelism is configured). scalemlo's reductions of a
+    level's vectors run over it. It must hold every rank: a level split by tensor, pipeline or
+    sequence parallelism (a DeepSpeed ``mpu``) is refused, since its vectors are not whole (or
+    ZeRO-sharded) on every rank of the group."""
+    group = getattr(engine, "seq_data_parallel_group", None) or getattr(engine, "data_parallel_group", None)
+    if world_size() == 1:
+        return group
+    import torch.distributed as dist
+
+    size = dist.get_world_size(group)
+    if size != world_size():
+        raise ValueError(
+            f"level {name!r}: its DeepSpeed engine's data-parallel group has {size} of {world_size()} ranks "
+            "(model, pipeline or sequence parallelism through an mpu); scalemlo levels support data "
+            "parallelism and ZeRO only: build the engine without an mpu"
+        )
+    return group
 
 
 class TorchBackend(_Backend):
@@ -272,7 +298,7 @@ class TorchBackend(_Backend):
             return ACCUMULATING
         grads = [p.grad for p in self.params if p.grad is not None]
         self.average_over_ranks(grads)
-        if not finite_on_every_rank(grads):
+        if not finite_on_every_rank(grads, self.process_group):
             self.optimizer.zero_grad(set_to_none=True)
             return NONFINITE
         if self.clipping > 0:
@@ -308,7 +334,8 @@ class DeepSpeedBackend(_Backend):
             # (ZeRO 1-2 fill their partitions in that reduction: keep it there.)
             self.engine.enable_backward_allreduce = False
         self.partitioned = self.zero_stage == 3
-        self.across_ranks = AcrossRanks(self.world_size, sharded=self.partitioned)
+        self.process_group = _data_parallel_group(self.engine, name)
+        self.across_ranks = AcrossRanks(self.world_size, sharded=self.partitioned, group=self.process_group)
 
     def _undo_initial_step(self) -> None:
         """Undo the optimizer step DeepSpeed's bf16/fp16 ZeRO-0 optimizer takes when it is built.
@@ -347,7 +374,8 @@ class DeepSpeedBackend(_Backend):
         self._undo_initial_step()
         self.zero_stage = int(engine.zero_optimization_stage())
         self.partitioned = self.zero_stage == 3
-        self.across_ranks = AcrossRanks(self.world_size, sharded=self.partitioned)
+        self.process_group = _data_parallel_group(engine, "the Trainer's model")
+        self.across_ranks = AcrossRanks(self.world_size, sharded=self.partitioned, group=self.process_group)
         return self
 
     # ---- what the hypergradient code reads ------------------------------------
@@ -487,7 +515,7 @@ class DeepSpeedBackend(_Backend):
             return ACCUMULATING
         finite = True
         if self.zero_stage == 0:
-            finite = finite_on_every_rank([p.grad for p in self.params if p.grad is not None])
+            finite = finite_on_every_rank([p.grad for p in self.params if p.grad is not None], self.process_group)
             if not finite:
                 for p in self.params:
                     p.grad = None

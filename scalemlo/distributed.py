@@ -146,15 +146,16 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def mean_over_ranks_(tensors: Sequence[torch.Tensor]) -> None:
-    """Average tensors over ranks in place (each rank's own tensors, whole); one process: nothing to do."""
+def mean_over_ranks_(tensors: Sequence[torch.Tensor], group=None) -> None:
+    """Average tensors over the ranks of ``group`` (None: all ranks) in place (each rank's own tensors,
+    whole, on the device the group's backend needs: where the parameters are); one process: nothing."""
     if world_size() == 1:
         return
     import torch.distributed as dist
 
-    n = dist.get_world_size()
+    n = dist.get_world_size(group)
     for t in tensors:
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=group)
         t.div_(n)
 
 
@@ -168,24 +169,26 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def reduced_scalar_(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """All-reduce a 0-d tensor over ranks (``op``: "sum", "min" or "max") on :func:`collective_device`;
-    the result, on the value's own device, is written into ``value`` and returned."""
+def reduced_scalar_(value: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """All-reduce a 0-d tensor over the ranks of ``group`` (None: all ranks; ``op``: "sum", "min" or
+    "max") on :func:`collective_device`; the result, on the value's own device, is written into
+    ``value`` and returned."""
     import torch.distributed as dist
 
     ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
     moved = value.to(collective_device())
-    dist.all_reduce(moved, op=ops[op])
+    dist.all_reduce(moved, op=ops[op], group=group)
     if moved is not value:
         value.copy_(moved)
     return value
 
 
-def finite_on_every_rank(tensors: Sequence[torch.Tensor]) -> bool:
-    """True when every tensor is finite on every rank (all ranks get the same answer and branch alike)."""
+def finite_on_every_rank(tensors: Sequence[torch.Tensor], group=None) -> bool:
+    """True when every tensor is finite on every rank of ``group`` (None: all ranks; a level's
+    data-parallel group holds every rank, see ``scalemlo.backend``): all ranks branch alike."""
     finite = all(bool(torch.isfinite(t.sum())) for t in tensors)  # one pass; inf/NaN survive the sum
     if world_size() > 1:
-        finite = bool(reduced_scalar_(torch.tensor(1.0 if finite else 0.0), "min").item() == 1.0)
+        finite = bool(reduced_scalar_(torch.tensor(1.0 if finite else 0.0), "min", group).item() == 1.0)
     return finite
 
 

@@ -314,7 +314,7 @@ class Engine:
             if lowers:
                 batch = lv.next_batch()
                 grads = self.coordinator.hypergradient(name, batch, shared=shared)
-                if nonfinite == "raise" and not finite_on_every_rank(grads):
+                if nonfinite == "raise" and not finite_on_every_rank(grads, lv.backend.process_group):
                     before = this_iteration or {}
                     lower_losses = {n: before.get(f"{n}/loss") for n in self.graph.descendants(name)}
                     raise FloatingPointError(
@@ -324,7 +324,7 @@ class Engine:
                         "diverged: lower its lr or clip it); otherwise check the method's settings"
                     )
                 lv.step_on_gradient(grads, batch, nonfinite)  # "skip": its boundary drops them
-                metrics[f"{name}/hypergrad_norm"] = _norm_of_rank_average(grads)
+                metrics[f"{name}/hypergrad_norm"] = _norm_of_rank_average(grads, lv.backend.process_group)
                 metrics[f"{name}/loss"] = self.coordinator.last_loss[name]
             elif shared_upper is not None:
                 upper_step = functools.partial(self._step_inside, shared_upper, metrics, this_iteration)
@@ -355,7 +355,7 @@ class Engine:
         if name not in self.levels:
             raise ValueError(f"unknown level {name!r}; known levels: {sorted(self.levels)}")
         grads = self.coordinator.hypergradient(name)
-        mean_over_ranks_(grads)
+        mean_over_ranks_(grads, self.levels[name].backend.process_group)
         return grads
 
     def validate(self) -> dict[str, float]:
@@ -387,9 +387,10 @@ def _evaluation_mode(modules: list[torch.nn.Module]):
             m.training = training
 
 
-def _norm_of_rank_average(grads: list[torch.Tensor]) -> float:
-    """The norm of the hypergradient the upper level steps on: each rank's own, averaged over ranks."""
+def _norm_of_rank_average(grads: list[torch.Tensor], group=None) -> float:
+    """The norm of the hypergradient the upper level steps on: each rank's own, averaged over ``group``
+    (the level's data-parallel group)."""
     if world_size() > 1:
         grads = [g.clone() for g in grads]
-        mean_over_ranks_(grads)
+        mean_over_ranks_(grads, group)
     return float(vectors.norm(grads))

@@ -438,7 +438,7 @@ class Level:
             else:
                 self._held_key[1] = 0
                 loss = self.weighted_loss(batch, losses)
-            if not finite_on_every_rank([loss.detach()]):
+            if not finite_on_every_rank([loss.detach()], self.backend.process_group):
                 if nonfinite == "raise":
                     raise FloatingPointError(
                         f"level {self.name!r}: its loss is {float(loss.detach())} on this rank (non-finite on at "

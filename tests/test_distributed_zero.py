@@ -128,3 +128,14 @@ def test_a_lower_level_built_partitioned_runs_the_same_program(launch, upper):
     r = record_of(launch, f"zero_init/finite_difference/{{}}/upper{upper}/lower3")
     assert r["model_moved"] > 1e-2
     assert r["model_rel_diff"] <= 1e-6 and r["weights_rel_diff"] <= 1e-6 and r["hypergradient_rel_diff"] <= 1e-6
+
+
+@pytest.mark.parametrize("lower", suite.GROUP_STAGES)
+def test_reductions_run_over_each_levels_data_parallel_group(launch, lower):
+    """Issue 11 item 7: scalemlo's own collectives (gradient averages, dot products, norms) use the
+    process group DeepSpeed reduces over (a clone of the world group here), never the default group;
+    a data-parallel group short of the world (an mpu) is refused before anything runs."""
+    r = record_of(launch, f"groups/cg/{{}}/upper2/lower{lower}")
+    assert r["group_sizes"] == {"model": 2, "weights": 2} and not any(r["group_is_default"])
+    assert r["reductions"] > 0 and r["reductions_over_the_levels_groups"] == r["reductions"]
+    assert "data-parallel group has 1 of 2 ranks" in r["refused"] and "without an mpu" in r["refused"]

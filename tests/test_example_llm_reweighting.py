@@ -53,7 +53,7 @@ def test_the_signal_diagnosis_runs_on_the_default_corpus(short_run):
     module = examples_helper.load_file(SCRIPT.parent / "diagnose_signal.py", "diagnose_signal")
     (row,) = module.main(["--steps=2", "--at", "2", f"--work_dir={out}", f"--out={out / 'signal.json'}"])
     kinds = {"all", "char_noise", "near_duplicate", "other_script", "shuffled"}
-    for signal in ("dot", "cos", "neg_loss"):
+    for signal in ("dot", "cos", "pdot", "votes_pdot", "neg_loss"):
         assert set(row[signal]) == kinds and all(0.0 <= v <= 1.0 for v in row[signal].values())
     assert json.loads((out / "signal.json").read_text())["rows"] == [row]
 

@@ -57,6 +57,8 @@ def test_moved_goes_to_the_rounded_point_and_restores_bit_for_bit(monkeypatch, c
         assert torch.equal(param.detach(), expected)  # fl(p + eps d) itself
     assert torch.equal(param.detach(), values)
     saved.sum().backward()  # no version change: the graph is still usable
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [7, 1 << 22])
 def test_mirrored_visits_both_central_points_and_restores_bit_for_bit(monkeypatch, dtype, chunk):

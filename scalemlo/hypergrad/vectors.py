@@ -88,9 +88,10 @@ class AcrossRanks:
     hang.
     """
 
-    def __init__(self, world_size: int = 1, sharded: bool = False):
-        self.world_size = world_size
+    def __init__(self, world_size: int = 1, sharded: bool = False, group=None):
+        self.world_size = world_size  # the size of ``group``
         self.sharded = sharded
+        self.group = group  # the level's data-parallel process group (None: all ranks)
 
     def _agree(self, local: torch.Tensor, op: str = "sum") -> torch.Tensor:
         # ``local`` is always a fresh local result (a CPU float64 scalar): reduced in place, on the
@@ -98,7 +99,7 @@ class AcrossRanks:
         if self.world_size > 1:
             from scalemlo.distributed import reduced_scalar_
 
-            reduced_scalar_(local, "max" if op == "max" else "sum")
+            reduced_scalar_(local, "max" if op == "max" else "sum", self.group)
             if op != "max" and not self.sharded:
                 local /= self.world_size
         return local

@@ -347,6 +347,62 @@ def ridge_record(rank: int, world: int, method: str, kw: dict, stages) -> dict:
     }
 
 
+GROUP_STAGES = [0, 3]  # lower-level stages of the process-group case (upper at ZeRO-2)
+
+
+def groups_record(lower_stage: int) -> dict:
+    """Every reduction scalemlo makes of a level's vectors during training and hypergradients runs over
+    that level's data-parallel group (the engine's), not the default (world) group; an engine whose
+    data-parallel group does not hold every rank is refused with an error naming the fix."""
+    import torch.distributed as dist
+
+    import scalemlo.backend as backend_module
+    import scalemlo.distributed as distributed_module
+    import scalemlo.engine as engine_module
+
+    engine = build((2, lower_stage), list(range(dist.get_world_size())), "cg",
+                   second_order="finite_difference", cg_iterations=2)  # fmt: skip
+    expected = {name: level.backend.process_group for name, level in engine.levels.items()}
+    groups: list = []
+    real_scalar, real_mean = distributed_module.reduced_scalar_, backend_module.mean_over_ranks_
+
+    def scalar(value, op="sum", group=None):
+        groups.append(group)
+        return real_scalar(value, op, group)
+
+    def mean(tensors, group=None):
+        groups.append(group)
+        return real_mean(tensors, group)
+
+    patched = ((distributed_module, "reduced_scalar_", scalar), (backend_module, "mean_over_ranks_", mean),
+               (engine_module, "mean_over_ranks_", mean))  # fmt: skip
+    for module, attribute, replacement in patched:
+        setattr(module, attribute, replacement)
+    try:
+        engine.run()
+        engine.hypergradient("weights")
+    finally:
+        distributed_module.reduced_scalar_ = real_scalar
+        backend_module.mean_over_ranks_ = engine_module.mean_over_ranks_ = real_mean
+    own = [g for g in groups if any(g is e for e in expected.values())]
+
+    class OneRankGroupEngine:  # a DeepSpeed engine built with an mpu: data-parallel group of one rank
+        seq_data_parallel_group = [dist.new_group([r]) for r in range(dist.get_world_size())][dist.get_rank()]
+
+    try:
+        backend_module._data_parallel_group(OneRankGroupEngine(), "model")
+        refused = ""
+    except ValueError as exc:
+        refused = str(exc)
+    return {
+        "group_sizes": {name: dist.get_world_size(g) for name, g in expected.items()},
+        "group_is_default": [g is None for g in expected.values()],
+        "reductions": len(groups),
+        "reductions_over_the_levels_groups": len(own),
+        "refused": refused,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -405,6 +461,9 @@ def main() -> None:
             for lower_stage in lower_stages:
                 stages = (upper_stage, lower_stage)
                 case("bf16", method, kw, stages, functools.partial(bf16_record, rank, method, kw, stages))
+    for lower_stage in GROUP_STAGES:
+        stages = (2, lower_stage)
+        case("groups", "cg", {}, stages, functools.partial(groups_record, lower_stage))
     for method, kw, lower_stages in RIDGE_CASES:
         for upper_stage in UPPER_STAGES:
             for lower_stage in lower_stages:
