@@ -8,9 +8,11 @@ A finite-difference MLO step (DESIGN.md section 4) is at least
 + two forwards of the per-example losses at theta +- eps w (no grad),
 whatever the library. This script times each part alone in one process
 (median of ``--repeats``, parts interleaved), adds them up to the floor any
-implementation must pay, and times scalemlo's exact perturb/restore of the
-LM's parameters, the one cost it adds on top. Writes
-``benchmarks/results/cost_units.json``.
+implementation must pay, and times the perturbation of the LM's parameters
+for one central difference (to theta + eps w, to theta - eps w, back): scalemlo's
+exact one (``vectors.mirrored_``, bit-for-bit restore), the earlier exact one
+(``vectors.perturbed_`` twice), and Betty's unchecked three in-place adds (which
+leave the parameters off by rounding). Writes ``benchmarks/results/cost_units.json``.
 """
 
 from __future__ import annotations
@@ -58,22 +60,48 @@ def main() -> None:
             per_example_loss(lm, train[0][0])
 
     direction = [torch.randn_like(p) * 1e-3 for p in params]
+    scratch = [torch.empty_like(p) for p in params]  # the consumed copy of w, refilled untimed
 
-    def perturb_and_restore():
-        with vectors.perturbed_(params, direction, 1.0):
+    def refill():
+        for s, d in zip(scratch, direction):
+            s.copy_(d)
+
+    def central_exact():  # what ResponseProblem.central_difference_ does around its two evaluations
+        with vectors.mirrored_(params, scratch, 1.0) as to_mirror:
+            to_mirror()
+
+    def central_exact_before():  # the same with vectors.perturbed_ (until 2026-11-28)
+        with vectors.perturbed_(params, scratch, 1.0):
+            pass
+        with vectors.perturbed_(params, scratch, -1.0):
             pass
 
-    parts = {
-        "training_step": training_step,
-        "meta_gradient": meta_gradient,
-        "no_grad_forward": no_grad_forward,
-        "perturb_and_restore": perturb_and_restore,
+    def central_unchecked():  # Betty's: p += eps w, p -= 2 eps w, p += eps w (not restored exactly)
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(d)
+            for p, d in zip(params, direction):
+                p.sub_(d, alpha=2.0)
+            for p, d in zip(params, direction):
+                p.add_(d)
+
+    parts = {  # name -> (untimed setup, timed part)
+        "training_step": (None, training_step),
+        "meta_gradient": (None, meta_gradient),
+        "no_grad_forward": (None, no_grad_forward),
+        "central_perturbation_exact": (refill, central_exact),
+        "central_perturbation_exact_before": (refill, central_exact_before),
+        "central_perturbation_unchecked": (None, central_unchecked),
     }
-    for fn in parts.values():  # warm-up
+    for setup, fn in parts.values():  # warm-up
+        if setup:
+            setup()
         fn()
     times = {name: [] for name in parts}
     for _ in range(args.repeats):
-        for name, fn in parts.items():
+        for name, (setup, fn) in parts.items():
+            if setup:
+                setup()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -87,14 +115,14 @@ def main() -> None:
         "all_s": times,
         "fd_step_floor_s": floor,
         "fd_step_floor_vs_training_step": floor / median["training_step"],
-        "scalemlo_extra_s": 2 * median["perturb_and_restore"],
+        "scalemlo_extra_s": median["central_perturbation_exact"] - median["central_perturbation_unchecked"],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"{'part':<22}{'median s':>10}")
+    print(f"{'part':<36}{'median s':>10}")
     for name, value in median.items():
-        print(f"{name:<22}{value:>10.3f}")
-    print(f"{'floor (fd MLO step)':<22}{floor:>10.3f}   = {floor / median['training_step']:.2f} x training step")
+        print(f"{name:<36}{value:>10.3f}")
+    print(f"{'floor (fd MLO step)':<36}{floor:>10.3f}   = {floor / median['training_step']:.2f} x training step")
 
 
 if __name__ == "__main__":
