@@ -11,7 +11,13 @@ the steps given by ``--at``, computes for every training document i:
   -lr · gᵢ · g_meta (finite_difference and sama estimate exactly this); a learned
   weighting can only move weights the way this signal points.
 - ``cos``: the same, divided by both norms (what is left without the loss scale).
+- ``pdot``: gᵢ · P g_meta with P = 1 / (√ŝ + eps) from the training optimizer's Adam state: the
+  preconditioned product that ``sama`` (the default run's method) follows.
 - ``neg_loss``: minus the document's loss (a low loss as the sign of a clean document).
+- ``votes_pdot``: the sum over all measurements so far of sign(pdot): what a per-example weight
+  table would learn if every document were visited at every measurement and judged against the
+  whole meta set (Adam's first steps on a logit move it by ± its learning rate). It is a ceiling
+  for a learned table at this budget, with the sampling noise of meta batches and visits removed.
 
 It prints the ROC-AUC of each signal separating clean from corrupted
 documents, overall and per corruption kind (0.5: no information), and the
@@ -36,6 +42,8 @@ from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 from scalemlo.distributed import add_launcher_arguments, ensure_distributed, world_size  # noqa: E402
 from scalemlo.hf.losses import per_example_causal_lm_loss  # noqa: E402
 
+SIGNALS = ("dot", "cos", "pdot", "votes_pdot", "neg_loss")  # the table's rows, in order
+
 
 def _mean_loss(model, batch) -> torch.Tensor:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -43,17 +51,35 @@ def _mean_loss(model, batch) -> torch.Tensor:
     return (losses * counts).sum() / counts.sum()
 
 
-def signals(model, train, meta, collate) -> dict[str, list[float]]:
-    """dot, cos and neg_loss of every training document (see the module docstring)."""
+def adam_preconditioner(optimizer, params) -> torch.Tensor:
+    """P = 1 / (sqrt(bias-corrected second moment) + eps) of Adam/AdamW, flattened like the parameters."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
+    parts = []
+    for p in params:
+        state, group = optimizer.state[p], group_of[p]
+        bc2 = 1 - group["betas"][1] ** float(state["step"])
+        parts.append((1 / ((state["exp_avg_sq"] / bc2).sqrt() + group["eps"])).reshape(-1))
+    return torch.cat(parts)
+
+
+def signals(model, train, meta, collate, optimizer=None) -> dict[str, list[float]]:
+    """dot, cos, neg_loss (and pdot, given the Adam optimizer) of every training document (module docstring)."""
     params = [p for p in model.parameters() if p.requires_grad]
     flat = lambda grads: torch.cat([g.reshape(-1) for g in grads])  # noqa: E731
     model.eval()  # no dropout: the signal of the model as it stands
     g_meta = flat(torch.autograd.grad(_mean_loss(model, collate([meta[i] for i in range(len(meta))])), params))
     out: dict[str, list[float]] = {"dot": [], "cos": [], "neg_loss": []}
+    preconditioned = None
+    if optimizer is not None:
+        out["pdot"] = []
+        preconditioned = adam_preconditioner(optimizer, params) * g_meta
     for i in range(len(train)):
         loss = _mean_loss(model, collate([train[i]]))
         g = flat(torch.autograd.grad(loss, params))
         out["dot"].append(float(g @ g_meta))
+        if preconditioned is not None:
+            out["pdot"].append(float(g @ preconditioned))
         out["cos"].append(float(g @ g_meta / (g.norm() * g_meta.norm()).clamp_min(1e-30)))
         out["neg_loss"].append(-float(loss.detach()))
     model.train()
@@ -95,11 +121,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     kinds = list(train[data.corruption_column])
     model = rr.build_model(model_args, tokenizer)
     rows: list[dict] = []
+    votes = torch.zeros(len(tokenized), dtype=torch.float64)
 
     class Measure(TrainerCallback):
-        def on_step_end(self, _args, state, control, **kwargs):
+        def on_step_end(self, _args, state, control, optimizer=None, **kwargs):
             if state.global_step in options.at:
-                values = signals(model, tokenized, meta, collate)
+                values = signals(model, tokenized, meta, collate, optimizer)
+                votes.add_(torch.tensor(values["pdot"], dtype=torch.float64).sign())
+                values["votes_pdot"] = votes.tolist()
                 dot = torch.tensor(values["dot"])
                 clean = torch.tensor([k == "" for k in kinds])
                 rows.append({
@@ -113,12 +142,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                 data_collator=collate, callbacks=[Measure()])  # fmt: skip
     trainer.train()
     kinds_sorted = ["all", *sorted(set(kinds) - {""})]
-    print(f"{'step':>5} {'signal':>9} " + " ".join(f"{k:>14}" for k in kinds_sorted) + "   dot>0 clean/corrupted")
+    print(f"{'step':>5} {'signal':>10} " + " ".join(f"{k:>14}" for k in kinds_sorted) + "   dot>0 clean/corrupted")
     for row in rows:
-        for name in ("dot", "cos", "neg_loss"):
+        for name in SIGNALS:
             shares = (f"   {row['share_dot_positive_clean']:.2f}/{row['share_dot_positive_corrupted']:.2f}"
                       if name == "dot" else "")  # fmt: skip
-            print(f"{row['step']:>5} {name:>9} " + " ".join(f"{row[name][k]:>14.3f}" for k in kinds_sorted) + shares)
+            print(f"{row['step']:>5} {name:>10} " + " ".join(f"{row[name][k]:>14.3f}" for k in kinds_sorted) + shares)
     if options.out:
         Path(options.out).write_text(json.dumps({"settings": vars(options), "rows": rows}, indent=1))
     return rows
