@@ -57,6 +57,10 @@ def launch(size: str, stage: int, system: str, ranks: int, steps: int, warmup: i
     return found
 
 
+def _ratio(value: float) -> str:
+    return "-" if value != value else f"{value:.2f}"  # NaN: no plain row to compare with (--systems scalemlo)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -128,7 +132,7 @@ def main() -> None:
         f"{r['ranks']} | "
         f"{r['median_step_s']:.2f} | {r['peak_rss_mb_per_rank']:.0f} | {r['end_rss_mb_per_rank']:.0f} | "
         f"{r['end_live_mb_per_rank'] * 2**20 / r['params']:.1f} | {r['held_bytes_per_param']:.1f} | "
-        f"{r['time_vs_plain_same_stage']:.2f} | {r['peak_rss_vs_plain_same_stage']:.2f} |"
+        f"{_ratio(r['time_vs_plain_same_stage'])} | {_ratio(r['peak_rss_vs_plain_same_stage'])} |"
         for r in rows
     ]
     table = header + "\n".join(lines) + "\n"
