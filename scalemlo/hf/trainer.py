@@ -113,7 +113,12 @@ class _Meta(Level):
     """The weighting model: its objective is the model's token-level loss on the clean meta set."""
 
     def training_step(self, batch):
-        losses, counts = per_example_losses(self.lowers["model"].module, batch)
+        model = self.lowers["model"].module
+        # The meta DataLoader's batches are on the CPU; the Trainer's own inputs reach the model's device
+        # through Trainer._prepare_inputs, these through this move (a no-op on the CPU).
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        losses, counts = per_example_losses(model, batch)
         return (losses * counts).sum() / counts.sum().clamp_min(1)
 
 

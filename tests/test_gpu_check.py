@@ -1,0 +1,28 @@
+"""benchmarks/gpu_check.py (the prepared GPU check of issue 11) runs end to end on the CPU with tiny models."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+
+
+def test_gpu_check_smoke_runs_every_part(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    agreement = [r for r in rows if r["part"] == "agreement" and "cosine" in r]
+    same_point = [r for r in agreement if r["steps_before"] == 0]
+    # at the same point a bf16 level is evaluated in float32 at its masters: the float32 run's numbers
+    assert same_point and all(r["cosine"] > 0.9999 and r["rel_err"] < 1e-6 for r in same_point)
+    assert any(r["method"] == "cg" and r["cosine"] > 0.99 for r in agreement)
+    assert any("fp16 levels are not supported" in (r.get("refused") or "") for r in rows)
+    throughput = {r["row"]: r for r in rows if r["part"] == "throughput"}
+    assert set(throughput) == {"plain", "mlo fd unroll 1", "mlo fd unroll 10", "mlo fd shared unroll 1"}
+    assert all(r["tokens_per_s"] > 0 for r in throughput.values())
+    assert [r["size"] for r in rows if r["part"] == "fit" and r["ok"]] == ["tiny", "4m"]
