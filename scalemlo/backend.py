@@ -43,14 +43,16 @@ from scalemlo.distributed import (
     world_size,
 )
 from scalemlo.hypergrad.vectors import AcrossRanks, grads_or_zeros
+from scalemlo.loss_scale import DynamicLossScale
 from scalemlo.precision import Float32Evaluation
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_TAG = "state"  # DeepSpeed's sub-directory inside a level's checkpoint directory
 
-# What a micro-step did (Backend.step).
-ACCUMULATING, STEPPED, NONFINITE = "accumulating", "stepped", "nonfinite"
+# What a micro-step did (Backend.step). OVERFLOW: an fp16 level's boundary skipped for an overflow (routine
+# under dynamic loss scaling: its scale was lowered), not an error whatever EngineConfig.nonfinite says.
+ACCUMULATING, STEPPED, NONFINITE, OVERFLOW = "accumulating", "stepped", "nonfinite", "overflow"
 
 
 @dataclass
@@ -73,6 +75,9 @@ class LastStep:
 
 class _Backend:
     """What both backends share: the learning rates per parameter and the record of the last step."""
+
+    fp16 = False
+    """Whether the level is fp16 with dynamic loss scaling (its gradients are scaled until its step)."""
 
     process_group = None
     """The level's data-parallel process group, for every collective scalemlo issues on its vectors
@@ -103,6 +108,15 @@ class _Backend:
             return safe_get_local_fp32_param(p)
         q = self.stepped_tensor(p)
         return q if q is not p else None
+
+    @property
+    def loss_scale(self) -> float:
+        """The factor the level's backward passes multiply its loss by now (1 unless fp16)."""
+        return 1.0
+
+    def lower_loss_scale(self) -> None:
+        """An overflow in a pass of this level outside its own step (a hypergradient's): lower the scale
+        as its own overflow would (nothing unless fp16)."""
 
     def current_lrs(self) -> list[float]:
         """Per trainable parameter, the learning rate its parameter group has now."""
@@ -218,7 +232,7 @@ class TorchBackend(_Backend):
     partitioned = False
 
     def __init__(self, module: torch.nn.Module, params: Sequence[torch.nn.Parameter], optimizer, scheduler, config,
-                 group_index):  # fmt: skip
+                 group_index, name: str = "level"):  # fmt: skip
         self.module = module
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -227,6 +241,30 @@ class TorchBackend(_Backend):
         self._micro = 0
         self._init_common(params, optimizer, group_index)
         self.across_ranks = AcrossRanks(self.world_size, sharded=False)
+        self.name = name
+        self.scaler: DynamicLossScale | None = None
+        self._masters: dict[int, torch.Tensor] = {}
+        if any(p.dtype == torch.float16 for p in self.params):
+            self._init_fp16(config, name)
+
+    def _init_fp16(self, config, name: str) -> None:
+        """fp16 parameters: the optimizer steps float32 masters (DeepSpeed's fp16 ZeRO-0 optimizer does the
+        same), gradients are loss-scaled (:mod:`scalemlo.loss_scale`), an overflow skips the step."""
+        if any(p.dtype != torch.float16 for p in self.params):
+            raise ValueError(f"level {name!r}: its trainable parameters mix fp16 and other dtypes; make them all fp16")
+        if self.optimizer.state:
+            raise ValueError(f"level {name!r}: an fp16 level's optimizer must not have stepped before the level is built")
+        self.fp16 = True
+        self.scaler = DynamicLossScale(config.fp16_loss_scaling, name)
+        own = {id(p) for p in self.params}
+        for group in self.optimizer.param_groups:
+            masters = []
+            for p in group["params"]:
+                if id(p) in own:
+                    self._masters[id(p)] = torch.nn.Parameter(p.detach().float())
+                masters.append(self._masters.get(id(p), p))
+            group["params"] = masters
+        self._optimizer_for_state = self.optimizer
 
     @classmethod
     def adopt(cls, module: torch.nn.Module, params, optimizer, group_index: Sequence[int]) -> TorchBackend:
@@ -236,7 +274,23 @@ class TorchBackend(_Backend):
         self.accumulation, self.clipping, self._micro = 1, 0.0, 0
         self._init_common(params, optimizer, group_index)
         self.across_ranks = AcrossRanks(self.world_size, sharded=False)
+        self.scaler, self._masters, self.name = None, {}, "the Trainer's model"
         return self
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.scale if self.scaler is not None else 1.0
+
+    def lower_loss_scale(self) -> None:
+        if self.scaler is not None:
+            self.scaler.update(True)
+
+    def stepped_tensor(self, p: torch.Tensor) -> torch.Tensor:
+        """``p``, or for an fp16 level its float32 master (which holds the optimizer state)."""
+        return self._masters.get(id(p), p)
+
+    def _kept_grads(self) -> list[torch.Tensor | None]:
+        return [self.stepped_tensor(p).grad for p in self.params]  # an fp16 level's: unscaled float32
 
     # ---- what the hypergradient code reads ------------------------------------
     @property
@@ -255,7 +309,8 @@ class TorchBackend(_Backend):
 
     # ---- checkpoints -----------------------------------------------------------------
     def save(self, directory: Path) -> None:
-        """Module (parameters, buffers), optimizer and scheduler state, written by rank 0 (ranks agree)."""
+        """Module (parameters, buffers), optimizer and scheduler state (an fp16 level's float32 masters and
+        loss scale too), written by rank 0 (ranks agree)."""
         if rank() == 0:
             directory.mkdir(parents=True, exist_ok=True)
             state = {
@@ -263,6 +318,9 @@ class TorchBackend(_Backend):
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             }
+            if self.scaler is not None:
+                state["masters"] = [self._masters[id(p)].detach() for p in self.params]
+                state["loss_scale"] = self.scaler.state_dict()
             with open(directory / "torch_state.pt", "wb") as fh:
                 torch.save(state, fh)
                 fh.flush()
@@ -274,14 +332,22 @@ class TorchBackend(_Backend):
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None:
+            with torch.no_grad():
+                for p, master in zip(self.params, state["masters"]):
+                    self._masters[id(p)].copy_(master)
+            self.scaler.load_state_dict(state["loss_scale"])
 
     # ---- stepping -----------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            loss = loss.float() * self.scaler.scale
         (loss / self.accumulation).backward()
 
     def backward_from_grads(self, grads: Sequence[torch.Tensor]) -> None:
+        factor = self.loss_scale / self.accumulation  # scaled as a loss's backward would be (fp16)
         for p, g in zip(self.params, grads):
-            g = g.detach().to(p.dtype) / self.accumulation
+            g = (g.detach() * factor).to(p.dtype)  # an fp16 overflow here is caught at the step
             p.grad = g.clone() if p.grad is None else p.grad.add_(g)
 
     def step(self, keep_grads: bool = False) -> str:
@@ -300,14 +366,32 @@ class TorchBackend(_Backend):
         self.average_over_ranks(grads)
         if not finite_on_every_rank(grads, self.process_group):
             self.optimizer.zero_grad(set_to_none=True)
-            return NONFINITE
+            if self.scaler is None:
+                return NONFINITE
+            for p in self.params:
+                p.grad = None
+            scale = self.scaler.scale
+            self.scaler.update(True)
+            _log_overflow(f"level {self.name!r}'s step", scale, self.scaler.scale)
+            return OVERFLOW
+        stepped = self.params
+        if self.scaler is not None:  # unscaled float32 gradients onto the masters, which the optimizer steps
+            stepped = [self._masters[id(p)] for p in self.params]
+            for p, master in zip(self.params, stepped):
+                master.grad = None if p.grad is None else p.grad.float().div_(self.scaler.scale)
+                p.grad = None
         if self.clipping > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clipping)
+            torch.nn.utils.clip_grad_norm_(stepped, self.clipping)
         self._record_step(keep_grads)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            with torch.no_grad():
+                for p, master in zip(self.params, stepped):
+                    p.copy_(master)
+            self.scaler.update(False)
         self.steps += 1
         return STEPPED
 
@@ -336,6 +420,8 @@ class DeepSpeedBackend(_Backend):
         self.partitioned = self.zero_stage == 3
         self.process_group = _data_parallel_group(self.engine, name)
         self.across_ranks = AcrossRanks(self.world_size, sharded=self.partitioned, group=self.process_group)
+        self.fp16 = bool(self.engine.fp16_enabled())
+        self.name = name
 
     def _undo_initial_step(self) -> None:
         """Undo the optimizer step DeepSpeed's bf16/fp16 ZeRO-0 optimizer takes when it is built.
@@ -376,7 +462,26 @@ class DeepSpeedBackend(_Backend):
         self.partitioned = self.zero_stage == 3
         self.process_group = _data_parallel_group(engine, "the Trainer's model")
         self.across_ranks = AcrossRanks(self.world_size, sharded=self.partitioned, group=self.process_group)
+        self.fp16 = bool(engine.fp16_enabled())
+        self.name = "the Trainer's model"
         return self
+
+    @property
+    def loss_scale(self) -> float:
+        """DeepSpeed's current loss scale (1 unless fp16)."""
+        return float(self.engine.optimizer.loss_scale) if self.fp16 else 1.0
+
+    def lower_loss_scale(self) -> None:
+        """DeepSpeed's scaler told of an overflow, as its own step's overflow check would tell it
+        (every fp16 optimizer of DeepSpeed 0.19, ZeRO 0-3, has ``_update_scale(overflow)``)."""
+        if self.fp16:
+            self.engine.optimizer._update_scale(True)
+
+    def _kept_grads(self) -> list[torch.Tensor | None]:
+        grads = super()._kept_grads()
+        if self.fp16:  # scaled until DeepSpeed's step unscales them
+            grads = [None if g is None else g.float().div_(self.loss_scale) for g in grads]
+        return grads
 
     # ---- what the hypergradient code reads ------------------------------------
     @property
@@ -410,9 +515,11 @@ class DeepSpeedBackend(_Backend):
         self._clear_partition_grads()
         self._backward_to_own_params(loss, retain_graph)
         out = []
+        scale = self.loss_scale  # fp16: DeepSpeed scaled the loss (scale_if_loss); its partitions hold scaled grads
         for p in self.params:
             buffer = safe_get_local_grad(p)
-            out.append(torch.zeros_like(p.ds_tensor) if buffer is None else buffer.view_as(p.ds_tensor).clone())
+            grad = torch.zeros_like(p.ds_tensor) if buffer is None else buffer.view_as(p.ds_tensor).clone()
+            out.append(grad.div_(scale) if scale != 1.0 else grad)
         self._clear_partition_grads()
         return out
 
@@ -515,19 +622,35 @@ class DeepSpeedBackend(_Backend):
             return ACCUMULATING
         finite = True
         if self.zero_stage == 0:
-            finite = finite_on_every_rank([p.grad for p in self.params if p.grad is not None], self.process_group)
-            if not finite:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            finite = finite_on_every_rank(grads, self.process_group)
+            if not finite and self._low_precision_wrapper() is not None:
+                # DeepSpeed's bf16/fp16 ZeRO-0 optimizer steps a parameter without a gradient on zeros
+                # (Adam's momentum still moved every parameter, and its step count, in a "skipped" step):
+                # its own overflow check skips the step instead (and lowers an fp16 scale); it must see
+                # one on this rank too.
+                grads[0].fill_(float("nan"))
+            elif not finite:
                 for p in self.params:
                     p.grad = None
         if finite:
             # Before engine.step: DeepSpeed frees .grad there, and its scheduler moves the lr on.
             self._record_step(keep_grads)
-        skipped_before = self.engine.skipped_steps
+        skipped_before, scale = self.engine.skipped_steps, self.loss_scale
         self.engine.step()
         if not finite or self.engine.skipped_steps > skipped_before:
+            if self.fp16:
+                _log_overflow(f"level {self.name!r}'s step", scale, self.loss_scale)
+                return OVERFLOW
             return NONFINITE
         self.steps += 1
         return STEPPED
+
+
+def _log_overflow(where: str, before: float, after: float) -> None:
+    if rank() == 0:
+        change = f"lowered from {before:g} to {after:g}" if after < before else f"kept at {after:g} (hysteresis)"
+        log.warning("fp16 overflow in %s: the step is skipped on every rank; loss scale %s", where, change)
 
 
 def _is_initial_state(state: dict) -> bool:
@@ -674,9 +797,12 @@ def deepspeed_config_for(config, name: str, module: torch.nn.Module | None = Non
         # DeepSpeed asks for this flag for any optimizer outside its short list
         # (torch's SGD among them); ZeRO works with any torch optimizer.
         cfg.setdefault("zero_allow_untested_optimizer", True)
-    if cfg.get("fp16", {}).get("enabled"):
+    fp16, bf16 = cfg.get("fp16", {}).get("enabled"), cfg.get("bf16", {}).get("enabled")
+    if fp16 is True and bf16 is True:
+        raise ValueError(f'level {name!r}: deepspeed_config enables both "fp16" and "bf16"; enable one of them')
+    if fp16 is True and cfg["fp16"].get("auto_cast"):
         raise ValueError(
-            f"level {name!r}: fp16 levels are not supported yet (their loss scaling does not cover the "
-            'hypergradient\'s passes); use "bf16": {"enabled": true}, or float32'
+            f'level {name!r}: "fp16": {{"auto_cast": true}} (autocast inside the engine\'s forward) is not '
+            "supported: levels run their modules directly; drop auto_cast (the module's parameters become fp16)"
         )
     return cfg

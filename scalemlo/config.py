@@ -92,6 +92,11 @@ class LevelConfig:
             0.19 refuses to reduce).
         deepspeed_config: a DeepSpeed config dict or a path to a JSON file;
             None means ZeRO-0 fp32.
+        fp16_loss_scaling: the loss scaling of a torch-backend level with fp16
+            parameters, with the keys of DeepSpeed's ``"fp16"`` section
+            (``loss_scale``: 0 for dynamic, ``initial_scale_power``,
+            ``loss_scale_window``, ``hysteresis``, ``min_loss_scale``); None:
+            DeepSpeed's defaults. A DeepSpeed level reads its ``deepspeed_config``.
     """
 
     method: str = "finite_difference"
@@ -114,6 +119,7 @@ class LevelConfig:
     warmup_steps: int = 0
     backend: str = "deepspeed"
     deepspeed_config: dict | str | None = None
+    fp16_loss_scaling: dict | None = None
 
     def __post_init__(self) -> None:
         _check_choice("LevelConfig.method", self.method, _method_names())
@@ -158,6 +164,17 @@ class LevelConfig:
             raise ValueError(f"LevelConfig.deepspeed_config: no such file {self.deepspeed_config!r}")
         if self.deepspeed_config is not None and self.backend != "deepspeed":
             raise ValueError("LevelConfig.deepspeed_config is set but backend is 'torch'; drop one of them")
+        if self.fp16_loss_scaling is not None:
+            if self.backend != "torch":
+                raise ValueError(
+                    "LevelConfig.fp16_loss_scaling is for backend='torch'; a DeepSpeed level sets its loss scaling "
+                    'in the "fp16" section of its deepspeed_config'
+                )
+            from scalemlo.loss_scale import DynamicLossScale
+
+            if not isinstance(self.fp16_loss_scaling, dict):
+                raise ValueError(f"LevelConfig.fp16_loss_scaling must be a dict or None, got {self.fp16_loss_scaling!r}")
+            DynamicLossScale(self.fp16_loss_scaling, "LevelConfig.fp16_loss_scaling")  # checks the keys and values
 
     def resolved_deepspeed_config(self) -> dict:
         """The DeepSpeed config this level's engine is built from (a fresh dict)."""

@@ -26,7 +26,7 @@ import torch
 
 from scalemlo import checkpoint
 from scalemlo.config import EngineConfig
-from scalemlo.distributed import finite_on_every_rank, mean_over_ranks_, world_size
+from scalemlo.distributed import finite_on_every_rank, mean_over_ranks_, rank, world_size
 from scalemlo.graph import LevelGraph
 from scalemlo.hypergrad import shared_forward, vectors
 from scalemlo.hypergrad.coordinator import Coordinator
@@ -101,6 +101,7 @@ class Engine:
         for lv in levels:
             lv._build_backend()
         self.coordinator = Coordinator(self.levels, self.graph)
+        self._meta_overflows: dict[str, int] = {}
         self.metric_logger = MetricLogger(self.config.log_every, self.config.report_to, self.config.logging_dir)
         self._checked_losses = False
         self._started = False  # the first on_inner_loop_start calls have run
@@ -314,7 +315,14 @@ class Engine:
             if lowers:
                 batch = lv.next_batch()
                 grads = self.coordinator.hypergradient(name, batch, shared=shared)
-                if nonfinite == "raise" and not finite_on_every_rank(grads, lv.backend.process_group):
+                finite = finite_on_every_rank(grads, lv.backend.process_group)
+                if not finite and self._meta_overflow(name):
+                    # fp16 in the meta step: an overflow, routine under loss scaling, not an error; the
+                    # step boundary drops the gradients on every rank (an fp16 owner lowers its own scale)
+                    lv.step_on_gradient(grads, batch, "skip")
+                    metrics[f"{name}/meta_overflows"] = self._meta_overflows[name]
+                    continue
+                if nonfinite == "raise" and not finite:
                     before = this_iteration or {}
                     lower_losses = {n: before.get(f"{n}/loss") for n in self.graph.descendants(name)}
                     raise FloatingPointError(
@@ -335,9 +343,33 @@ class Engine:
         if lv.skipped_batches or lv.skipped_steps:
             metrics[f"{name}/skipped_batches"] = lv.skipped_batches
             metrics[f"{name}/skipped_steps"] = lv.skipped_steps
+        if lv.backend.fp16:
+            metrics[f"{name}/loss_scale"] = lv.backend.loss_scale
+            metrics[f"{name}/overflow_steps"] = lv.overflow_steps
         for lower in lowers:
             self.levels[lower].on_inner_loop_start()
         return metrics
+
+    def _meta_overflow(self, name: str) -> bool:
+        """A non-finite hypergradient of ``name``: when an fp16 level took part (the owner or a level
+        below it), an overflow. The loss scales of the fp16 levels below (whose passes it ran) are
+        lowered, as their own steps' overflows would lower them; logged on rank 0."""
+        below = [self.levels[n] for n in self.graph.descendants(name)]
+        if not any(lv.backend.fp16 for lv in [self.levels[name], *below]):
+            return False
+        self._meta_overflows[name] = self._meta_overflows.get(name, 0) + 1
+        changes = []
+        for lv in below:
+            if lv.backend.fp16:
+                before = lv.backend.loss_scale
+                lv.backend.lower_loss_scale()
+                changes.append(f"{lv.name!r} {before:g} -> {lv.backend.loss_scale:g}")
+        if rank() == 0:
+            log.warning(
+                "fp16 overflow in the hypergradient of level %r at global step %d: its step is skipped on every "
+                "rank%s", name, self.global_step, f"; loss scales: {', '.join(changes)}" if changes else ""
+            )
+        return True
 
     def _step_inside(self, upper: str, metrics: dict, this_iteration: dict | None, shared) -> None:
         metrics.update(self.step_level(upper, {**(this_iteration or {}), **metrics}, shared=shared))

@@ -13,6 +13,7 @@ import torch
 from scalemlo.backend import (
     ACCUMULATING,
     NONFINITE,
+    OVERFLOW,
     DeepSpeedBackend,
     TorchBackend,
     deepspeed_config_for,
@@ -95,6 +96,7 @@ class Level:
         self.keep_last_grads = False
         self.skipped_batches = 0  # non-finite losses left out (EngineConfig.nonfinite="skip")
         self.skipped_steps = 0  # optimizer steps not taken for non-finite gradients
+        self.overflow_steps = 0  # an fp16 level's steps skipped for an overflow (its loss scale was lowered)
         # Values held fixed across the evaluations of one hypergradient (see held()): None outside one.
         self._held: dict[tuple[int, int], torch.Tensor] | None = None
         # Whether training_step calls held(): True from its first call; None until a hypergradient
@@ -326,7 +328,8 @@ class Level:
             self.backend = DeepSpeedBackend(self.module, self.params, optimizer, scheduler, ds_config, self.name,
                                             group_index)  # fmt: skip
         else:
-            self.backend = TorchBackend(self.module, self.params, optimizer, scheduler, self.config, group_index)
+            self.backend = TorchBackend(self.module, self.params, optimizer, scheduler, self.config, group_index,
+                                        self.name)  # fmt: skip
         del self._prepared
 
     @property
@@ -483,6 +486,8 @@ class Level:
                     "pass EngineConfig(nonfinite='skip') to skip such steps"
                 )
             self.skipped_steps += 1
+        elif outcome == OVERFLOW:  # routine under dynamic loss scaling: never an error
+            self.overflow_steps += 1
         if outcome != ACCUMULATING:
             self.step_batches, self._pending_batches = self._pending_batches, []
 
@@ -496,6 +501,7 @@ class Level:
             "pending_batches": self._pending_batches,
             "backend": self.backend.progress_state(),
             "skipped": (self.skipped_batches, self.skipped_steps),
+            "overflow_steps": self.overflow_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -506,6 +512,7 @@ class Level:
         self._pending_batches = list(state["pending_batches"])
         self.backend.load_progress_state(state["backend"])
         self.skipped_batches, self.skipped_steps = state["skipped"]
+        self.overflow_steps = state.get("overflow_steps", 0)  # absent from checkpoints before fp16 levels
 
     @contextlib.contextmanager
     def preserved_buffers(self):

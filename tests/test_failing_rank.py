@@ -3,7 +3,8 @@
 Two launches of tests/distributed/failing_rank.py (``deepspeed --num_gpus 2``):
 one where rank 1 raises in its training_step (the launch must end within 60 s
 of the error, with the error in its output, instead of rank 0 waiting in a
-collective), and one where rank 1 alone sees a NaN loss or gradient.
+collective), and one where rank 1 alone sees a NaN loss or gradient (and, in an fp16 program, an overflow
+inside a hypergradient).
 """
 
 import json
@@ -45,7 +46,18 @@ def nonfinite(tmp_path_factory):
     return list(zip(rank0, rank1))
 
 
+def test_an_fp16_overflow_on_one_rank_skips_the_upper_step_on_every_rank(nonfinite):
+    (a, b), = [pair for pair in nonfinite if pair[0]["stage"] == "fp16"]
+    assert a["finite"] and b["finite"] and a["same_on_every_rank"]
+    assert a["outcome"] == b["outcome"] == "finished" and a["global_step"] == 4
+    # the weight net skipped one step on both ranks; the model's scale dropped once for it and once per
+    # overflow of its own steps (one, measured, at the default scale 2^16)
+    overflows, skipped, scale = a["skipped"]
+    assert a["skipped"] == b["skipped"] and skipped == 1 and scale == 2.0 ** (16 - 1 - overflows), (a, b)
+
+
 def test_a_nan_on_one_rank_stops_or_skips_every_rank_alike(nonfinite):
+    nonfinite = [pair for pair in nonfinite if pair[0]["stage"] != "fp16"]
     assert len(nonfinite) == 8  # ZeRO 0 and 3 x a NaN loss or gradient x raise or skip
     for a, b in nonfinite:
         case = f"ZeRO-{a['stage']} {a['fault']} {a['nonfinite']}"

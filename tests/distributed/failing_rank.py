@@ -90,6 +90,39 @@ def nonfinite_case(stage: int, fault: str, nonfinite: str) -> dict:
     return record
 
 
+class InfOnRank1(suite.Weights):
+    """The meta loss is inf on rank 1 alone at global step 2 (an fp16 overflow inside a hypergradient)."""
+
+    engine = None
+
+    def training_step(self, ids):
+        loss = super().training_step(ids)
+        return loss * float("inf") if rank() == 1 and self.engine.global_step == 2 else loss
+
+
+def fp16_case() -> dict:
+    """An fp16 lower level (torch backend, loss-scaled) under a float32 weight net whose meta loss
+    overflows on rank 1 only: both ranks must skip the upper step, lower the same scale, and end equal."""
+    import torch.distributed as dist
+
+    lm, net = suite.tiny_gpt2(torch.float16), suite.weight_net(torch.float32)
+    model = suite.Model("model", lm, torch.optim.Adam(lm.parameters(), lr=1e-3), suite.batches("train", [rank()], 6),
+                        config=LevelConfig(backend="torch", fp16_loss_scaling={"hysteresis": 1}))  # fmt: skip
+    weights = InfOnRank1("weights", net, torch.optim.SGD(net.parameters(), lr=1.0), suite.batches("meta", [rank()], 6))
+    engine = Engine([model, weights], {"weights": ["model"]}, EngineConfig(max_steps=4, log_every=0, progress_bar=False))
+    InfOnRank1.engine = engine
+    engine.run()
+    flat = torch.cat([p.detach().float().reshape(-1) for lv in engine.levels.values() for p in lv.params])
+    other = flat.clone()
+    dist.broadcast(other, src=0)
+    return {
+        "stage": "fp16", "fault": "meta-overflow", "nonfinite": "raise", "outcome": "finished",
+        "global_step": engine.global_step,
+        "skipped": [model.overflow_steps, weights.skipped_steps, model.backend.loss_scale],
+        "finite": bool(torch.isfinite(flat).all()), "same_on_every_rank": bool(torch.equal(flat, other)),
+    }
+
+
 def main() -> None:
     parser = add_launcher_arguments(argparse.ArgumentParser())
     parser.add_argument("--case", choices=["raise", "nonfinite"], required=True)
@@ -105,6 +138,7 @@ def main() -> None:
         for fault in ("loss", "gradient"):
             for nonfinite in ("raise", "skip"):
                 records.append({"rank": rank(), **nonfinite_case(stage, fault, nonfinite)})
+    records.append({"rank": rank(), **fp16_case()})
     import torch.distributed as dist
 
     gathered = [None, None]
