@@ -624,8 +624,8 @@ class DeepSpeedBackend(_Backend):
         if self.zero_stage == 0:
             grads = [p.grad for p in self.params if p.grad is not None]
             finite = finite_on_every_rank(grads, self.process_group)
-            if not finite and self._low_precision_wrapper() is not None:
-                # DeepSpeed's bf16/fp16 ZeRO-0 optimizer steps a parameter without a gradient on zeros
+            if not finite and hasattr(self.engine.optimizer, "fp16_groups"):
+                # DeepSpeed's bf16/fp16 ZeRO-0 optimizers (fused or not) step a parameter without a gradient on zeros
                 # (Adam's momentum still moved every parameter, and its step count, in a "skipped" step):
                 # its own overflow check skips the step instead (and lowers an fp16 scale); it must see
                 # one on this rank too.

@@ -216,11 +216,6 @@ def test_a_float32_level_called_with_bf16_tensors_gets_them_in_float32():
         level(torch.ones(3, 1, dtype=torch.float64))
 
 
-def test_fp16_levels_are_refused_with_the_fix():
-    with pytest.raises(ValueError, match=r"fp16 levels are not supported yet .* use \"bf16\""):
-        program({"zero_optimization": {"stage": 0}, "fp16": {"enabled": True}})
-
-
 @pytest.mark.parametrize("stage", [0, 3])
 def test_the_shipped_bf16_configs_run_an_mlo_step(stage):
     from pathlib import Path

@@ -190,9 +190,9 @@ class ReweightingTrainer(Trainer):
         enabled = model_cfg.get("fp16", {}).get("enabled", False)
         if args.fp16 or enabled is True:
             raise ValueError(
-                "the model level runs in fp16 (--fp16 or its --deepspeed config), which scalemlo does not support yet "
-                "(its loss scaling does not cover the hypergradient's passes): use --bf16 (with \"bf16\": "
-                '{"enabled": "auto"} in a --deepspeed config), or fp32'
+                "the model level runs in fp16 (--fp16 or its --deepspeed config), which the ReweightingTrainer does "
+                "not support yet (scalemlo.Engine levels do; the Trainer's own loss scaling and shared forward are "
+                "not tested under it): use --bf16 (with \"bf16\": {\"enabled\": \"auto\"} in a --deepspeed config), or fp32"
             )
         stage = model_cfg.get("zero_optimization", {}).get("stage", 0)
         if args.hypergradient_method == "sama" and stage != 0:
