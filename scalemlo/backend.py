@@ -604,10 +604,33 @@ class DeepSpeedBackend(_Backend):
         self.engine.backward(loss)
 
     def backward_from_grads(self, grads: Sequence[torch.Tensor]) -> None:
+        """Accumulate a gradient computed elsewhere (a hypergradient) for the next step.
+
+        ZeRO 0-2: a backward of the surrogate ``sum(<p, g>)`` through the engine, so DeepSpeed reduces,
+        scales and accumulates it as any gradient. ZeRO-3: ``grads`` are this rank's partitions,
+        averaged over ranks already (as :meth:`gradient` gives them); they are summed here and written
+        into DeepSpeed's gradient partitions at the step's boundary (:meth:`step`), since a
+        hypergradient taken between micro-steps clears those partitions.
+        """
         if self.partitioned:
-            raise RuntimeError("a ZeRO-3 level cannot step on a hypergradient (checked when the engine is built)")
+            pending = getattr(self, "_pending", None)
+            scaled = [g.detach().float() / self.engine.gradient_accumulation_steps() for g in grads]
+            self._pending = scaled if pending is None else [a.add_(b) for a, b in zip(pending, scaled)]
+            return
         surrogate = sum((p * g.detach().to(p.dtype)).sum() for p, g in zip(self.params, grads))
         self.backward(surrogate)
+
+    def _write_pending(self) -> None:
+        """ZeRO-3 at a boundary: the summed hypergradient into DeepSpeed's gradient partitions (times the
+        loss scale, which DeepSpeed's step divides out), and the partitions handed to its optimizer as a
+        backward's epilogue would hand them."""
+        from deepspeed.utils import safe_set_local_grad
+
+        pending, self._pending = self._pending, None
+        scale = self.loss_scale
+        for p, g in zip(self.params, pending):
+            safe_set_local_grad(p, g.mul_(scale) if scale != 1.0 else g)
+        self.engine.optimizer.independent_gradient_partition_epilogue()
 
     def step(self, keep_grads: bool = False) -> str:
         """One micro-step (DeepSpeed steps at its accumulation boundary); see TorchBackend.step.
@@ -620,6 +643,8 @@ class DeepSpeedBackend(_Backend):
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()
             return ACCUMULATING
+        if getattr(self, "_pending", None) is not None:
+            self._write_pending()
         finite = True
         if self.zero_stage == 0:
             grads = [p.grad for p in self.params if p.grad is not None]

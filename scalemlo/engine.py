@@ -130,15 +130,24 @@ class Engine:
         """
         stage = {name: lv.zero_stage for name, lv in self.levels.items()}
         for name in self.graph.names:
-            if stage[name] == 3 and self.graph.lowers(name):
-                raise ValueError(
-                    f"level {name!r} uses ZeRO-3 but has levels below it: a ZeRO-3 level cannot step on a "
-                    "hypergradient yet. Use ZeRO stage 0-2 for it (ZeRO-3 is for the levels at the bottom, "
-                    "e.g. the model being fine-tuned)"
-                )
             if not self.graph.lowers(name):
                 continue
             config = self.levels[name].config
+            if stage[name] == 3:
+                # its gradients come through its engine, partition by partition: no double backward
+                # into it, and no shared forward (whose product is an autograd backward into the upper)
+                needs = "exact" if config.method == "exact" else None
+                if config.method in ("neumann", "cg") and config.second_order == "autograd":
+                    needs = f"method {config.method!r} with second_order='autograd'"
+                if config.shared_forward:
+                    needs = "shared_forward=True"
+                if needs:
+                    raise ValueError(
+                        f"level {name!r} uses ZeRO-3 and has levels below it; its LevelConfig asks for {needs}, "
+                        "which needs autograd through its partitioned parameters. Use finite_difference, sama, "
+                        "penalty, or neumann/cg with second_order='finite_difference' (shared_forward=False), or "
+                        f"ZeRO stage 0-2 for {name!r}"
+                    )
             for lower in self.graph.descendants(name):
                 if config.method == "sama" and stage[lower] >= 1:
                     raise ValueError(
@@ -332,7 +341,10 @@ class Engine:
                         "diverged: lower its lr or clip it); otherwise check the method's settings"
                     )
                 lv.step_on_gradient(grads, batch, nonfinite)  # "skip": its boundary drops them
-                metrics[f"{name}/hypergrad_norm"] = _norm_of_rank_average(grads, lv.backend.process_group)
+                metrics[f"{name}/hypergrad_norm"] = (
+                    float(lv.backend.across_ranks.norm(grads)) if lv.backend.partitioned  # shards, averaged already
+                    else _norm_of_rank_average(grads, lv.backend.process_group)
+                )
                 metrics[f"{name}/loss"] = self.coordinator.last_loss[name]
             elif shared_upper is not None:
                 upper_step = functools.partial(self._step_inside, shared_upper, metrics, this_iteration)
@@ -382,12 +394,13 @@ class Engine:
         copy). Uses ``name``'s current batch and, for each level below it,
         the micro-batches of its last optimizer step. On several ranks it is
         the average over ranks (what the level would step on, the same on
-        every rank), so every rank must call it.
+        every rank), so every rank must call it. A ZeRO-3 level's comes as this rank's partitions
+        (the layout of its ``local_shards``), averaged over ranks.
         """
         if name not in self.levels:
             raise ValueError(f"unknown level {name!r}; known levels: {sorted(self.levels)}")
         grads = self.coordinator.hypergradient(name)
-        mean_over_ranks_(grads, self.levels[name].backend.process_group)
+        self.levels[name].backend.average_over_ranks(grads)  # partitions come averaged already
         return grads
 
     def validate(self) -> dict[str, float]:

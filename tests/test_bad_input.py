@@ -202,9 +202,9 @@ CASES = [
     ("ZeRO stage the method cannot use", lambda t, p: Program(t, upper_config=LevelConfig(method="sama"),
         lower_config=LevelConfig(deepspeed_config={"zero_optimization": {"stage": 2}})).build(), ValueError,
      "method 'sama', which needs per-parameter optimizer state"),
-    ("ZeRO-3 level with levels below", lambda t, p: Program(t, upper_config=LevelConfig(
-        deepspeed_config={"zero_optimization": {"stage": 3}})).build(), ValueError,
-     "'upper' uses ZeRO-3 but has levels below it"),
+    ("ZeRO-3 level with levels below, double backward", lambda t, p: Program(t, upper_config=LevelConfig(
+        method="neumann", deepspeed_config={"zero_optimization": {"stage": 3}})).build(), ValueError,
+     "'upper' uses ZeRO-3 and has levels below it; its LevelConfig asks for method 'neumann' with second_order"),
     # training_step
     ("training_step not written", lambda t, p: run(Program(t, lower_cls=NoTrainingStep)), NotImplementedError,
      "subclass Level and write training_step"),

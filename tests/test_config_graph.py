@@ -102,7 +102,9 @@ def zero(stage, **kwargs):
 @pytest.mark.parametrize(
     "upper, lower, message",
     [
-        (zero(3), zero(0), "'up' uses ZeRO-3 but has levels below it"),
+        (zero(3, method="exact"), zero(0), "'up' uses ZeRO-3 and has levels below it; .* asks for exact"),
+        (zero(3, method="cg"), zero(0), "asks for method 'cg' with second_order='autograd'"),
+        (zero(3, shared_forward=True), zero(0), "asks for shared_forward=True"),
         (zero(0, method="sama"), zero(1), "method 'sama', which needs per-parameter optimizer state"),
         (zero(0, method="sama"), zero(3), "use stage 0 for 'low'"),
         (zero(0, method="exact"), zero(3), "'exact' needs double backward .* use another method"),

@@ -74,7 +74,10 @@ def record_of(launch, name):
 TOLERANCE = {"finite_difference": 1e-4, "sama": 1e-3, "cg": 1e-3, "neumann": 1e-3, "penalty": 5e-3}
 
 
-@pytest.mark.parametrize("name", list(case_names("reweighting", suite.REWEIGHTING_CASES)))
+@pytest.mark.parametrize(
+    "name",
+    list(case_names("reweighting", suite.REWEIGHTING_CASES)) + list(case_names("reweighting", suite.UPPER3_CASES, [3])),
+)
 def test_reweighting_matches_float64_single_process(launch, name):
     r = record_of(launch, name)
     # shared-forward sama: float32 rounding of its one-sided difference along a spiky w (measured:
@@ -88,7 +91,8 @@ def test_reweighting_matches_float64_single_process(launch, name):
     assert r["hypergradient_cosine"] > 0.999
     if r["stage"] == 3:
         assert r["zero3_untouched"] is True  # partitions and fp32 masters bit-identical after a hypergradient
-    assert r["local_rel_diff"] > 1e-3  # a rank's own hypergradient is not the average: the check below can fail
+    if r["upper_stage"] != 3:  # a ZeRO-3 upper's hypergradient comes averaged (reduce-scattered) already
+        assert r["local_rel_diff"] > 1e-3  # a rank's own hypergradient is not the average: the check below can fail
     assert r["logged_norm_rel_err"] < 1e-6  # the logged hypergrad_norm is the global one
 
 

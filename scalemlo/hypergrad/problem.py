@@ -149,13 +149,36 @@ class ResponseProblem:
             self.lower.prime_held(0, [self.shared.forward(self.all_levels)])
 
     def upper_grads(self) -> dict[str, vectors.Vector]:
-        """dF_X/dp_Y at the current point, for every upper Y (one backward to the uppers only)."""
+        """dF_X/dp_Y at the current point, for every upper Y (one backward to the uppers only).
+
+        A ZeRO-3 upper's gradient comes through its engine, in the layout of its ``local_shards`` and
+        averaged over ranks (a rank average of the per-rank products is the product of the whole
+        objective, ``w`` being the same on every rank); the others' are this rank's.
+        """
         self._held_from_shared_forward()
-        params = [p for y in self.uppers for p in y.params]
+        whole = [p for y in self.uppers if not y.backend.partitioned for p in y.params]
+        partitioned = [y for y in self.uppers if y.backend.partitioned]
+
+        def per_loss(loss: torch.Tensor) -> vectors.Vector:
+            out = []
+            if whole:
+                grads = torch.autograd.grad(loss, whole, allow_unused=True, retain_graph=bool(partitioned))
+                out = vectors.grads_or_zeros(grads, whole)
+            parts = {y.name: y.backend.gradient(loss, retain_graph=k < len(partitioned) - 1)
+                     for k, y in enumerate(partitioned)}  # fmt: skip
+            merged, i = [], 0
+            for y in self.uppers:
+                if y.backend.partitioned:
+                    merged += parts[y.name]
+                else:
+                    merged += out[i : i + len(y.params)]
+                    i += len(y.params)
+            return merged
+
         with self._evaluating(self.uppers):
-            grads = self._summed_over_batches(
-                lambda loss: vectors.grads_or_zeros(torch.autograd.grad(loss, params, allow_unused=True), params)
-            )
+            grads = self._summed_over_batches(per_loss)
+        for y in partitioned:
+            y.backend.release_gathered()
         return self._split(grads)
 
     def lower_grad(self) -> vectors.Vector:
