@@ -31,6 +31,7 @@ from test_low_precision import (  # noqa: E402
     Weights,
     batches,
     cosines,
+    every_hypergradient,
     tiny_gpt2,
     weight_net,
 )
@@ -77,18 +78,7 @@ def program(fp16: bool, max_steps: int = 0, scaling: dict | None = None, nonfini
 def hypergradients(fp16: bool, method: str, steps: int = 3, **kw) -> list[torch.Tensor]:
     engine = program(fp16, steps * ACCUMULATION, method=method, **kw)
     assert {p.dtype for p in engine.levels["model"].params} == {torch.float16 if fp16 else torch.float32}
-    out = []
-    hypergradient = engine.coordinator.hypergradient
-
-    def recorded(*args, **kwargs):
-        grads = hypergradient(*args, **kwargs)
-        out.append(torch.cat([g.flatten().double() for g in grads]))
-        return grads
-
-    engine.coordinator.hypergradient = recorded
-    engine.run()
-    engine.hypergradient("weights")
-    return out
+    return every_hypergradient(engine)
 
 
 @pytest.mark.parametrize(

@@ -104,6 +104,11 @@ def run_with(ds: dict, method: str = "finite_difference", steps: int = 3, check_
     engine = program(ds, steps * ACCUMULATION, method=method, **kw)
     if check_dtype is not None:
         assert {p.dtype for p in engine.levels["model"].params} == {check_dtype}
+    return every_hypergradient(engine)
+
+
+def every_hypergradient(engine: Engine) -> list[torch.Tensor]:
+    """Run the program; every hypergradient the weights stepped on, then one more."""
     out = []
     hypergradient = engine.coordinator.hypergradient
 
