@@ -351,7 +351,23 @@ def make_report(results, weights, train, data: DataArguments, names, trainer, st
         report["source_weights"] = {
             n: float(weights[[i for i, s in enumerate(column) if s == n]].mean()) for n in names
         }
+    report["versions"] = versions()
     return report
+
+
+def versions() -> dict:
+    """What the numbers depend on beyond the seeds: the Python (its pydoc_data is the corpus) and the packages
+    (another transformers release trains the same model to other digits); printed in report.json."""
+    import importlib.metadata
+    import platform
+
+    out = {"python": platform.python_version(), "torch_threads": torch.get_num_threads()}
+    for package in ("torch", "transformers", "tokenizers", "datasets", "accelerate", "deepspeed", "scalemlo"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = None
+    return out
 
 
 def print_report(report: dict) -> None:
