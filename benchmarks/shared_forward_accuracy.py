@@ -1,6 +1,6 @@
 """The shared-forward estimator against a float64 reference: model size x dtype x difference x radius.
 
-    python benchmarks/shared_forward_accuracy.py            # ~1 min; writes results/shared_forward_accuracy.json
+    python benchmarks/shared_forward_accuracy.py            # ~3 min; writes results/shared_forward_accuracy.json
 
 Task: a GPT-2 config (random init, random tokens, no dropout) under a
 Meta-Weight-Net, the model declared reweighted (``per_example_losses``,
@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 VOCAB, LR = 97, 0.05
-SIZES = [(2, 32), (4, 64), (4, 128), (6, 256)]  # (layers, width)
+SIZES = [(2, 32), (4, 64), (4, 128), (6, 256), (4, 384), (6, 768)]  # (layers, width)
 SWEEP = [1e-2, 1e-3, 1e-4, 1e-5]
 
 

@@ -131,6 +131,36 @@ def test_norm_neither_underflows_nor_overflows_in_float32(magnitude):
     assert float(V.norm(a)) == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("magnitude", [1e-22, 1e-3, 1e25])
+def test_norm_and_dot_of_tensors_taken_slice_by_slice_match_float64(magnitude):
+    # 3.5M entries: reduced in slices of 2^20 (no parameter-sized temporary); float32 sums per slice
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randn(3_500_000, generator=g) * magnitude, torch.randn(7, generator=g) * magnitude]
+    b = [torch.randn(3_500_000, generator=g), torch.randn(7, generator=g)]
+    norm64 = sum(float((x.double() ** 2).sum()) for x in a) ** 0.5
+    dot64 = sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b))
+    assert float(V.norm(a)) == pytest.approx(norm64, rel=1e-6)
+    if magnitude < 1e20:  # a . b of 1e25-sized a overflows float32 products: not a case dot() scales
+        assert float(V.dot(a, b)) == pytest.approx(dot64, rel=1e-5, abs=1e-6 * norm64 * 3_500_000**0.5)
+
+
+def test_max_abs_sees_negative_entries_inf_and_nan():
+    assert V.max_abs([torch.zeros(3), torch.tensor([-5.0, 2.0])]) == 5.0
+    assert V.max_abs([torch.tensor([1.0, -float("inf")])]) == float("inf")
+    with_nan = torch.ones(2_000_000)
+    with_nan[77] = float("nan")
+    assert V.max_abs([with_nan]) != V.max_abs([with_nan])  # NaN
+    assert V.max_abs([]) == 0.0 and V.max_abs([torch.zeros(0)]) == 0.0
+    assert V.max_abs([torch.tensor([1.0, -3.0], dtype=torch.bfloat16)]) == 3.0
+
+
+def test_norm_of_a_vector_with_inf_or_nan_is_not_finite():
+    for bad in (float("inf"), float("nan")):
+        x = torch.ones(2_000_000)
+        x[123_456] = bad
+        assert not torch.isfinite(V.norm([x, torch.ones(3)]))
+
+
 def test_the_replayed_random_state_puts_the_generators_back_and_compares_by_value():
     from scalemlo.hypergrad.rng import RandomState
 

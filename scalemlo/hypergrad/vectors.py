@@ -21,13 +21,25 @@ import torch
 Vector = list[torch.Tensor]
 
 
+_CHUNK = 1 << 20  # elements per slice of a reduction (4 MB in float32: reused by the allocator)
+
+
 def _local_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    # torch.dot / vector_norm accumulate float32 sums with visible error on 10^7
-    # elements (2e-4 and 3e-3 relative, measured); an elementwise product and
-    # sum() (cascade summation) is accurate, and avoids a float64 copy.
+    """sum(x * y) as a float64 0-d tensor, on x's device.
+
+    torch.dot / vector_norm accumulate float32 sums with visible error on 10^7
+    elements (2e-4 and 3e-3 relative, measured); an elementwise product and
+    sum() (cascade summation) is accurate, and avoids a float64 copy. Taken
+    slice by slice, so no parameter-sized temporary is allocated (a fresh
+    500 MB product per tensor made a norm at 124M cost 0.2 s instead of 0.03 s).
+    """
     if x.dtype in (torch.float16, torch.bfloat16):
         x, y = x.float(), y.float()
-    return (x * y).sum().double()
+    fx, fy = x.reshape(-1), y.reshape(-1)
+    if fx.numel() <= _CHUNK:
+        return (fx * fy).sum().double()
+    parts = [(fx[i : i + _CHUNK] * fy[i : i + _CHUNK]).sum() for i in range(0, fx.numel(), _CHUNK)]
+    return torch.stack(parts).double().sum()
 
 
 def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -39,8 +51,19 @@ def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def max_abs(a: Sequence[torch.Tensor]) -> float:
-    """Largest absolute entry of the whole vector."""
-    return max((float(x.abs().max()) for x in a if x.numel()), default=0.0)
+    """Largest absolute entry of the whole vector (NaN if an entry is NaN).
+
+    From each tensor's smallest and largest entry (one pass, no temporary:
+    abs() allocated a parameter-sized copy, 15x slower)."""
+    top = 0.0
+    for x in a:
+        if x.numel():
+            lo, hi = torch.aminmax(x)
+            value = float(torch.maximum(-lo, hi))
+            if value != value:
+                return value
+            top = max(top, value)
+    return top
 
 
 def norm(a: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -51,9 +74,9 @@ def norm(a: Sequence[torch.Tensor]) -> torch.Tensor:
 def squared_norm(a: Sequence[torch.Tensor]) -> torch.Tensor:
     """Sum of squares of the whole vector, as a float64 0-d tensor.
 
-    Each tensor is scaled by its largest entry first when squares would
-    underflow or overflow its dtype (a 1e-22 gradient in float32 has a
-    squared norm below the smallest subnormal).
+    A tensor whose squares would underflow or overflow its dtype (a 1e-22
+    gradient in float32 has a squared norm below the smallest subnormal) is
+    scaled by its largest entry first; the others are summed directly.
     """
     total = torch.zeros((), dtype=torch.float64)
     for x in a:
@@ -61,15 +84,18 @@ def squared_norm(a: Sequence[torch.Tensor]) -> torch.Tensor:
             continue
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
-        top = float(x.abs().max())
-        if top == 0.0:
+        tiny = torch.finfo(x.dtype).tiny ** 0.5 * 1e3
+        direct = _local_dot(x, x).cpu()
+        # finite and with a mean square well above the dtype's smallest normal: no square was lost
+        if torch.isfinite(direct) and float(direct) > tiny * tiny * x.numel():
+            total = total + direct
             continue
-        tiny, huge = torch.finfo(x.dtype).tiny ** 0.5 * 1e3, torch.finfo(x.dtype).max ** 0.5 * 1e-3
-        if tiny < top < huge:
-            total = total + (x * x).sum().double().cpu()
-        else:
-            scaled = x / top
-            total = total + (scaled * scaled).sum().double().cpu() * top * top
+        top = float(x.abs().max())
+        if top == 0.0 or top != top:
+            total = total + (0.0 if top == 0.0 else direct)
+            continue
+        scaled = x / top
+        total = total + _local_dot(scaled, scaled).cpu() * top * top
     return total
 
 
