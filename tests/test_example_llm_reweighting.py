@@ -43,7 +43,8 @@ def test_the_default_run_reports_what_it_promises(short_run):
     assert set(report["source_weights"]) == {"builtin_types", "data_model", "expressions", "library", "statements"}
     assert json.loads((out / "report.json").read_text()) == report
     assert set(report["weight_auc_by_corruption"]) == {"char_noise", "near_duplicate", "other_script", "shuffled"}
-    assert report["versions"]["transformers"] and report["versions"]["python"]  # what the numbers depend on
+    versions = report["versions"]  # what the numbers depend on
+    assert versions["transformers"] and versions["python"] and versions["cpu"]
     assert (out / "weights.png").stat().st_size > 1000
     weights = json.loads((out / "weights.json").read_text())
     assert len(weights["examples"]) > 0 and set(weights["sources"]) == set(report["source_weights"])

@@ -356,18 +356,32 @@ def make_report(results, weights, train, data: DataArguments, names, trainer, st
 
 
 def versions() -> dict:
-    """What the numbers depend on beyond the seeds: the Python (its pydoc_data is the corpus) and the packages
-    (another transformers release trains the same model to other digits); printed in report.json."""
+    """What the numbers depend on beyond the seeds: the Python (its pydoc_data is the corpus), the CPU
+    (its float kernels: the same packages gave other digits on a slower machine of this kind) and the
+    packages; printed in report.json."""
     import importlib.metadata
     import platform
 
-    out = {"python": platform.python_version(), "torch_threads": torch.get_num_threads()}
+    out = {"python": platform.python_version(), "torch_threads": torch.get_num_threads(), "cpu": cpu_model()}
     for package in ("torch", "transformers", "tokenizers", "datasets", "accelerate", "deepspeed", "scalemlo"):
         try:
             out[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             out[package] = None
     return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def print_report(report: dict) -> None:
