@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--unroll", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=4, help="counted rounds (one warm-up round more)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="JSON path (default results/unroll_interleaved_<size>_u<k>.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from scalemlo import Engine, EngineConfig, LevelConfig
@@ -78,6 +79,7 @@ def main() -> None:
             engine.step()
             mlo.append(time.perf_counter() - t)
         row = {"round": r, "warmup": r == 0, "plain_s": plain, "scalemlo_s": mlo, "ratio": sum(mlo) / sum(plain),
+               "meta_steps_so_far": upper.steps,
                "meta_extra_plain_steps": (mlo[-1] - statistics.median(plain)) / statistics.median(plain)}  # fmt: skip
         rounds.append(row)
         print(f"round {r}{' (warm-up)' if r == 0 else ''}: plain {sum(plain):.1f}s, scalemlo {sum(mlo):.1f}s, "
@@ -86,7 +88,7 @@ def main() -> None:
     summary = {"median_ratio": statistics.median(counted), "min": min(counted), "max": max(counted)}
     print(f"time / plain at unroll_steps {args.unroll}: {summary['median_ratio']:.3f} "
           f"[{summary['min']:.3f}-{summary['max']:.3f}] over {len(counted)} rounds")  # fmt: skip
-    out = HERE / "results" / f"unroll_interleaved_{args.size}_u{args.unroll}.json"
+    out = Path(args.out) if args.out else HERE / "results" / f"unroll_interleaved_{args.size}_u{args.unroll}.json"
     command = "python benchmarks/unroll_interleaved.py " + " ".join(sys.argv[1:])
     out.write_text(json.dumps({"command": command.strip(), "wall_s": round(time.time() - start, 1),
                                "threads": args.threads, "summary": summary, "rounds": rounds}, indent=1))  # fmt: skip

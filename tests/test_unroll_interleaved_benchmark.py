@@ -1,0 +1,25 @@
+"""benchmarks/unroll_interleaved.py runs end to end on the 4M config (its 124M numbers are in docs/benchmarks.md)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_interleaved_benchmark_takes_one_meta_step_per_cycle(tmp_path):
+    out = tmp_path / "u3.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "unroll_interleaved.py"), "--size", "4m", "--unroll", "3",
+           "--rounds", "2", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rounds = result["rounds"]
+    assert [r["warmup"] for r in rounds] == [True, False, False]
+    # every cycle of 3 lower steps took exactly one meta step (inside its 3rd step)
+    assert [r["meta_steps_so_far"] for r in rounds] == [1, 2, 3]
+    for r in rounds:
+        assert len(r["plain_s"]) == len(r["scalemlo_s"]) == 3 and r["ratio"] > 0
+    assert result["summary"]["min"] <= result["summary"]["median_ratio"] <= result["summary"]["max"]
+    assert "time / plain at unroll_steps 3" in proc.stdout
