@@ -76,19 +76,30 @@ def batches(size: str, count: int, seed: int) -> list[tuple[torch.Tensor]]:
 # ---- the three systems -------------------------------------------------------------------------
 
 
-def run_plain(args) -> tuple[list[float], int]:
-    lm, weigher = make_lm(args.size), WeightNet()
+def plain_trainer(size: str):
+    """Weighted fine-tuning in plain torch (the weight net fixed): (lm, step), ``step(i)`` one optimizer step
+    on batch ``i`` (mod 4)."""
+    lm, weigher = make_lm(size), WeightNet()
     weigher.requires_grad_(False)
     opt = torch.optim.Adam(lm.parameters(), lr=LM_LR)
-    data = batches(args.size, 4, 0)
-    times = []
-    for step in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        losses = per_example_loss(lm, data[step % len(data)][0])
+    data = batches(size, 4, 0)
+
+    def step(i: int) -> None:
+        losses = per_example_loss(lm, data[i % len(data)][0])
         loss = (weigher(losses.detach()) * losses).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    return lm, step
+
+
+def run_plain(args) -> tuple[list[float], int]:
+    lm, plain_step = plain_trainer(args.size)
+    times = []
+    for step in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        plain_step(step)
         times.append(time.perf_counter() - start)
     return times[args.warmup :], sum(p.numel() for p in lm.parameters())
 
@@ -147,21 +158,27 @@ def betty_problems():
     return LM, Reweight
 
 
-def run_scalemlo(args) -> tuple[list[float], int]:
+def scalemlo_program(size: str, method: str, unroll: int, shared: bool):
+    """The task as a scalemlo program: (engine, lower, upper)."""
     from scalemlo import Engine, EngineConfig, LevelConfig
 
-    shared = args.system == "scalemlo-shared"
     LM, Reweight = scalemlo_shared_levels() if shared else scalemlo_levels()
-    lm, weigher = make_lm(args.size), WeightNet()
-    lower = LM("lm", lm, torch.optim.Adam(lm.parameters(), lr=LM_LR), batches(args.size, 4, 0))
+    lm, weigher = make_lm(size), WeightNet()
+    lower = LM("lm", lm, torch.optim.Adam(lm.parameters(), lr=LM_LR), batches(size, 4, 0))
     upper = Reweight(
         "reweight",
         weigher,
         torch.optim.Adam(weigher.parameters(), lr=META_LR),
-        batches(args.size, 4, 1),
-        config=LevelConfig(method=args.method, unroll_steps=args.unroll, shared_forward=shared),
+        batches(size, 4, 1),
+        config=LevelConfig(method=method, unroll_steps=unroll, shared_forward=shared),
     )
     engine = Engine([lower, upper], {"reweight": ["lm"]}, EngineConfig(max_steps=0, progress_bar=False))
+    return engine, lower, upper
+
+
+def run_scalemlo(args) -> tuple[list[float], int]:
+    engine, lower, _ = scalemlo_program(args.size, args.method, args.unroll, args.system == "scalemlo-shared")
+    lm = lower.module
     # One measured "step" is one full cycle of unroll_steps lower steps and one
     # meta step, divided by unroll_steps: time per lower step, meta cost amortized.
     times = []

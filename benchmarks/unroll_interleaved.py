@@ -44,26 +44,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON path (default results/unroll_interleaved_<size>_u<k>.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from scalemlo import Engine, EngineConfig, LevelConfig
-
     torch.manual_seed(0)
-    plain_lm, plain_net = task.make_lm(args.size), task.WeightNet()
-    plain_net.requires_grad_(False)
-    plain_opt = torch.optim.Adam(plain_lm.parameters(), lr=task.LM_LR)
-    data = task.batches(args.size, 4, 0)
-
-    def plain_step(i: int) -> None:
-        losses = task.per_example_loss(plain_lm, data[i % len(data)][0])
-        (plain_net(losses.detach()) * losses).mean().backward()
-        plain_opt.step()
-        plain_opt.zero_grad(set_to_none=True)
-
-    LM, Reweight = task.scalemlo_shared_levels()
-    lm, net = task.make_lm(args.size), task.WeightNet()
-    lower = LM("lm", lm, torch.optim.Adam(lm.parameters(), lr=task.LM_LR), task.batches(args.size, 4, 0))
-    upper = Reweight("reweight", net, torch.optim.Adam(net.parameters(), lr=task.META_LR), task.batches(args.size, 4, 1),
-                     config=LevelConfig(method=args.method, unroll_steps=args.unroll, shared_forward=True))  # fmt: skip
-    engine = Engine([lower, upper], {"reweight": ["lm"]}, EngineConfig(max_steps=0, progress_bar=False))
+    _, plain_step = task.plain_trainer(args.size)
+    engine, _, upper = task.scalemlo_program(args.size, args.method, args.unroll, shared=True)
 
     rounds = []
     start = time.time()

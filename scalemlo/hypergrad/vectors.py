@@ -84,15 +84,13 @@ def squared_norm(a: Sequence[torch.Tensor]) -> torch.Tensor:
             continue
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
-        tiny = torch.finfo(x.dtype).tiny ** 0.5 * 1e3
         direct = _local_dot(x, x).cpu()
         # finite and with a mean square well above the dtype's smallest normal: no square was lost
-        if torch.isfinite(direct) and float(direct) > tiny * tiny * x.numel():
+        if torch.isfinite(direct) and float(direct) > torch.finfo(x.dtype).tiny * 1e6 * x.numel():
             total = total + direct
             continue
-        top = float(x.abs().max())
-        if top == 0.0 or top != top:
-            total = total + (0.0 if top == 0.0 else direct)
+        top = max_abs([x])  # NaN or inf entries give a NaN total below, as they should
+        if top == 0.0:
             continue
         scaled = x / top
         total = total + _local_dot(scaled, scaled).cpu() * top * top
