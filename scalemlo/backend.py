@@ -538,7 +538,9 @@ class DeepSpeedBackend(_Backend):
         engine = self.engine
         engine.optimizer.clear_backward_seen_flag()
         engine._backward_prologue()
-        scaled = engine.optimizer.scale_if_loss(loss)
+        # engine.scale marks the backward as scaled (DeepSpeed 0.19's post-backward hook refuses an fp16 ZeRO
+        # backward that did not go through it)
+        scaled = engine.scale(loss) if hasattr(engine, "scale") else engine.optimizer.scale_if_loss(loss)
         torch.autograd.backward(scaled, inputs=self.params, retain_graph=retain_graph)
         engine._backward_epilogue()
         if getattr(engine.optimizer, "offload_optimizer", False):
@@ -595,6 +597,7 @@ class DeepSpeedBackend(_Backend):
 
     # ---- stepping -----------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
+        scale_fp16_zero0_loss(self.engine, loss)
         if self.zero_stage > 0:
             # engine.forward does these two (ZeRO 1-3 accumulation bookkeeping, and
             # the backward prologue through hooks on its outputs); levels run their
@@ -670,6 +673,32 @@ class DeepSpeedBackend(_Backend):
             return NONFINITE
         self.steps += 1
         return STEPPED
+
+
+def scale_fp16_zero0_loss(engine, loss: torch.Tensor) -> None:
+    """Make ``engine.backward(loss)`` loss-scale an fp16 ZeRO-0 engine's gradients, as its step expects.
+
+    DeepSpeed 0.19's ``engine.backward`` scales the loss for ZeRO 1-3 optimizers only: at ZeRO-0
+    (``FP16_Optimizer`` / ``FP16_UnfusedOptimizer``) the loss goes back unscaled while the optimizer's
+    step divides the gradients by the loss scale, so every update is the scale (2^16 at first) times too
+    small and small fp16 gradients flush to zero (DeepSpeed pull request 8393, open). A hook on ``loss``
+    multiplies the gradient arriving there by the current scale when it arrives unscaled (1/accumulation)
+    and leaves it alone when DeepSpeed scaled it (a DeepSpeed with the fix): exact, as both are powers
+    of two apart. Nothing for other engines. Needs ``loss`` to require grad (a no-op otherwise).
+    """
+    if not engine.fp16_enabled() or engine.zero_optimization() or not loss.requires_grad:
+        return
+    optimizer = engine.optimizer
+    if not hasattr(optimizer, "loss_scale") or getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
+        return
+    scale = float(optimizer.loss_scale)
+    expected = 1.0 / engine.gradient_accumulation_steps()
+
+    def scaled(grad: torch.Tensor) -> torch.Tensor:
+        # unscaled: grad == expected; scaled by DeepSpeed: grad == expected * scale
+        return grad * scale if float(grad) < expected * scale**0.5 else grad
+
+    loss.register_hook(scaled)
 
 
 def _log_overflow(where: str, before: float, after: float) -> None:

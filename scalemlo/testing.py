@@ -32,6 +32,24 @@ def deepspeed_command(*script_and_args, ranks: int = 2, port: int | None = None)
             *map(str, script_and_args)]  # fmt: skip
 
 
+def allow_deepspeed_fp16_on_cpu() -> bool:
+    """Let DeepSpeed build fp16 engines on this CPU (for tests); returns whether it already could.
+
+    DeepSpeed's CPU accelerator reports fp16 support only on CPUs with native fp16 arithmetic
+    (``torch.ops.mkldnn._is_mkldnn_fp16_supported()``: AVX512-FP16 / AMX-FP16), and ``deepspeed.initialize``
+    refuses an ``"fp16"`` config elsewhere. Its fp16 optimizers (ZeRO 0-3) and loss scaler are torch code
+    that runs on any CPU (fp16 matmuls are emulated, slowly), so the tests let it build them: the engine
+    DeepSpeed steps on a GPU, its overflow checks and its scale, minus the CUDA kernels. Process-wide.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    native = bool(accelerator.is_fp16_supported())
+    if accelerator.device_name() == "cpu" and not native:
+        accelerator.is_fp16_supported = lambda: True
+    return native
+
+
 class VectorModule(torch.nn.Module):
     """A module that is just one parameter vector ``p`` (shape ``(size,)``)."""
 

@@ -114,6 +114,15 @@ def test_bf16_lower_level_on_two_ranks_matches_its_float32_run(launch, name):
     assert min(r["cosines"]) >= 0.99, r["cosines"]
 
 
+@pytest.mark.parametrize("name", list(case_names("fp16", suite.FP16_CASES, suite.FP16_UPPER_STAGES)))
+def test_deepspeed_fp16_lower_level_on_two_ranks_matches_its_float32_run(launch, name):
+    """DeepSpeed's own fp16 engine (loss scaling, overflow checks across ranks; tests/test_deepspeed_fp16.py
+    for one rank) under a float32 weight net on 2 ranks, against the float32 run of the same program."""
+    r = record_of(launch, name)
+    assert r["model_moved"] > 1e-3  # the runs trained
+    assert min(r["cosines"]) >= 0.99, r["cosines"]
+
+
 def test_one_process_zero_stages_match_float64():
     """The same oracle without a launcher: one rank, ZeRO-3 partitions are whole flat parameters."""
     reference = suite.run(None, [0], "cg", second_order="finite_difference", cg_iterations=2)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from scalemlo import Engine, EngineConfig, Level, LevelConfig
-from scalemlo.testing import RidgeData, ridge_engine
+from scalemlo.testing import RidgeData, allow_deepspeed_fp16_on_cpu, ridge_engine
 
 VOCAB, SEQ, BATCH, STEPS, ACCUMULATION = 64, 8, 4, 2, 2
 WEIGHT_DECAY = 1e-4  # the upper objective reads its own parameters (small: the mixed term dominates)
@@ -63,7 +63,7 @@ def weight_net(dtype: torch.dtype) -> torch.nn.Module:
 
 def per_example_loss(model, ids: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=ids).logits[:, :-1]
-    if logits.dtype == torch.bfloat16:  # the loss in float32, as Hugging Face computes it (bf16 cases)
+    if logits.dtype in (torch.bfloat16, torch.float16):  # the loss in float32, as Hugging Face computes it
         logits = logits.float()
     ce = F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1), reduction="none")
     return ce.view(ids.shape[0], -1).mean(1)
@@ -120,12 +120,16 @@ def batches(kind: str, ranks: list[int], count: int) -> list[torch.Tensor]:
     return out
 
 
-def ds_config(stage: int, bf16: bool = False) -> dict:
-    return {"zero_optimization": {"stage": stage}, **({"bf16": {"enabled": True}} if bf16 else {})}
+def ds_config(stage: int, bf16: bool = False, fp16: bool = False) -> dict:
+    cfg = {"zero_optimization": {"stage": stage}, **({"bf16": {"enabled": True}} if bf16 else {})}
+    if fp16:  # DeepSpeed's own fp16 engine (scalemlo.testing.allow_deepspeed_fp16_on_cpu); a scale that fits
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 8}
+    return cfg
 
 
 def build(stages: tuple[int, int] | None, ranks: list[int], method: str, zero_init: bool = False,
-          bf16: bool = False, lr: float = 1e-2, decay: float = WEIGHT_DECAY, **upper_kwargs) -> Engine:  # fmt: skip
+          bf16: bool = False, fp16: bool = False, lr: float = 1e-2, decay: float = WEIGHT_DECAY,
+          **upper_kwargs) -> Engine:  # fmt: skip
     """stages (upper, lower), or None: the float64 torch-backend reference on one process.
 
     ``zero_init``: the lower level's model is built under ``scalemlo.zero_init`` (partitioned from
@@ -137,7 +141,7 @@ def build(stages: tuple[int, int] | None, ranks: list[int], method: str, zero_in
         upper_cfg = LevelConfig(backend="torch", method=method, **upper_kwargs)
     else:
         upper_stage, lower_stage = stages
-        lower_cfg = LevelConfig(gradient_accumulation=ACCUMULATION, deepspeed_config=ds_config(lower_stage, bf16))
+        lower_cfg = LevelConfig(gradient_accumulation=ACCUMULATION, deepspeed_config=ds_config(lower_stage, bf16, fp16))
         upper_ds = ds_config(upper_stage)
         if upper_stage == 3:  # the tiny weight net partitioned for real (by default ZeRO-3 keeps it whole)
             upper_ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
@@ -156,10 +160,10 @@ def build(stages: tuple[int, int] | None, ranks: list[int], method: str, zero_in
             if torch.distributed.get_rank() == 0:
                 lm.load_state_dict(whole)
     kind = SharedModel if upper_kwargs.get("shared_forward") else Model
-    if bf16:  # the float32 run it is compared with starts from the same (bf16-representable) weights
+    if bf16 or fp16:  # the float32 run it is compared with starts from the same (representable) weights
         with torch.no_grad():
             for p in lm.parameters():
-                p.copy_(p.bfloat16().to(p.dtype))
+                p.copy_(p.to(torch.bfloat16 if bf16 else torch.float16).to(p.dtype))
     model = kind("model", lm, torch.optim.Adam(lm.parameters(), lr=lr), batches("train", ranks, 8), config=lower_cfg)
     weights = Weights(
         "weights", net, torch.optim.SGD(net.parameters(), lr=1.0), batches("meta", ranks, 8), config=upper_cfg
@@ -221,7 +225,7 @@ def run(stages, ranks, method, **kw) -> dict:
     """
     if isinstance(stages, int):
         stages = (0, stages)
-    engine = build(stages, ranks, method, **kw)  # kw may hold zero_init, bf16, lr
+    engine = build(stages, ranks, method, **kw)  # kw may hold zero_init, bf16, fp16, lr
     stepped_on = []  # what the coordinator handed to the upper optimizer, this rank's (a ZeRO-3 upper's: whole)
     hypergradient = engine.coordinator.hypergradient
     weights = engine.levels["weights"]
@@ -306,6 +310,9 @@ BF16_CASES = [
     ("finite_difference", {"shared_forward": True}, [3]),
 ]
 BF16_UPPER_STAGES = [0, 2]
+# The same with DeepSpeed's fp16 engine for the lower level (its loss scaling and overflow checks on 2 ranks).
+FP16_CASES = BF16_CASES
+FP16_UPPER_STAGES = [0]
 
 # ridge: (method, kwargs, lower stages); the upper level (log lambda) runs at each upper stage too.
 RIDGE_CASES = [
@@ -347,9 +354,9 @@ def zero_init_record(rank: int, method: str, stages) -> dict:
     }
 
 
-def bf16_record(rank: int, method: str, kw: dict, stages) -> dict:
-    """Cosine of every rank-averaged hypergradient of the bf16 run against the float32 run's."""
-    low = run(stages, [rank], method, bf16=True, lr=1e-3, **kw)
+def bf16_record(rank: int, method: str, kw: dict, stages, precision: str = "bf16") -> dict:
+    """Cosine of every rank-averaged hypergradient of the bf16 (or fp16) run against the float32 run's."""
+    low = run(stages, [rank], method, **{precision: True}, lr=1e-3, **kw)
     high = run(stages, [rank], method, lr=1e-3, **kw)
     pairs = list(zip(low["stepped_on"] + [low["hypergradient"]], high["stepped_on"] + [high["hypergradient"]]))
     if method == "sama":
@@ -453,6 +460,7 @@ def main() -> None:
     import deepspeed
 
     torch.set_num_threads(1)  # tiny models, one core per rank: more threads only contend
+    allow_deepspeed_fp16_on_cpu()  # the fp16 cases build DeepSpeed's fp16 engines
     # A rank that waits in a collective its peer never joins fails after this long, with a traceback.
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=180))
     import torch.distributed as dist
@@ -507,6 +515,11 @@ def main() -> None:
             for lower_stage in lower_stages:
                 stages = (upper_stage, lower_stage)
                 case("bf16", method, kw, stages, functools.partial(bf16_record, rank, method, kw, stages))
+    for method, kw, lower_stages in FP16_CASES:
+        for upper_stage in FP16_UPPER_STAGES:
+            for lower_stage in lower_stages:
+                stages = (upper_stage, lower_stage)
+                case("fp16", method, kw, stages, functools.partial(bf16_record, rank, method, kw, stages, "fp16"))
     for lower_stage in GROUP_STAGES:
         stages = (2, lower_stage)
         case("groups", "cg", {}, stages, functools.partial(groups_record, lower_stage))
