@@ -179,3 +179,14 @@ def test_an_overflow_inside_a_hypergradient_skips_the_upper_step_and_lowers_deep
     assert len(messages) == 1 and "'model' 256 -> 128" in messages[0], messages
     assert finite_everywhere(engine)
     assert any(not torch.equal(a, b) for a, b in zip(params_2, snapshots[4 * tlp.ACCUMULATION][0]))
+
+
+@pytest.mark.parametrize("name", list(tlp.OFFLOAD))
+def test_an_offloaded_fp16_level_gives_the_hypergradients_of_the_same_level_not_offloaded(name):
+    """As for fp32 and bf16 (test_low_precision): offload moves the fp16 level's state, not its MLO."""
+    zero = tlp.OFFLOAD[name]
+    base = tlp.run_with(fp16(zero["stage"]), check_dtype=torch.float16)
+    ds = fp16(zero["stage"])
+    offloaded = tlp.run_with({**ds, "zero_optimization": zero, "zero_force_ds_cpu_optimizer": False})
+    rel = [float((a - b).norm() / b.norm()) for a, b in zip(offloaded, base)]
+    assert len(rel) > 3 and max(rel) < 1e-5, rel
