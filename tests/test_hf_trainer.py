@@ -232,7 +232,7 @@ def test_weights_are_exported_and_become_a_column(tmp_path, reference):
         ({"meta_deepspeed": {"gradient_accumulation_steps": 2}}, "gradient_accumulation_steps=2 but"),
         ({"meta_deepspeed": {"zero_optimisation": {"stage": 1}}}, "did you mean 'zero_optimization'"),
         ({"meta_deepspeed": {"bf16": {"enabled": True}}}, "runs the weighting model in bf16, which the Trainer"),
-        ({"deepspeed": {"fp16": {"enabled": True}, "zero_optimization": {"stage": 0}}}, "the model level runs in fp16"),
+        ({"meta_deepspeed": {"fp16": {"enabled": True}}}, "runs the weighting model in fp16, which the Trainer"),
     ],
 )
 def test_bad_trainer_input(tmp_path, change, words):

@@ -45,7 +45,13 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from scalemlo import checkpoint as scalemlo_checkpoint
-from scalemlo.backend import DeepSpeedBackend, TorchBackend, deepspeed_config_for, zero_stage_of
+from scalemlo.backend import (
+    DeepSpeedBackend,
+    TorchBackend,
+    deepspeed_config_for,
+    scale_fp16_zero0_loss,
+    zero_stage_of,
+)
 from scalemlo.config import EngineConfig, LevelConfig
 from scalemlo.distributed import ensure_distributed, is_main_process, world_size
 from scalemlo.engine import Engine
@@ -132,7 +138,9 @@ class _Schedule(TrainerCallback):
         self.trainer._start_mlo()
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if not self.trainer._shared:  # the lrs the coming step uses (shared: the methods read the coming lrs)
+        # the lrs the coming step uses (shared: the methods read the coming lrs; sama: its pre-step hook
+        # records the step when the step is taken, so a step skipped for an fp16 overflow records nothing)
+        if not self.trainer._shared and self.trainer.args.hypergradient_method != "sama":
             self.trainer._model_level.backend.record_step()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -187,12 +195,10 @@ class ReweightingTrainer(Trainer):
         """The two levels' settings must agree: refused here, before any engine is built or any step runs."""
         args = self.args
         model_cfg = args.hf_deepspeed_config.config if args.deepspeed and args.hf_deepspeed_config else {}
-        enabled = model_cfg.get("fp16", {}).get("enabled", False)
-        if args.fp16 or enabled is True:
-            raise ValueError(
-                "the model level runs in fp16 (--fp16 or its --deepspeed config), which the ReweightingTrainer does "
-                "not support yet (scalemlo.Engine levels do; the Trainer's own loss scaling and shared forward are "
-                "not tested under it): use --bf16 (with \"bf16\": {\"enabled\": \"auto\"} in a --deepspeed config), or fp32"
+        if args.fp16 and not args.deepspeed and not (torch.cuda.is_available() and not args.use_cpu):
+            log.warning(
+                "--fp16 without --deepspeed on a CPU: Accelerate trains the model in float32 there (torch's fp16 "
+                "autocast and GradScaler are for GPUs); use --bf16 for mixed precision on a CPU"
             )
         stage = model_cfg.get("zero_optimization", {}).get("stage", 0)
         if args.hypergradient_method == "sama" and stage != 0:
@@ -212,12 +218,13 @@ class ReweightingTrainer(Trainer):
         meta = args.meta_level_config()
         raw = meta.resolved_deepspeed_config()
         cfg = deepspeed_config_for(meta, "meta")  # unknown keys, accumulation, clipping, batch sizes, precision
-        if cfg.get("bf16", {}).get("enabled") is True:
-            raise ValueError(
-                f"--meta_deepspeed {args.meta_deepspeed} runs the weighting model in bf16, which the Trainer does not "
-                "support yet (scalemlo.Engine does); keep the weighting model in fp32 (set bf16.enabled false): "
-                "it is small"
-            )
+        for precision in ("bf16", "fp16"):
+            if cfg.get(precision, {}).get("enabled") is True:
+                raise ValueError(
+                    f"--meta_deepspeed {args.meta_deepspeed} runs the weighting model in {precision}, which the "
+                    f"Trainer does not support yet (scalemlo.Engine does); keep the weighting model in fp32 (set "
+                    f"{precision}.enabled false): it is small"
+                )
         if zero_stage_of(cfg, "meta") == 3:
             raise ValueError(
                 f"--meta_deepspeed {args.meta_deepspeed} uses ZeRO-3, but the weighting model steps on "
@@ -258,6 +265,8 @@ class ReweightingTrainer(Trainer):
             weights = self.reweighter.weights(losses.detach(), inputs)
         valid = valid_examples(inputs, weights.device)
         loss = (valid_weights(weights, inputs, valid) * losses).mean()
+        if self.is_deepspeed_enabled and loss.requires_grad:
+            scale_fp16_zero0_loss(self.model_wrapped, loss)  # DeepSpeed 0.19 leaves an fp16 ZeRO-0 loss unscaled
         self._track_weights(weights.detach()[valid], inputs.get("source"))
         if model.training:
             self.weight_table.update(inputs.get("id"), weights.detach(), inputs.get("source"))
@@ -307,19 +316,22 @@ class ReweightingTrainer(Trainer):
         config = EngineConfig(max_steps=0, log_every=0, progress_bar=False, nonfinite=args.nonfinite)
         self.mlo = Engine([model_level, meta_level], {"meta": ["model"]}, config)
         if args.hypergradient_method == "sama":
-            self._keep_step_gradients(model_level.backend, record=self._shared)
+            self._keep_step_gradients(model_level.backend)
         if self._resume_dir is not None:
             scalemlo_checkpoint.load(self.mlo, self._resume_dir / SCALEMLO_DIR, levels=["meta"])
             # a meta step made due by the checkpoint's step is taken in the step after it
             self._meta_due = self._shared and self._meta_step_due_after(self.state.global_step)
 
     @staticmethod
-    def _keep_step_gradients(backend, record: bool = False) -> None:
+    def _keep_step_gradients(backend) -> None:
         """sama reads the gradients of the model's last optimizer step, which the Trainer's step
-        (DeepSpeed's included) clears: a pre-step hook on the torch optimizer keeps a copy of each
-        (one parameter-sized buffer) in ``backend.last_step``, whose lrs ``record_step`` noted at
-        the step's start (``record``: the hook records the step itself, for a shared forward, whose
-        meta step comes after the next step's start)."""
+        (DeepSpeed's included) clears: a pre-step hook on the torch optimizer records the step
+        (``backend.last_step``: its lrs, and a copy of each gradient, one parameter-sized buffer).
+        A step skipped for an fp16 overflow is not recorded, so the record stays the last step taken,
+        which the optimizer state matches: DeepSpeed's scaler and torch's GradScaler do not call the
+        optimizer then, except a fused one (``adamw_torch_fused``, the Trainer's default where torch
+        has it), which GradScaler calls with ``found_inf`` set and which skips the update itself (its
+        gradients are then still scaled by ``grad_scale`` unless they were unscaled for clipping)."""
         optimizer = backend.torch_optimizer
         if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)):
             raise ValueError(
@@ -328,14 +340,18 @@ class ReweightingTrainer(Trainer):
             )
 
         def keep(_optimizer, _args, _kwargs) -> None:
-            if record or backend.last_step is None:
-                backend.record_step()
+            found_inf = getattr(_optimizer, "found_inf", None)
+            if found_inf is not None and bool(found_inf):
+                return  # a fused optimizer under GradScaler, told of an overflow: it skips this step
+            backend.record_step()
             # the gradients the torch optimizer steps on (clipped; under DeepSpeed's bf16 ZeRO-0 optimizer
             # those of its float32 copies)
             stepped = [backend.stepped_tensor(p) for p in backend.params]
-            backend.last_step.grads = [
-                torch.zeros_like(q) if q.grad is None else q.grad.detach().clone() for q in stepped
-            ]
+            grads = [torch.zeros_like(q) if q.grad is None else q.grad.detach().clone() for q in stepped]
+            scale = getattr(_optimizer, "grad_scale", None)  # GradScaler's, for a fused optimizer to unscale
+            if scale is not None:
+                grads = [g.div_(scale.to(g.dtype)) for g in grads]
+            backend.last_step.grads = grads
 
         optimizer.register_step_pre_hook(keep)
 
