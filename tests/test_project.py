@@ -15,7 +15,7 @@ def quickstart_commands():
 def test_quickstart_has_exactly_two_commands():
     commands = quickstart_commands()
     assert len(commands) == 2 and all("\n" not in c for c in commands)
-    assert "examples/hpo_logistic/train.py" in commands[0]
+    assert "examples/llm_reweighting/run_reweighting.py" in commands[0]  # the main job
     assert "pytest" in commands[1]
 
 

@@ -255,7 +255,8 @@ class ReweightingTrainer(Trainer):
         losses = None
         if self._meta_due and model.training:
             self._meta_due = False
-            shared = SharedForward(self._model_level, inputs, losses_of=lambda batch: per_example_losses(model, batch)[0])
+            losses_of = lambda batch: per_example_losses(model, batch)[0]  # noqa: E731
+            shared = SharedForward(self._model_level, inputs, losses_of=losses_of)
             self._meta_step(shared)
             shared.keep_buffers()
             losses = shared.forward(list(self.mlo.levels.values()))
