@@ -19,9 +19,12 @@ def test_gpu_check_smoke_runs_every_part(tmp_path):
     agreement = [r for r in rows if r["part"] == "agreement" and "cosine" in r]
     same_point = [r for r in agreement if r["steps_before"] == 0]
     # at the same point a bf16 level is evaluated in float32 at its masters: the float32 run's numbers
-    assert same_point and all(r["cosine"] > 0.9999 and r["rel_err"] < 1e-6 for r in same_point)
+    # (fp16: the bf16-representable start loses bits where fp16 is subnormal, below 6e-5: 3e-4 measured)
+    assert {r["precision"] for r in same_point} == {"bf16", "fp16"}
+    assert all(r["cosine"] > 0.9999 and r["rel_err"] < (1e-6 if r["precision"] == "bf16" else 1e-3) for r in same_point)
     assert any(r["method"] == "cg" and r["cosine"] > 0.99 for r in agreement)
-    assert any(r.get("not_run") == "DeepSpeed's fp16 needs a GPU" for r in rows)  # fp16 rows: GPU only
+    fp16 = [r for r in agreement if r["precision"] == "fp16"]  # DeepSpeed's fp16 engine, let build on the CPU
+    assert len(fp16) == 4 and all(r["cosine"] > 0.99 for r in fp16 if r["method"] != "sama"), fp16
     throughput = {r["row"]: r for r in rows if r["part"] == "throughput"}
     assert set(throughput) == {"plain", "mlo fd unroll 1", "mlo fd unroll 10", "mlo fd shared unroll 1"}
     assert all(r["tokens_per_s"] > 0 for r in throughput.values())

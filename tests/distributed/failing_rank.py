@@ -27,6 +27,7 @@ import zero_suite as suite
 
 from scalemlo import Engine, EngineConfig, LevelConfig
 from scalemlo.distributed import add_launcher_arguments, ensure_distributed, rank
+from scalemlo.testing import allow_deepspeed_fp16_on_cpu
 
 FAULTY = suite.batches("train", [1], 6)[2]  # rank 1's 3rd batch
 
@@ -100,24 +101,31 @@ class InfOnRank1(suite.Weights):
         return loss * float("inf") if rank() == 1 and self.engine.global_step == 2 else loss
 
 
-def fp16_case() -> dict:
-    """An fp16 lower level (torch backend, loss-scaled) under a float32 weight net whose meta loss
-    overflows on rank 1 only: both ranks must skip the upper step, lower the same scale, and end equal."""
+def fp16_case(kind: str) -> dict:
+    """An fp16 lower level under a float32 weight net whose meta loss overflows on rank 1 only: both ranks
+    must skip the upper step, lower the same scale, and end equal. ``kind``: "torch" (the torch backend's
+    scaler, from 2^16) or "ds0"/"ds3" (DeepSpeed's own fp16 engine at ZeRO 0/3, from 2^8)."""
     import torch.distributed as dist
 
-    lm, net = suite.tiny_gpt2(torch.float16), suite.weight_net(torch.float32)
+    lm, net = suite.tiny_gpt2(torch.float16 if kind == "torch" else torch.float32), suite.weight_net(torch.float32)
+    if kind == "torch":
+        config = LevelConfig(backend="torch", fp16_loss_scaling={"hysteresis": 1})
+    else:
+        config = LevelConfig(deepspeed_config={"zero_optimization": {"stage": int(kind[-1])},
+                                               "fp16": {"enabled": True, "initial_scale_power": 8, "hysteresis": 1}})
     model = suite.Model("model", lm, torch.optim.Adam(lm.parameters(), lr=1e-3), suite.batches("train", [rank()], 6),
-                        config=LevelConfig(backend="torch", fp16_loss_scaling={"hysteresis": 1}))  # fmt: skip
+                        config=config)  # fmt: skip
     weights = InfOnRank1("weights", net, torch.optim.SGD(net.parameters(), lr=1.0), suite.batches("meta", [rank()], 6))
-    engine = Engine([model, weights], {"weights": ["model"]}, EngineConfig(max_steps=4, log_every=0, progress_bar=False))
+    config = EngineConfig(max_steps=4, log_every=0, progress_bar=False)
+    engine = Engine([model, weights], {"weights": ["model"]}, config)
     InfOnRank1.engine = engine
     engine.run()
-    flat = torch.cat([p.detach().float().reshape(-1) for lv in engine.levels.values() for p in lv.params])
+    flat = torch.cat([p.float().reshape(-1) for lv in engine.levels.values() for p in suite.full_params(lv)])
     other = flat.clone()
     dist.broadcast(other, src=0)
     return {
-        "stage": "fp16", "fault": "meta-overflow", "nonfinite": "raise", "outcome": "finished",
-        "global_step": engine.global_step,
+        "stage": f"fp16-{kind}", "fault": "meta-overflow", "nonfinite": "raise", "outcome": "finished",
+        "global_step": engine.global_step, "initial_scale": 2.0 ** (16 if kind == "torch" else 8),
         "skipped": [model.overflow_steps, weights.skipped_steps, model.backend.loss_scale],
         "finite": bool(torch.isfinite(flat).all()), "same_on_every_rank": bool(torch.equal(flat, other)),
     }
@@ -138,7 +146,9 @@ def main() -> None:
         for fault in ("loss", "gradient"):
             for nonfinite in ("raise", "skip"):
                 records.append({"rank": rank(), **nonfinite_case(stage, fault, nonfinite)})
-    records.append({"rank": rank(), **fp16_case()})
+    allow_deepspeed_fp16_on_cpu()
+    for kind in ("torch", "ds0", "ds3"):
+        records.append({"rank": rank(), **fp16_case(kind)})
     import torch.distributed as dist
 
     gathered = [None, None]
