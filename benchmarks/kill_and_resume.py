@@ -43,7 +43,8 @@ STEPS = 12
 
 # name -> (ranks, lower ZeRO stage, method; None: the ReweightingTrainer program, finite_difference). sama needs
 # per-parameter optimizer state, which ZeRO 1-3 keep in flat partitions (refused there), so its two-rank
-# configuration is at ZeRO-0.
+# configuration is at ZeRO-0. "-fp16": the Trainer's model in DeepSpeed's fp16 engine (--fp16; let build on a
+# CPU, scalemlo.testing.allow_deepspeed_fp16_on_cpu), its loss scale part of what must resume exactly.
 CONFIGS = {
     "zero0-finite_difference": (1, 0, "finite_difference"),
     "zero0-sama": (1, 0, "sama"),
@@ -53,6 +54,7 @@ CONFIGS = {
     "zero3-2ranks-penalty": (2, 3, "penalty"),
     "trainer-zero0": (1, 0, None),
     "trainer-zero3-2ranks": (2, 3, None),
+    "trainer-zero3-2ranks-fp16": (2, 3, None),
 }
 
 
@@ -60,6 +62,7 @@ def command(config: str, checkpoint_dir: Path, out: Path, resume: bool) -> list[
     ranks, stage, method = CONFIGS[config]
     if method is None:
         args = [str(TRAINER_PROGRAM), "--stage", str(stage), "--steps", str(STEPS), "--output_dir", str(checkpoint_dir)]
+        args += ["--fp16"] if config.endswith("-fp16") else []
     else:
         args = [str(ENGINE_PROGRAM), "--method", method, "--stage", str(stage), "--steps", str(STEPS),
                 "--checkpoint-dir", str(checkpoint_dir)]  # fmt: skip

@@ -44,7 +44,12 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--fp16", action="store_true", help="the model in DeepSpeed's fp16 engine")
     options = parser.parse_args()
+    if options.fp16:
+        from scalemlo.testing import allow_deepspeed_fp16_on_cpu
+
+        allow_deepspeed_fp16_on_cpu()
     ensure_distributed()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -56,6 +61,7 @@ def main() -> None:
         meta_learning_rate=0.1, per_device_meta_batch_size=4, reweighting="source", unroll_steps=2,
         deepspeed=str(ROOT / "configs" / "ds" / f"trainer_zero{options.stage}.json"), save_strategy="steps",
         save_steps=2, save_total_limit=2, logging_steps=1, disable_tqdm=True, overwrite_output_dir=True,
+        fp16=options.fp16,
     )  # fmt: skip
     trainer = ReweightingTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(rows(64, True, 0)),
@@ -74,6 +80,9 @@ def main() -> None:
     else:
         model_params = [p.detach().clone() for p in lm.params]
     state = {"model": model_params, "weights": [p.detach().clone() for p in trainer.reweighter.parameters()]}
+    if options.fp16:  # DeepSpeed's loss scale and overflow count must resume too
+        engine = trainer.model_wrapped
+        state["fp16"] = [float(engine.optimizer.loss_scale), engine.skipped_steps]
     torch.save(state, f"{options.out}.rank{rank()}.pt")
 
 
