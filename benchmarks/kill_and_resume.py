@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill points")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kill_and_resume.json"))
     args = parser.parse_args()
     start = time.time()
     rows = measure(args.configs, args.trials, args.seed)
@@ -181,7 +182,7 @@ def main() -> None:
         points = ", ".join(str(r["killed_after_step"]) for r in mine)
         print(f"{config:<32}{f'{exact}/{len(mine)}':>8}{mid_save:>17}  {points}")
     result = {"trials": args.trials, "seed": args.seed, "wall_s": round(time.time() - start, 1), "rows": rows}
-    path = ROOT / "benchmarks" / "results" / "kill_and_resume.json"
+    path = Path(args.out)
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
 
