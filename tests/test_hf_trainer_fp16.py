@@ -91,12 +91,14 @@ def first_moment(t) -> float:
     return sum(float(s["exp_avg"].norm() ** 2) for s in inner.state.values() if "exp_avg" in s) ** 0.5
 
 
-def test_an_fp16_zero0_model_steps_on_its_true_gradients(tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_an_fp16_zero0_model_steps_on_its_true_gradients(tmp_path, accumulation):
     """DeepSpeed 0.19's engine.backward (the Trainer's) leaves an fp16 ZeRO-0 loss unscaled while its step
     divides by the scale: without scalemlo's hook Adam's first moment is 1/256 of the float32 run's."""
     config = ds_config(tmp_path, 0, initial_scale_power=8)
-    _, low = run(tmp_path / "fp16", True, config, max_steps=2)
-    _, high = run(tmp_path / "fp32", False, config, max_steps=2)
+    kw = {"max_steps": 2, "batch": 8 // accumulation, "accumulation": accumulation}
+    _, low = run(tmp_path / "fp16", True, config, **kw)
+    _, high = run(tmp_path / "fp32", False, config, **kw)
     assert abs(first_moment(low) / first_moment(high) - 1) < 2e-2
 
 
