@@ -36,6 +36,7 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer  # noqa: E402
 
+from scalemlo.backend import scale_fp16_zero0_loss  # noqa: E402
 from scalemlo.distributed import ensure_distributed, is_main_process  # noqa: E402
 from scalemlo.hf import ReweightingArguments, ReweightingTrainer, reset_trainer_state  # noqa: E402
 from scalemlo.hf.losses import per_example_causal_lm_loss  # noqa: E402
@@ -160,6 +161,8 @@ class UniformTrainer(Trainer):
         losses, counts = per_example_causal_lm_loss(logits, inputs["labels"], inputs["attention_mask"])
         valid = counts > 0
         loss = losses[valid].sum() / valid.sum().clamp_min(1)
+        if self.is_deepspeed_enabled and loss.requires_grad:  # as ReweightingTrainer: DeepSpeed 0.19 leaves an
+            scale_fp16_zero0_loss(self.model_wrapped, loss)  # fp16 ZeRO-0 loss unscaled (a fair baseline)
         return (loss, None) if return_outputs else loss
 
 
