@@ -684,9 +684,12 @@ def scale_fp16_zero0_loss(engine, loss: torch.Tensor) -> None:
     small and small fp16 gradients flush to zero (DeepSpeed pull request 8393, open). A hook on ``loss``
     multiplies the gradient arriving there by the current scale when it arrives unscaled (1/accumulation)
     and leaves it alone when DeepSpeed scaled it (a DeepSpeed with the fix): exact, as both are powers
-    of two apart. Nothing for other engines. Needs ``loss`` to require grad (a no-op otherwise).
+    of two apart. Nothing for anything else (other engines, a model that is not a DeepSpeed engine, a
+    loss that does not require grad).
     """
-    if not engine.fp16_enabled() or engine.zero_optimization() or not loss.requires_grad:
+    if not hasattr(engine, "fp16_enabled") or not engine.fp16_enabled() or engine.zero_optimization():
+        return
+    if not loss.requires_grad:
         return
     optimizer = engine.optimizer
     if not hasattr(optimizer, "loss_scale") or getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:

@@ -60,7 +60,7 @@ def test_deepspeed_fp16_hypergradients_match_float32(method, kw, stage):
     assert min(got) >= 0.99, got
 
 
-def first_moment_ratio(monkeypatch=None) -> float:
+def first_moment_ratio() -> float:
     """|Adam's first moment| of the fp16 ZeRO-0 level after two steps over the float32 run's."""
     norms = []
     for ds in (fp16(0), {"zero_optimization": {"stage": 0}}):

@@ -38,15 +38,22 @@ def ds_config(stage: int) -> str:
     return str(ROOT / "configs" / "ds" / f"trainer_zero{stage}.json")
 
 
-def run(tmp_path, bf16: bool, deepspeed: str | None, **kwargs) -> tuple[list[torch.Tensor], object]:
-    t = trainer(tmp_path, deepspeed=deepspeed, bf16=bf16, reweighting="example", **kwargs)
-    with torch.no_grad():  # both runs from the same bf16-representable weights
+def run_low_precision(tmp_path, dtype: torch.dtype, low: bool, deepspeed: str | None, **kwargs):
+    """Train with ``--bf16``/``--fp16`` (as ``dtype``) set to ``low``, from weights representable in ``dtype``
+    (so the low-precision run and the float32 one start equal); every meta step's hypergradient, the trainer."""
+    flag = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    t = trainer(tmp_path, deepspeed=deepspeed, reweighting="example", **{flag: low}, **kwargs)
+    with torch.no_grad():
         for p in t.model.parameters():
-            p.copy_(p.bfloat16().float())
+            p.copy_(p.to(dtype).float())
     record = RecordHypergradients(t)
     t.add_callback(record)
     t.train()
     return record.hypergradients, t
+
+
+def run(tmp_path, bf16: bool, deepspeed: str | None, **kwargs) -> tuple[list[torch.Tensor], object]:
+    return run_low_precision(tmp_path, torch.bfloat16, bf16, deepspeed, **kwargs)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_hf_trainer import ROOT, fresh_trainer_state, trainer  # noqa: F401 (fixture)
-from test_hf_trainer_bf16 import RecordHypergradients
+from test_hf_trainer_bf16 import run_low_precision
 
 from scalemlo.testing import allow_deepspeed_fp16_on_cpu
 
@@ -53,14 +53,7 @@ def gpu_like_autocast(monkeypatch):
 
 
 def run(tmp_path, fp16: bool, deepspeed: str | None, **kwargs):
-    t = trainer(tmp_path, deepspeed=deepspeed, fp16=fp16, reweighting="example", **kwargs)
-    with torch.no_grad():  # both runs from the same fp16-representable weights
-        for p in t.model.parameters():
-            p.copy_(p.half().float())
-    record = RecordHypergradients(t)
-    t.add_callback(record)
-    t.train()
-    return record.hypergradients, t
+    return run_low_precision(tmp_path, torch.float16, fp16, deepspeed, **kwargs)
 
 
 def cosines(low, high) -> list[float]:

@@ -161,8 +161,8 @@ class UniformTrainer(Trainer):
         losses, counts = per_example_causal_lm_loss(logits, inputs["labels"], inputs["attention_mask"])
         valid = counts > 0
         loss = losses[valid].sum() / valid.sum().clamp_min(1)
-        if self.is_deepspeed_enabled and loss.requires_grad:  # as ReweightingTrainer: DeepSpeed 0.19 leaves an
-            scale_fp16_zero0_loss(self.model_wrapped, loss)  # fp16 ZeRO-0 loss unscaled (a fair baseline)
+        # as ReweightingTrainer: DeepSpeed 0.19 leaves an fp16 ZeRO-0 loss unscaled (a fair baseline)
+        scale_fp16_zero0_loss(self.model_wrapped, loss)
         return (loss, None) if return_outputs else loss
 
 

@@ -266,8 +266,7 @@ class ReweightingTrainer(Trainer):
             weights = self.reweighter.weights(losses.detach(), inputs)
         valid = valid_examples(inputs, weights.device)
         loss = (valid_weights(weights, inputs, valid) * losses).mean()
-        if self.is_deepspeed_enabled and loss.requires_grad:
-            scale_fp16_zero0_loss(self.model_wrapped, loss)  # DeepSpeed 0.19 leaves an fp16 ZeRO-0 loss unscaled
+        scale_fp16_zero0_loss(self.model_wrapped, loss)  # DeepSpeed 0.19 leaves an fp16 ZeRO-0 loss unscaled
         self._track_weights(weights.detach()[valid], inputs.get("source"))
         if model.training:
             self.weight_table.update(inputs.get("id"), weights.detach(), inputs.get("source"))
