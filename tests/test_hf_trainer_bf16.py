@@ -3,9 +3,24 @@
 bf16 through DeepSpeed (``--bf16`` with the shipped ``configs/ds/trainer_zero{0,3}.json``, whose
 ``"bf16": {"enabled": "auto"}`` follows it) at ZeRO 0 and 3, and without DeepSpeed (``--bf16``: torch
 autocast). The meta steps' hypergradients must point where the float32 run's do (cosine >= 0.99 for
-every meta step), the float32 run starting from the same (bf16-representable) weights: the
-hypergradient is evaluated in float32 (scalemlo.precision), with autocast off. The shipped offload
-config must give the meta steps of ZeRO-3 without offload.
+every compared meta step, :func:`compared_meta_steps`), the float32 run starting from the same
+(bf16-representable) weights: the hypergradient is evaluated in float32 (scalemlo.precision), with autocast
+off. The shipped offload config must give the meta steps of ZeRO-3 without offload.
+
+What is compared, and why (measured on this file's program, AMD EPYC with AVX2 kernels against the same
+machine with ``ATEN_CPU_CAPABILITY=default`` or ``MKL_CBWR=COMPATIBLE MKL_ENABLE_INSTRUCTIONS=SSE4_2``, which
+reproduce the cosines an Intel Xeon gave to 4 digits):
+
+- The float32 run takes the shared forward's central difference, the one a low-precision run always takes
+  (``scalemlo.hypergrad.shared_forward.is_central``): the one-sided estimate is another estimator, whose
+  sama meta steps 1-2 move with the CPU's kernels (cosine 0.943 and 0.998 between the two kernel sets;
+  the central one 0.9994 and 1.0) and differ from the central one (0.92 at meta step 1).
+- sama is compared from its third meta step (:data:`SAMA_FIRST_COMPARED`). Its first two read Adam after
+  one and two steps, where w = -(du/dg) v is dominated by the entries whose gradient is rounding noise (the
+  key bias's is zero in exact arithmetic) and 1/(sqrt(s) + eps) amplifies it (README, sama in bf16): the
+  low-precision estimate there is as much a function of the kernels as of the model (fp16, the same program
+  under the two kernel sets: cosine 0.44 and 0.978 at meta steps 1-2, >= 0.9989 from the third). From the
+  third: bf16 >= 0.9974, fp16 >= 0.9993 against float32 under every pairing of the kernel sets.
 """
 
 from __future__ import annotations
@@ -33,6 +48,15 @@ class RecordHypergradients(TrainerCallback):
         coordinator.hypergradient = recorded
 
 
+SAMA_FIRST_COMPARED = 2
+"""Index of sama's first meta step compared with the float32 run (the module docstring says why)."""
+
+
+def compared_meta_steps(cosines: list[float], method: str) -> list[float]:
+    """The cosines of the meta steps whose low-precision estimate is above the kernels' rounding noise."""
+    return cosines[SAMA_FIRST_COMPARED:] if method == "sama" else cosines
+
+
 def ds_config(stage: int) -> str:
     """The shipped Trainer config: ``"bf16": {"enabled": "auto"}`` follows ``--bf16``."""
     return str(ROOT / "configs" / "ds" / f"trainer_zero{stage}.json")
@@ -40,8 +64,11 @@ def ds_config(stage: int) -> str:
 
 def run_low_precision(tmp_path, dtype: torch.dtype, low: bool, deepspeed: str | None, **kwargs):
     """Train with ``--bf16``/``--fp16`` (as ``dtype``) set to ``low``, from weights representable in ``dtype``
-    (so the low-precision run and the float32 one start equal); every meta step's hypergradient, the trainer."""
+    (so the low-precision run and the float32 one start equal); every meta step's hypergradient, the trainer.
+    The float32 run's shared forward takes the central difference a low-precision run must take."""
     flag = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    if not low:
+        kwargs.setdefault("shared_forward_difference", "central")
     t = trainer(tmp_path, deepspeed=deepspeed, reweighting="example", **{flag: low}, **kwargs)
     with torch.no_grad():
         for p in t.model.parameters():
@@ -68,9 +95,7 @@ def test_bf16_model_meta_steps_match_float32(tmp_path, stage, method):
         assert {p.dtype for p in t.model.parameters()} == {torch.bfloat16}
     high, _ = run(tmp_path / "fp32", False, deepspeed, hypergradient_method=method)
     assert len(low) == len(high) == 5
-    cosines = [float(F.cosine_similarity(a, b, dim=0)) for a, b in zip(low, high)]
-    if method == "sama":
-        cosines = cosines[1:]  # after Adam's first step sama's w is dominated by near-zero gradients (README)
+    cosines = compared_meta_steps([float(F.cosine_similarity(a, b, dim=0)) for a, b in zip(low, high)], method)
     assert min(cosines) >= 0.99, cosines
 
 
