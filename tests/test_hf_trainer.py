@@ -31,7 +31,8 @@ def fresh_trainer_state():
     reset_trainer_state()
 
 
-def trainer(tmp_path, deepspeed=None, batch=8, accumulation=1, max_steps=6, reweighting="source", **kwargs):
+def trainer(tmp_path, deepspeed=None, batch=8, accumulation=1, max_steps=6, reweighting="source", eval_dataset=None,
+            collator=collate, **kwargs):  # fmt: skip
     torch.manual_seed(0)
     model = GPT2LMHeadModel(
         GPT2Config(
@@ -57,8 +58,8 @@ def trainer(tmp_path, deepspeed=None, batch=8, accumulation=1, max_steps=6, rewe
     if reweighting == "example":
         extra = {"reweighter_kwargs": {"n_examples": 64}}
     train, meta = Dataset.from_list(rows(64, 16, 0)), Dataset.from_list(rows(16, 0, 1))
-    return ReweightingTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta, data_collator=collate,
-                              **extra)  # fmt: skip
+    return ReweightingTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta, data_collator=collator,
+                              eval_dataset=eval_dataset, **extra)  # fmt: skip
 
 
 def parameters(t: ReweightingTrainer) -> torch.Tensor:

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
 from scalemlo import checkpoint as scalemlo_checkpoint
 from scalemlo.backend import (
@@ -56,6 +56,7 @@ from scalemlo.config import EngineConfig, LevelConfig
 from scalemlo.distributed import ensure_distributed, is_main_process, world_size
 from scalemlo.engine import Engine
 from scalemlo.hf.arguments import ReweightingArguments
+from scalemlo.hf.evaluation import TokenMeanEvaluation, token_mean_loss
 from scalemlo.hf.exports import WeightTable, write_weights
 from scalemlo.hf.losses import counted_targets, per_example_causal_lm_loss
 from scalemlo.hf.reweighting import CollapseMonitor, Reweighter, build_reweighter, weight_stats
@@ -147,8 +148,12 @@ class _Schedule(TrainerCallback):
         self.trainer._maybe_meta_step()
 
 
-class ReweightingTrainer(Trainer):
+class ReweightingTrainer(TokenMeanEvaluation):
     """A ``transformers.Trainer`` that learns how to weight its training data (see the module docstring).
+
+    Evaluation (``evaluate()``, ``--eval_strategy``, ``load_best_model_at_end``, ``predict()``) reports the
+    unweighted token-mean loss and its perplexity, whatever the weighting
+    (:mod:`scalemlo.hf.evaluation`).
 
     Args:
         meta_dataset: the clean meta set (tokenized like the training set:
@@ -251,9 +256,14 @@ class ReweightingTrainer(Trainer):
         """The weighted loss; the weighting module is held fixed (its step comes from the hypergradient).
 
         With a shared forward and a meta step due, the meta step is taken here, between this
-        micro-batch's forward and the weights that multiply its losses."""
+        micro-batch's forward and the weights that multiply its losses. A model in eval mode gets the
+        unweighted token-mean loss (and its logits as the outputs), as evaluation reports it."""
+        if not model.training:
+            sums, counts, logits = token_mean_loss(model, inputs)
+            loss = (sums.sum() / counts.sum().clamp_min(1)).float()
+            return (loss, {"logits": logits}) if return_outputs else loss
         losses = None
-        if self._meta_due and model.training:
+        if self._meta_due:
             self._meta_due = False
             losses_of = lambda batch: per_example_losses(model, batch)[0]  # noqa: E731
             shared = SharedForward(self._model_level, inputs, losses_of=losses_of)
@@ -268,8 +278,7 @@ class ReweightingTrainer(Trainer):
         loss = (valid_weights(weights, inputs, valid) * losses).mean()
         scale_fp16_zero0_loss(self.model_wrapped, loss)  # DeepSpeed 0.19 leaves an fp16 ZeRO-0 loss unscaled
         self._track_weights(weights.detach()[valid], inputs.get("source"))
-        if model.training:
-            self.weight_table.update(inputs.get("id"), weights.detach(), inputs.get("source"))
+        self.weight_table.update(inputs.get("id"), weights.detach(), inputs.get("source"))
         return (loss, None) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
