@@ -166,6 +166,34 @@ def test_resume_from_checkpoint_is_exact_and_checkpoints_are_complete(tmp_path):
     assert torch.equal(parameters(resumed), reference)
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "unshared"])
+def test_a_sama_run_resumes_bit_for_bit(tmp_path, shared):
+    """Stopped after step 4 and resumed from checkpoint-4: the model and the weighting model end bit-identical
+    to the uninterrupted run. Shared, the meta step made due by step 4 is taken inside step 5 and reads step
+    4's gradients, which the checkpoint keeps beside it (sama_last_step.rank0.pt); separate, it was taken
+    before the checkpoint was written."""
+    kw = {"hypergradient_method": "sama", "shared_forward": shared, "save_strategy": "steps", "save_steps": 2}
+    uninterrupted = trainer(tmp_path / "uninterrupted", **kw)
+    uninterrupted.train()
+    reference = parameters(uninterrupted)
+    reset_trainer_state()
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 4
+
+    first = trainer(tmp_path / "run", **kw)
+    first.add_callback(Stop())
+    first.train()
+    checkpoint = tmp_path / "run" / "checkpoint-4"
+    assert (checkpoint / "sama_last_step.rank0.pt").is_file() == shared
+    reset_trainer_state()
+    resumed = trainer(tmp_path / "run", **kw)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed._meta_level.steps == uninterrupted._meta_level.steps
+    assert torch.equal(parameters(resumed), reference)
+
+
 @pytest.mark.parametrize("deepspeed", [None, "zero0"])
 def test_sama_keeps_the_steps_gradients_and_learns_to_trust_the_clean_source(tmp_path, deepspeed):
     """sama reads the gradient each AdamW step used; the Trainer's step (DeepSpeed's too) clears it,

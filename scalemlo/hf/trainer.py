@@ -47,13 +47,14 @@ from transformers import TrainerCallback
 from scalemlo import checkpoint as scalemlo_checkpoint
 from scalemlo.backend import (
     DeepSpeedBackend,
+    LastStep,
     TorchBackend,
     deepspeed_config_for,
     scale_fp16_zero0_loss,
     zero_stage_of,
 )
 from scalemlo.config import EngineConfig, LevelConfig
-from scalemlo.distributed import ensure_distributed, is_main_process, world_size
+from scalemlo.distributed import ensure_distributed, is_main_process, rank, world_size
 from scalemlo.engine import Engine
 from scalemlo.hf.arguments import ReweightingArguments
 from scalemlo.hf.evaluation import TokenMeanEvaluation, token_mean_loss
@@ -66,6 +67,7 @@ from scalemlo.level import FED, Level, frozen
 log = logging.getLogger(__name__)
 
 SCALEMLO_DIR = "scalemlo"  # inside checkpoint-STEP: the meta level, data positions, method state, RNGs
+SAMA_LAST_STEP = "sama_last_step.rank{rank}.pt"  # inside checkpoint-STEP: the model's last step, as sama reads it
 
 
 def reset_trainer_state() -> None:
@@ -330,6 +332,8 @@ class ReweightingTrainer(TokenMeanEvaluation):
             scalemlo_checkpoint.load(self.mlo, self._resume_dir / SCALEMLO_DIR, levels=["meta"])
             # a meta step made due by the checkpoint's step is taken in the step after it
             self._meta_due = self._shared and self._meta_step_due_after(self.state.global_step)
+            if self._meta_due and args.hypergradient_method == "sama":
+                self._load_sama_last_step(self._resume_dir)
 
     @staticmethod
     def _keep_step_gradients(backend) -> None:
@@ -363,6 +367,28 @@ class ReweightingTrainer(TokenMeanEvaluation):
             backend.last_step.grads = grads
 
         optimizer.register_step_pre_hook(keep)
+
+    def _save_sama_last_step(self, directory: Path) -> None:
+        """A meta step due but not yet taken (shared forward) reads the model's last step: sama its gradients,
+        which no checkpoint of the Trainer holds; saved beside it (each rank its own) so a resume takes the
+        same meta step."""
+        last = self._model_level.backend.last_step
+        if last is None or last.grads is None:
+            return
+        record = {"lrs": last.lrs, "fresh": last.fresh, "grads": [g.detach().cpu() for g in last.grads]}
+        torch.save(record, directory / SAMA_LAST_STEP.format(rank=rank()))
+
+    def _load_sama_last_step(self, checkpoint: Path) -> None:
+        path = checkpoint / SAMA_LAST_STEP.format(rank=rank())
+        if not path.is_file():
+            raise ValueError(
+                f"--resume_from_checkpoint {checkpoint}: a sama meta step is due at step {self.state.global_step} "
+                f"and reads the model's last step, whose record {path.name} the checkpoint lacks"
+            )
+        record = torch.load(path, map_location="cpu", weights_only=True)
+        backend = self._model_level.backend
+        grads = [g.to(backend.stepped_tensor(p).device) for g, p in zip(record["grads"], backend.params)]
+        backend.last_step = LastStep(lrs=record["lrs"], fresh=record["fresh"], grads=grads)
 
     def _meta_optimizer_factory(self):
         args = self.args
@@ -432,6 +458,8 @@ class ReweightingTrainer(TokenMeanEvaluation):
             del self._get_output_dir
         inner = staging / name
         scalemlo_checkpoint.save(self.mlo, inner / SCALEMLO_DIR, levels=["meta"], write_latest=False)
+        if self._meta_due and self.args.hypergradient_method == "sama":
+            self._save_sama_last_step(inner)
         self.export_weights(inner)
         if is_main_process():
             final = run_dir / name
