@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from scalemlo.config import SHARED_FORWARD_METHODS, LevelConfig
+from scalemlo.distributed import ensure_distributed
 
 META_OPTIMIZERS = ("adam", "adamw", "sgd")
 LONG_SEQUENCES = ("truncate", "refuse")
@@ -24,7 +25,12 @@ def _help(text: str) -> dict:
 
 @dataclass
 class ReweightingArguments(TrainingArguments):
-    """The Trainer's arguments and the meta level's (see ``--help``)."""
+    """The Trainer's arguments and the meta level's (see ``--help``).
+
+    With ``deepspeed`` set, building them starts the process group DeepSpeed needs
+    (:func:`scalemlo.distributed.ensure_distributed`: the launcher's, or a one-process group without one),
+    so a script runs alone, under ``deepspeed`` and under ``torchrun`` with no set-up call of its own.
+    """
 
     reweighting: str = field(
         default="meta_weight_net",
@@ -101,6 +107,12 @@ class ReweightingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if self.deepspeed:
+            # DeepSpeed needs a process group before TrainingArguments resolves the devices and reads the
+            # config: without a launcher accelerate would look for one through MPI (mpi4py), and under
+            # deepspeed/torchrun a ZeRO-3 config's batch sizes would be checked against one rank. The
+            # launcher's group, or a one-process gloo group without one (idempotent).
+            ensure_distributed()
         super().__post_init__()
         for name, value, allowed in (
             ("meta_optimizer", self.meta_optimizer, META_OPTIMIZERS),

@@ -6,7 +6,7 @@ a checkpoint every 2 steps (the last 2 kept). It prints ``step N`` after
 every optimizer step; with ``--resume`` it continues from the latest complete
 checkpoint in its output directory, if any. At the end every rank writes the
 model's and the weighting model's parameters (ZeRO-3: the full fp32 values)
-to ``<out>.rank<R>.pt``.
+to ``<out>.rank<R>.pt``. No set-up call: ``ReweightingArguments`` starts the process group DeepSpeed needs.
 
     python tests/resume/trainer_program.py --output_dir /tmp/t --out /tmp/o [--resume]
     deepspeed --num_gpus 2 tests/resume/trainer_program.py --stage 3 --output_dir /tmp/t --out /tmp/o
@@ -23,7 +23,7 @@ from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from scalemlo.distributed import add_launcher_arguments, ensure_distributed, rank
+from scalemlo.distributed import add_launcher_arguments, rank
 from scalemlo.hf import ReweightingArguments, ReweightingTrainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +50,6 @@ def main() -> None:
         from scalemlo.testing import allow_deepspeed_fp16_on_cpu
 
         allow_deepspeed_fp16_on_cpu()
-    ensure_distributed()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=T,
