@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "share_dot_positive_corrupted": float((dot[~clean] > 0).double().mean()),
                 })  # fmt: skip
 
-    trainer = rr.UniformTrainer(model=model, args=rr.baseline_arguments(args), train_dataset=tokenized,
+    trainer = rr.UniformTrainer(model=model, args=rr.baseline_arguments(args, "uniform"), train_dataset=tokenized,
                                 data_collator=collate, callbacks=[Measure()])  # fmt: skip
     trainer.train()
     kinds_sorted = ["all", *sorted(set(kinds) - {""})]

@@ -41,6 +41,7 @@ from scalemlo.distributed import ensure_distributed, is_main_process  # noqa: E4
 from scalemlo.hf import ReweightingArguments, ReweightingTrainer, reset_trainer_state  # noqa: E402
 from scalemlo.hf.losses import per_example_causal_lm_loss  # noqa: E402
 from scalemlo.hf.reweighting import source_index  # noqa: E402
+from scalemlo.hf.scorer import dataset_weights  # noqa: E402
 
 log = logging.getLogger("llm_reweighting")
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".text": "text"}
@@ -70,10 +71,40 @@ class DataArguments:
     )
 
 
+BASELINES = ("uniform", "uniform_plus_meta", "clean_only")
+VISIBLE_KINDS = ("char_noise", "other_script", "near_duplicate")  # weight_auc_visible: the kinds the acceptance names
+
+
 @dataclass
 class RunArguments:
-    baseline: bool = field(default=True, metadata={"help": "Also train uniform weighting with the same budget"})
+    baselines: str = field(
+        default="all",
+        metadata={
+            "help": f"Baselines trained with the same budget, initialisation and data order: 'all', 'none' or a "
+            f"comma-separated subset of {', '.join(BASELINES)} (clean_only needs --corrupted_column)"
+        },
+    )
+    train_on_meta: bool = field(
+        default=False, metadata={"help": "The learned run also trains on the meta set (as uniform_plus_meta does)"}
+    )
+    scorer_features: str = field(
+        default="ngrams", metadata={"help": "--reweighting scorer: comma-separated features (ngrams, loss)"}
+    )
+    scorer_buckets: int = field(default=1024, metadata={"help": "--reweighting scorer: hash buckets per n-gram order"})
+    scorer_hidden_size: int = field(
+        default=0, metadata={"help": "--reweighting scorer: hidden units of the scorer (0: linear)"}
+    )
     corpus_seed: int = field(default=0, metadata={"help": "Default run: seed of the built corpus"})
+
+    def baseline_names(self) -> list[str]:
+        choice = self.baselines.strip().lower()
+        if choice in ("all", "true", "none", "false"):  # true/false: the earlier boolean --baseline flag
+            return list(BASELINES) if choice in ("all", "true") else []
+        names = [n.strip() for n in self.baselines.split(",") if n.strip()]
+        unknown = sorted(set(names) - set(BASELINES))
+        if unknown:
+            raise ValueError(f"--baselines: unknown {unknown}; use 'all', 'none' or names from {list(BASELINES)}")
+        return names
 
 
 def default_flags() -> dict:
@@ -188,22 +219,6 @@ def heldout_loss(model, dataset, collate) -> float:
     return total / max(tokens, 1)
 
 
-@torch.no_grad()
-def final_weights(trainer: ReweightingTrainer, dataset, collate) -> torch.Tensor:
-    """The weight the final weighting model gives every training example (normalised over the whole set)."""
-    model, reweighter = trainer.model, trainer.reweighter
-    model.eval()
-    raw = []
-    for start in range(0, len(dataset), 32):
-        batch = collate([dataset[i] for i in range(start, min(start + 32, len(dataset)))])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        losses, _ = per_example_causal_lm_loss(logits, batch["labels"], batch["attention_mask"])
-        reweighter.weights(losses, batch)
-        raw.append(reweighter.last_raw.detach().double())
-    raw = torch.cat(raw)
-    return raw / raw.mean()
-
-
 # ---- the run --------------------------------------------------------------------------------------------
 def parse(argv: list[str]):
     parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, ReweightingArguments))
@@ -274,32 +289,55 @@ def main(argv: list[str] | None = None) -> dict:
         unknown = set(list(meta[data.source_column])) - set(list(train[data.source_column]))
         if unknown:
             raise ValueError(f"the meta set has sources the training set has not: {sorted(unknown)}")
+    baselines = run.baseline_names()
+    labelled = data.corrupted_column in train.column_names
+    if "clean_only" in baselines and not labelled:
+        if run.baselines != "all":
+            raise ValueError(f"--baselines clean_only needs ground truth: a {data.corrupted_column!r} column")
+        baselines.remove("clean_only")
     sources = source_index(list(train[data.source_column])) if per_source else None
     names = sorted(sources, key=sources.get) if sources else None
-    example_names = [str(x) for x in list(train[data.id_column])] if data.id_column in train.column_names else None
-    tokenized = {k: tokenize(ds, tokenizer, data, args, sources if k == "train" else None)
-                 for k, ds in {"train": train, "meta": meta, "validation": validation, "heldout": heldout}.items()
-                 if ds is not None}  # fmt: skip
-    reweighter_kwargs = {"source": {"sources": names}, "example": {"n_examples": len(train)}}.get(args.reweighting, {})
-    if args.reweighting == "meta_weight_net":
-        reweighter_kwargs = {"hidden_size": args.reweighting_hidden_size}
+    # the training sets of the runs: the learned run's (with the meta set under --train_on_meta) and the baselines'
+    train_sets = {"train": train, "uniform": train, "uniform_plus_meta": with_meta(train, meta, data)}
+    if run.train_on_meta:
+        train_sets["train"] = train_sets["uniform"] = train_sets["uniform_plus_meta"]
+    if labelled:
+        train_sets["clean_only"] = train_sets["train"].filter(lambda row: not row[data.corrupted_column])
+    learned_train = train_sets["train"]
+    example_names = (
+        [str(x) for x in list(learned_train[data.id_column])] if data.id_column in learned_train.column_names else None
+    )
+    tokenized = {k: tokenize(ds, tokenizer, data, args, sources if k in train_sets else None)
+                 for k, ds in {**train_sets, "meta": meta, "validation": validation, "heldout": heldout}.items()
+                 if ds is not None and (k == "train" or k not in train_sets or k in baselines)}  # fmt: skip
+    reweighter_kwargs = {
+        "source": {"sources": names},
+        "example": {"n_examples": len(learned_train)},
+        "meta_weight_net": {"hidden_size": args.reweighting_hidden_size},
+        "scorer": {
+            "features": [f.strip() for f in run.scorer_features.split(",") if f.strip()],
+            "buckets": run.scorer_buckets,
+            "hidden_size": run.scorer_hidden_size,
+        },
+    }.get(args.reweighting, {})
 
-    # Both models now, under the same settings (with a ZeRO-3 config both are built under zero.Init): the
-    # same seed gives the same initialisation. Built after the first Trainer, the learned run's model
-    # would start from another draw (reset_trainer_state turns zero.Init off).
+    # Every model now, under the same settings (with a ZeRO-3 config all are built under zero.Init): the
+    # same seed gives the same initialisation. Built after the first Trainer, a later run's model would
+    # start from another draw (reset_trainer_state turns zero.Init off).
     learned_model = build_model(model_args, tokenizer)
-    results: dict = {}
-    if run.baseline:
-        model = build_model(model_args, tokenizer)
-        baseline_args = baseline_arguments(args)
-        uniform = UniformTrainer(model=model, args=baseline_args, train_dataset=tokenized["train"],
+    baseline_models = {name: build_model(model_args, tokenizer) for name in baselines}
+    results: dict = {"train_on_meta": run.train_on_meta}
+    for name, model in baseline_models.items():
+        uniform = UniformTrainer(model=model, args=baseline_arguments(args, name), train_dataset=tokenized[name],
                                  eval_dataset=tokenized.get("validation"), data_collator=collate)  # fmt: skip
         t0 = time.perf_counter()
         uniform.train()
-        results["seconds_uniform"] = time.perf_counter() - t0
+        results[f"seconds_{name}"] = time.perf_counter() - t0
         if "heldout" in tokenized:
-            results["heldout_loss_uniform"] = heldout_loss(uniform.model, tokenized["heldout"], collate)
+            results[f"heldout_loss_{name}"] = heldout_loss(uniform.model, tokenized["heldout"], collate)
         reset_trainer_state()  # a second Trainer in this process
+        del uniform, model
+    baseline_models.clear()
     trainer = ReweightingTrainer(
         model=learned_model, args=args, train_dataset=tokenized["train"], eval_dataset=tokenized.get("validation"),
         meta_dataset=tokenized["meta"], data_collator=collate, reweighter_kwargs=reweighter_kwargs,
@@ -311,34 +349,64 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.export_weights()
     if "heldout" in tokenized:
         results["heldout_loss_learned"] = heldout_loss(trainer.model, tokenized["heldout"], collate)
-    weights = final_weights(trainer, tokenized["train"], collate)
-    report = make_report(results, weights, train, data, names, trainer, start)
+    weights = dataset_weights(trainer.reweighter, trainer.model, tokenized["train"], collate)
+    report = make_report(results, weights, learned_train, data, names, trainer, start)
     if is_main_process():
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.output_dir) / "report.json").write_text(json.dumps(report, indent=1))
-        plot(report, trainer, weights, train, data, Path(args.output_dir) / "weights.png")
+        plot(report, trainer, weights, learned_train, data, Path(args.output_dir) / "weights.png")
         print_report(report)
     return report
 
 
-def baseline_arguments(args: ReweightingArguments) -> ReweightingArguments:
+def with_meta(train, meta, data: DataArguments):
+    """The training set with the meta set appended: meta rows are clean, their ids prefixed ``meta/``, columns
+    the meta set lacks filled (``corrupted`` False, ``corruption`` "", others None)."""
+    from datasets import Dataset
+
+    fill = {data.corrupted_column: False, data.corruption_column: ""}
+    rows = {}
+    for column in train.column_names:
+        if column == data.id_column:
+            extra = [f"meta/{x}" for x in (meta[column] if column in meta.column_names else range(len(meta)))]
+        elif column in meta.column_names:
+            extra = list(meta[column])
+        else:
+            extra = [fill.get(column)] * len(meta)
+        rows[column] = list(train[column]) + extra
+    return Dataset.from_dict(rows)
+
+
+def baseline_arguments(args: ReweightingArguments, name: str) -> ReweightingArguments:
     """The same arguments (budget, DeepSpeed config, seed), their own output directory."""
     import dataclasses
 
-    return dataclasses.replace(args, output_dir=str(Path(args.output_dir) / "uniform"))
+    return dataclasses.replace(args, output_dir=str(Path(args.output_dir) / name))
 
 
 def make_report(results, weights, train, data: DataArguments, names, trainer, start) -> dict:
     report = {"steps": trainer.state.global_step, "seconds": time.perf_counter() - start, **results}
-    for key in ("heldout_loss_uniform", "heldout_loss_learned"):
-        if key in report:
-            report[key.replace("loss", "perplexity")] = math.exp(report[key])
+    for key in [k for k in report if k.startswith("heldout_loss_")]:
+        report[key.replace("loss", "perplexity")] = math.exp(report[key])
+    if {"heldout_loss_uniform", "heldout_loss_clean_only", "heldout_loss_learned"} <= set(report):
+        headroom = report["heldout_loss_uniform"] - report["heldout_loss_clean_only"]
+        gained = report["heldout_loss_uniform"] - report["heldout_loss_learned"]
+        # the share of what removing the corrupted documents is worth that the learned weights recover
+        report["oracle_gap_recovered"] = gained / headroom if headroom > 0 else float("nan")
     if data.corrupted_column in train.column_names:
         from sklearn.metrics import roc_auc_score
 
         corrupted = torch.tensor([bool(x) for x in list(train[data.corrupted_column])])
         if corrupted.any() and not corrupted.all():
             report["weight_auc"] = float(roc_auc_score((~corrupted).numpy(), weights.numpy()))
+            if data.corruption_column in train.column_names:
+                # the kinds a model can tell from clean text at this budget (shuffled words: not, see README)
+                kinds = list(train[data.corruption_column])
+                visible = torch.tensor([not bad or k in VISIBLE_KINDS for k, bad in zip(kinds, corrupted.tolist())])
+                if bool((corrupted & visible).any()):
+                    report["weight_auc_visible"] = float(
+                        roc_auc_score((~corrupted[visible]).numpy(), weights[visible].numpy())
+                    )
             report["mean_weight_clean"] = float(weights[~corrupted].mean())
             report["mean_weight_corrupted"] = float(weights[corrupted].mean())
             if data.corruption_column in train.column_names:
@@ -388,12 +456,12 @@ def cpu_model() -> str:
 
 
 def print_report(report: dict) -> None:
-    lines = [f"{k:>24}: {v:.4f}" if isinstance(v, float) else f"{k:>24}: {v}" for k, v in report.items()
+    lines = [f"{k:>32}: {v:.4f}" if isinstance(v, float) else f"{k:>32}: {v}" for k, v in report.items()
              if not isinstance(v, dict)]  # fmt: skip
     for kind, auc in report.get("weight_auc_by_corruption", {}).items():
-        lines.append(f"{'weight auc, ' + kind:>24}: {auc:.3f}")
+        lines.append(f"{'weight auc, ' + kind:>32}: {auc:.3f}")
     for name, w in report.get("source_weights", {}).items():
-        lines.append(f"{'weight of ' + name:>24}: {w:.3f}")
+        lines.append(f"{'weight of ' + name:>32}: {w:.3f}")
     print("\n".join(lines))
 
 
@@ -403,7 +471,17 @@ def plot(report, trainer, weights, train, data: DataArguments, path: Path) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (over_time, histogram) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (losses, over_time, histogram) = plt.subplots(1, 3, figsize=(15, 4))
+    runs = [k[len("heldout_loss_") :] for k in report if k.startswith("heldout_loss_")]
+    values = [report[f"heldout_loss_{name}"] for name in runs]
+    bars = losses.bar(range(len(runs)), values, color=["C3" if name == "learned" else "C0" for name in runs])
+    losses.bar_label(bars, fmt="%.3f", fontsize=7)
+    losses.set_xticks(range(len(runs)), [name.replace("_", "\n") for name in runs], fontsize=7)
+    if values:
+        spread = max(values) - min(values)
+        losses.set_ylim(min(values) - max(spread, 0.01), max(values) + 0.5 * max(spread, 0.01))
+    gap = report.get("oracle_gap_recovered")
+    losses.set(title="held-out loss" + (f" (gap recovered {gap:.2f})" if gap is not None else ""))
     history = [h for h in trainer.state.log_history if any(k.startswith("weight/source/") for k in h)]
     for key in sorted({k for h in history for k in h if k.startswith("weight/source/")}):
         over_time.plot([h["step"] for h in history], [h.get(key, float("nan")) for h in history], label=key[14:])

@@ -12,6 +12,7 @@ from scalemlo.hf.reweighting import (
     source_index,
     weight_stats,
 )
+from scalemlo.hf.scorer import ExampleScorer, ngram_features
 
 _LAZY = {  # these import transformers: loaded on first use
     "ReweightingArguments": "scalemlo.hf.arguments",
@@ -35,11 +36,13 @@ __all__ = [
     *_LAZY,
     "REWEIGHTERS",
     "CollapseMonitor",
+    "ExampleScorer",
     "ExampleWeights",
     "MetaWeightNet",
     "Reweighter",
     "SourceWeights",
     "build_reweighter",
+    "ngram_features",
     "per_example_causal_lm_loss",
     "source_index",
     "weight_stats",

@@ -92,11 +92,21 @@ def write_weights(
             writer.writerow([name, f"{w:.8g}"])
 
 
-def add_weight_column(dataset, table: WeightTable, column: str = "scalemlo_weight"):
-    """``dataset`` (a ``datasets.Dataset`` in training row order) with the learned weight of each row.
+def add_weight_column(dataset, weights, column: str = "scalemlo_weight"):
+    """``dataset`` (a ``datasets.Dataset``) with one weight per row in a new column.
 
-    Rows the run never saw get NaN. Filter with e.g.
-    ``dataset.filter(lambda row: row["scalemlo_weight"] >= 0.5)``.
+    Args:
+        dataset: the rows, in the order the weights are given.
+        weights: a float sequence or tensor [len(dataset)] (e.g. ``ReweightingTrainer.score(dataset)``), or a
+            :class:`WeightTable` of the training run (rows in training order; rows it never saw get NaN).
+        column: the new column's name.
+
+    Filter with e.g. ``dataset.filter(lambda row: row["scalemlo_weight"] >= 0.5)``.
     """
-    values = [table.weights.get(i, float("nan")) for i in range(len(dataset))]
+    if isinstance(weights, WeightTable):
+        values = [weights.weights.get(i, float("nan")) for i in range(len(dataset))]
+    else:
+        values = [float(w) for w in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
+    if len(values) != len(dataset):
+        raise ValueError(f"{len(values)} weights for a dataset of {len(dataset)} rows: give one weight per row.")
     return dataset.add_column(column, values)

@@ -490,6 +490,22 @@ class ReweightingTrainer(TokenMeanEvaluation):
             write_weights(table, directory or self.args.output_dir, learned)
         return table
 
+    def score(self, dataset, batch_size: int | None = None) -> torch.Tensor:
+        """The weight the current weighting model gives every row of ``dataset``: float32 [N], mean 1 over it.
+
+        Works for any tokenized dataset with the columns the scheme reads (``input_ids`` for the scorer,
+        ``id`` / ``source`` for the tables), including data the run never trained on (the scorer); add the
+        result as a column with :func:`scalemlo.hf.exports.add_weight_column` to filter on it.
+
+        Args:
+            dataset: rows the Trainer's data collator takes (``input_ids``, ``attention_mask``, ``labels``, ...).
+            batch_size: rows per forward (default ``per_device_eval_batch_size``).
+        """
+        from scalemlo.hf.scorer import dataset_weights
+
+        return dataset_weights(self.reweighter, self.model, dataset, self.data_collator,
+                               batch_size or self.args.per_device_eval_batch_size)  # fmt: skip
+
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """``Trainer.train``; ``resume_from_checkpoint`` (a path, or True for the latest in output_dir) must be
         a complete checkpoint of this trainer, checked before anything is loaded."""

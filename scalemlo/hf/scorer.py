@@ -1,0 +1,198 @@
+"""A learned scorer of examples: weights from features of the example itself, for data never seen.
+
+``ExampleScorer`` (reweighting scheme ``"scorer"``) gives example i the weight
+
+    wᵢ = sigmoid(zᵢ − median_batch(z)) / mean_batch(sigmoid(z − median(z))),   zᵢ = s_φ(xᵢ)
+
+where s_φ is a small network over features computed from the example's tokens
+(and optionally its held loss). Unlike a per-example table, the scorer
+
+- weights an example on its first visit, and one it never trained on: what it
+  learns about one corrupted document carries to every document that looks
+  alike;
+- can score any tokenized dataset after training (:meth:`ExampleScorer.score`,
+  ``ReweightingTrainer.score``), to filter a corpus it never saw.
+
+Features (``features``, any of):
+
+- ``"ngrams"``: hashed bags of token unigrams and bigrams (``buckets`` each),
+  the square roots of their frequencies over the example's attended tokens.
+  A function of the token ids only: constant under every perturbation of the
+  language model, so exact in every hypergradient method, at every ZeRO stage
+  and on any rank count, and computable without the model.
+- ``"loss"``: the example's held loss, standardised within the batch (its
+  level drifts as the model trains; its rank within a batch does not).
+
+The centring at the batch median keeps half of every batch at or below 1/2 and
+half at or above, so the sigmoids cannot all saturate (where the
+hypergradient vanishes) and no example gets more than 4x the batch's average
+weight; the output layer starts at zero, so
+every example starts at weight 1 and the hypergradient sets the direction (as
+:class:`scalemlo.hf.reweighting.MetaWeightNet`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from scalemlo.hf.reweighting import REWEIGHTERS, Reweighter
+
+FEATURES = ("ngrams", "loss")
+_MULTIPLIER = 2654435761  # Knuth's multiplicative hash: spreads consecutive token ids over the buckets
+_BIGRAM_STRIDE = 1_000_003  # a prime above any vocabulary size: (a, b) -> a * stride + b is one-to-one
+
+
+def ngram_features(input_ids: Tensor, attention_mask: Tensor | None, buckets: int) -> Tensor:
+    """Hashed unigram and bigram bags of a tokenized batch: float32 [B, 2 * buckets].
+
+    Args:
+        input_ids: int64 [B, T] token ids.
+        attention_mask: [B, T] 1 on real tokens, 0 on padding (None: all real).
+        buckets: hash buckets per n-gram order.
+
+    Returns:
+        sqrt of each bucket's share of the example's unigrams (first ``buckets`` columns) and
+        bigrams (the rest); an example with no bigram has zeros there.
+    """
+    ids = input_ids.long()
+    mask = torch.ones_like(ids, dtype=torch.float32) if attention_mask is None else attention_mask.float()
+    rows = ids.shape[0]
+    unigrams = (ids * _MULTIPLIER) % buckets
+    pairs = mask[:, :-1] * mask[:, 1:]
+    bigrams = ((ids[:, :-1] * _BIGRAM_STRIDE + ids[:, 1:]) * _MULTIPLIER) % buckets + buckets
+    counts = torch.zeros(rows, 2 * buckets, dtype=torch.float32, device=ids.device)
+    counts.scatter_add_(1, unigrams, mask)
+    counts.scatter_add_(1, bigrams, pairs)
+    counts[:, :buckets] /= mask.sum(1, keepdim=True).clamp_min(1)
+    counts[:, buckets:] /= pairs.sum(1, keepdim=True).clamp_min(1)
+    return counts.sqrt()
+
+
+class ExampleScorer(Reweighter):
+    """A network over each example's features, centred and normalised to batch mean 1 (see the module docstring).
+
+    Args:
+        features: which features the scorer reads: ``"ngrams"`` and/or ``"loss"``.
+        buckets: hash buckets per n-gram order (``"ngrams"``).
+        hidden_size: width of the hidden layer; 0 for a linear scorer.
+        ids_column: the batch column of token ids (``"ngrams"``).
+        mask_column: the batch column of the attention mask (absent: every token counts).
+        eps: floor of the normalising mean.
+    """
+
+    def __init__(
+        self,
+        features: Sequence[str] = ("ngrams",),
+        buckets: int = 1024,
+        hidden_size: int = 0,
+        ids_column: str = "input_ids",
+        mask_column: str = "attention_mask",
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__(eps)
+        features = (features,) if isinstance(features, str) else tuple(features)
+        unknown = sorted(set(features) - set(FEATURES))
+        if not features or unknown or len(set(features)) != len(features):
+            raise ValueError(f"features must be distinct names from {list(FEATURES)}; got {list(features)}.")
+        for name, value, least in (("buckets", buckets, 1), ("hidden_size", hidden_size, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}; got {value!r}.")
+        self.features = features
+        self.buckets = buckets
+        self.ids_column = ids_column
+        self.mask_column = mask_column
+        self.requires = (ids_column,) if "ngrams" in features else ()
+        width = (2 * buckets if "ngrams" in features else 0) + ("loss" in features)
+        out = nn.Linear(hidden_size or width, 1, bias=False)  # the bias is invisible after centring
+        nn.init.zeros_(out.weight)  # every example starts at weight 1
+        self.net = out if not hidden_size else nn.Sequential(nn.Linear(width, hidden_size), nn.ReLU(), out)
+
+    def feature_vectors(self, losses: Tensor | None, batch: Mapping[str, Any]) -> Tensor:
+        """[B, width] inputs of the network (parameter dtype and device), constants of the step."""
+        parameter = next(self.parameters())
+        parts = []
+        if "ngrams" in self.features:
+            ids = torch.as_tensor(batch[self.ids_column]).to(parameter.device)
+            mask = batch.get(self.mask_column)
+            mask = None if mask is None else torch.as_tensor(mask).to(parameter.device)
+            parts.append(ngram_features(ids, mask, self.buckets))
+        if "loss" in self.features:
+            if losses is None:
+                raise ValueError("this scorer reads the loss ('loss' in features): pass the per-example losses.")
+            value = losses.detach().float().to(parameter.device)
+            spread = value.std() if value.numel() > 1 else value.new_tensor(0.0)
+            parts.append(((value - value.mean()) / spread.clamp_min(1e-6))[:, None])
+        return torch.cat(parts, dim=1).to(parameter.dtype)
+
+    def scores(self, losses: Tensor | None, batch: Mapping[str, Any]) -> Tensor:
+        """[B] uncentred scores zᵢ = s_φ(xᵢ); higher is more trusted."""
+        return self.net(self.feature_vectors(losses, batch)).squeeze(-1)
+
+    def raw_weights(self, losses: Tensor, batch: Mapping[str, Any]) -> Tensor:
+        z = self.scores(losses, batch)
+        return torch.sigmoid(z - z.median())
+
+    def weights_of_scores(self, scores: Tensor) -> Tensor:
+        """float32 weights [N] of a whole set's scores: centred at the set's median, mean 1 over the set."""
+        raw = torch.sigmoid(scores.float() - scores.float().median())
+        return raw / raw.mean().clamp_min(self.eps)
+
+    def describe(self) -> dict[str, float]:
+        weight = (self.net if isinstance(self.net, nn.Linear) else self.net[-1]).weight.detach()
+        return {"scorer/output_weight_norm": float(weight.norm())}
+
+
+REWEIGHTERS["scorer"] = ExampleScorer
+
+
+@torch.no_grad()
+def dataset_weights(
+    reweighter: Reweighter, model: nn.Module | None, dataset: Sequence[Mapping[str, Any]], collate, batch_size: int = 32
+) -> Tensor:
+    """The weight ``reweighter`` gives every row of a tokenized ``dataset``: float32 [N], mean 1 over the set.
+
+    One scale for every scheme: a scorer's scores are centred at the set's median (not each batch's);
+    other schemes' unnormalised weights (``Reweighter.last_raw``) are divided by their mean over the set.
+    ``model`` computes the per-example losses a scheme reads (None: a scheme that reads none).
+
+    Args:
+        reweighter: the learned weighting.
+        model: the causal LM (its per-example losses are the schemes' loss input), or None.
+        dataset: rows with ``input_ids`` (and the columns the scheme reads), as the collator takes them.
+        collate: the data collator that pads rows into a batch.
+        batch_size: rows per forward.
+    """
+    from scalemlo.hf.losses import per_example_causal_lm_loss
+
+    needs_loss = not isinstance(reweighter, ExampleScorer) or "loss" in reweighter.features
+    if needs_loss and model is None:
+        raise ValueError(f"{type(reweighter).__name__} reads the per-example losses: pass the model.")
+    was_training = model.training if model is not None else False
+    if model is not None:
+        model.eval()
+    parts = []
+    try:
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            losses = None
+            if needs_loss:
+                device = next(model.parameters()).device
+                inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
+                losses = per_example_causal_lm_loss(logits, inputs["labels"], inputs.get("attention_mask"))[0]
+            if isinstance(reweighter, ExampleScorer):
+                parts.append(reweighter.scores(losses, batch).float().cpu())
+            else:
+                reweighter.weights(losses if losses is not None else torch.zeros(len(batch["input_ids"])), batch)
+                parts.append(reweighter.last_raw.float().cpu())
+    finally:
+        if model is not None and was_training:
+            model.train()
+    values = torch.cat(parts)
+    if isinstance(reweighter, ExampleScorer):
+        return reweighter.weights_of_scores(values)
+    return values / values.mean().clamp_min(reweighter.eps)
