@@ -201,7 +201,7 @@ def test_a_user_reweighter_and_base_class_checks():
 
 
 def test_registry_and_factory():
-    assert set(REWEIGHTERS) == {"meta_weight_net", "source", "example"}
+    assert set(REWEIGHTERS) == {"meta_weight_net", "source", "example", "scorer"}
     assert isinstance(build_reweighter("meta_weight_net"), MetaWeightNet)
     assert build_reweighter("meta_weight_net").net[0].out_features == 100  # Meta-Weight-Net's default
     assert build_reweighter("source", sources=["a", "b"]).names == ["a", "b"]

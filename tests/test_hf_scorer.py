@@ -117,3 +117,70 @@ def test_a_trained_scorer_weights_examples_it_never_saw(tmp_path, fresh_trainer_
     assert float(weights.mean()) == pytest.approx(1.0, abs=1e-5)
     assert auc(weights[~noisy], weights[noisy]) > 0.95
     assert math.isfinite(float(weights.sum()))
+
+
+def test_a_drawn_batch_trains_with_weight_one_and_the_sampling_gradient():
+    """With the batch drawn ∝ raw, weights are 1 and ∂/∂φ mean(cᵢ wᵢ) = mean(cᵢ (∂log rawᵢ − mean ∂log raw))."""
+    torch.manual_seed(0)
+    scorer = ExampleScorer(buckets=8, hidden_size=4)
+    torch.nn.init.normal_(scorer.net[-1].weight)
+    scorer.sampled = True
+    batch = {"input_ids": torch.randint(0, 100, (6, 5)), "attention_mask": torch.ones(6, 5)}
+    slopes = torch.randn(6)
+    weights = scorer.weights(torch.rand(6), batch)
+    assert torch.equal(weights.detach(), torch.ones(6))
+    params = list(scorer.parameters())
+    got = torch.autograd.grad((slopes * weights).mean(), params)
+    log_raw = torch.log(scorer.raw_weights(None, batch))
+    expected = torch.autograd.grad((slopes * (log_raw - log_raw.mean())).mean(), params)
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def toy_trainer(tmp_path, **kwargs):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=T, resid_pdrop=0.0, embd_pdrop=0.0,
+                   attn_pdrop=0.0)  # fmt: skip
+    )
+    settings = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=40, learning_rate=5e-3, report_to=[],
+        use_cpu=True, seed=0, meta_learning_rate=0.05, per_device_meta_batch_size=16, reweighting="scorer",
+        hypergradient_method="sama", shared_forward=False, save_strategy="no", disable_tqdm=True, meta_warmup_steps=5,
+    )  # fmt: skip
+    settings.update(kwargs)
+    train, meta = Dataset.from_list(rows(128, True, 0)), Dataset.from_list(rows(32, False, 1))
+    reweighter_kwargs = {"buckets": 64} if settings["reweighting"] == "scorer" else {}
+    return ReweightingTrainer(model=model, args=ReweightingArguments(**settings), train_dataset=train,
+                              meta_dataset=meta, data_collator=collate, reweighter_kwargs=reweighter_kwargs)  # fmt: skip
+
+
+def test_a_selection_pool_trains_batches_drawn_away_from_the_noise(tmp_path, fresh_trainer_state):
+    t = toy_trainer(tmp_path, selection_pool=4)
+    trained = []
+    t.model.register_forward_pre_hook(
+        lambda module, args, kwargs: trained.append(kwargs["input_ids"].shape[0]) if module.training else None,
+        with_kwargs=True,
+    )
+    seen_noisy = []
+    original = t._select
+
+    def spy(candidates):
+        batch = original(candidates)
+        seen_noisy.append(float(batch["source"].float().mean()))
+        return batch
+
+    t._select = spy
+    t.train()
+    assert set(trained) == {16}  # every trained micro-batch has per_device_train_batch_size rows
+    assert sum(seen_noisy[:5]) / 5 > 0.15  # a quarter noisy while the scorer is still uniform
+    assert sum(seen_noisy[-10:]) / 10 < 0.05  # drawn away from the noise once it has learned
+    unseen = rows(64, True, 7)
+    weights = t.score(Dataset.from_list(unseen))
+    noisy = torch.tensor([row["source"] == 1 for row in unseen])
+    assert auc(weights[~noisy], weights[noisy]) > 0.95
+
+
+def test_a_selection_pool_needs_weights_without_the_forward(tmp_path, fresh_trainer_state):
+    with pytest.raises(ValueError, match="weighs examples by their losses"):
+        toy_trainer(tmp_path, selection_pool=4, reweighting="meta_weight_net")

@@ -298,9 +298,10 @@ def main(argv: list[str] | None = None) -> dict:
     sources = source_index(list(train[data.source_column])) if per_source else None
     names = sorted(sources, key=sources.get) if sources else None
     # the training sets of the runs: the learned run's (with the meta set under --train_on_meta) and the baselines'
+    # (with --train_on_meta the learned run's data are uniform_plus_meta's, and clean_only keeps the meta set)
     train_sets = {"train": train, "uniform": train, "uniform_plus_meta": with_meta(train, meta, data)}
     if run.train_on_meta:
-        train_sets["train"] = train_sets["uniform"] = train_sets["uniform_plus_meta"]
+        train_sets["train"] = train_sets["uniform_plus_meta"]
     if labelled:
         train_sets["clean_only"] = train_sets["train"].filter(lambda row: not row[data.corrupted_column])
     learned_train = train_sets["train"]
@@ -388,10 +389,12 @@ def make_report(results, weights, train, data: DataArguments, names, trainer, st
     report = {"steps": trainer.state.global_step, "seconds": time.perf_counter() - start, **results}
     for key in [k for k in report if k.startswith("heldout_loss_")]:
         report[key.replace("loss", "perplexity")] = math.exp(report[key])
-    if {"heldout_loss_uniform", "heldout_loss_clean_only", "heldout_loss_learned"} <= set(report):
-        headroom = report["heldout_loss_uniform"] - report["heldout_loss_clean_only"]
-        gained = report["heldout_loss_uniform"] - report["heldout_loss_learned"]
-        # the share of what removing the corrupted documents is worth that the learned weights recover
+    # the share of what removing the corrupted documents is worth that the learned weights recover, against
+    # the uniform run on the learned run's own data (the training set, with the meta set under --train_on_meta)
+    base = "heldout_loss_uniform_plus_meta" if report["train_on_meta"] else "heldout_loss_uniform"
+    if {base, "heldout_loss_clean_only", "heldout_loss_learned"} <= set(report):
+        headroom = report[base] - report["heldout_loss_clean_only"]
+        gained = report[base] - report["heldout_loss_learned"]
         report["oracle_gap_recovered"] = gained / headroom if headroom > 0 else float("nan")
     if data.corrupted_column in train.column_names:
         from sklearn.metrics import roc_auc_score

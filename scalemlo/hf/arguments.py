@@ -99,6 +99,15 @@ class ReweightingArguments(TrainingArguments):
         default="truncate",
         metadata=_help("Texts longer than the model's context: truncate (with a warning) or refuse"),
     )
+    selection_pool: int = field(
+        default=1,
+        metadata=_help(
+            "Candidates per trained example: each micro-batch is drawn from selection_pool x "
+            "per_device_train_batch_size candidates with probabilities proportional to the learned weights, and "
+            "trains with weight 1 (1: every example of the batch trains, weighted). Needs a scheme that weighs an "
+            "example without the model's forward (scorer on ngrams, example, source)"
+        ),
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata=_help("Start over in an output_dir that holds another run's checkpoints")
     )
@@ -123,6 +132,8 @@ class ReweightingArguments(TrainingArguments):
         for name in ("per_device_meta_batch_size", "meta_gradient_accumulation_steps", "unroll_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.selection_pool < 1:
+            raise ValueError(f"--selection_pool must be >= 1, got {self.selection_pool}")
         if self.meta_warmup_steps < 0:
             raise ValueError(f"--meta_warmup_steps must be >= 0, got {self.meta_warmup_steps}")
         self.meta_level_config()  # bad method names, radii, ... fail now, before any model is built

@@ -57,6 +57,10 @@ class Reweighter(nn.Module):
 
     requires: tuple[str, ...] = ()
     """Batch columns `weights` reads (keep them: `remove_unused_columns=False`); instances may override."""
+    reads_losses: bool = False
+    """Whether `raw_weights` reads the per-example losses (then weighing a batch needs the model's forward)."""
+    sampled: bool = False
+    """True when the batch was drawn with probabilities proportional to `raw_weights` (see `weights`)."""
 
     def __init__(self, eps: float = 1e-8) -> None:
         super().__init__()
@@ -85,6 +89,12 @@ class Reweighter(nn.Module):
         if raw.shape != losses.shape:
             raise ValueError(f"{type(self).__name__}.raw_weights gave {tuple(raw.shape)}, not {tuple(losses.shape)}.")
         self.last_raw = raw.detach()
+        if self.sampled:
+            # The examples were drawn with probability ∝ raw, so each trains with weight 1; the gradient with
+            # respect to the weighting's parameters is the sampling's: ∂log rawᵢ − mean_batch ∂log raw (the
+            # score-function form of ∂/∂λ of the expected loss under that sampling).
+            ratio = raw / raw.detach().clamp_min(torch.finfo(raw.dtype).tiny)
+            return ratio / ratio.mean()
         return self.normalise(raw)
 
     def forward(self, losses: Tensor, batch: Mapping[str, Any]) -> Tensor:
@@ -135,6 +145,7 @@ class MetaWeightNet(Reweighter):
         centered: bool = True, uniform_start: bool = True,
     ) -> None:  # fmt: skip
         super().__init__(eps)
+        self.reads_losses = True
         for name, value, least in (("hidden_size", hidden_size, 1), ("n_features", n_features, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an int >= {least}; got {value!r}.")

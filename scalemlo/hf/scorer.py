@@ -106,6 +106,7 @@ class ExampleScorer(Reweighter):
         self.ids_column = ids_column
         self.mask_column = mask_column
         self.requires = (ids_column,) if "ngrams" in features else ()
+        self.reads_losses = "loss" in features
         width = (2 * buckets if "ngrams" in features else 0) + ("loss" in features)
         out = nn.Linear(hidden_size or width, 1, bias=False)  # the bias is invisible after centring
         nn.init.zeros_(out.weight)  # every example starts at weight 1

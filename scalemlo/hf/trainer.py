@@ -196,6 +196,15 @@ class ReweightingTrainer(TokenMeanEvaluation):
         self._collapse = CollapseMonitor(raw_epsilon=1e-6)
         self._source_names = source_names or getattr(self.reweighter, "names", None)
         self.weight_table = WeightTable(example_names, self._source_names)
+        if self.args.selection_pool > 1:
+            if self.reweighter.reads_losses:
+                raise ValueError(
+                    f"--selection_pool {self.args.selection_pool} draws each batch by the weights before the model's "
+                    f"forward, but {type(self.reweighter).__name__} weighs examples by their losses; use a scheme that "
+                    "does not read them (reweighting scorer with features ngrams, example or source) or "
+                    "--selection_pool 1"
+                )
+            self.reweighter.sampled = True
 
     # ---- checks before anything runs ------------------------------------------------------------
     def _check_level_configs(self) -> None:
@@ -279,11 +288,49 @@ class ReweightingTrainer(TokenMeanEvaluation):
         valid = valid_examples(inputs, weights.device)
         loss = (valid_weights(weights, inputs, valid) * losses).mean()
         scale_fp16_zero0_loss(self.model_wrapped, loss)  # DeepSpeed 0.19 leaves an fp16 ZeRO-0 loss unscaled
-        self._track_weights(weights.detach()[valid], inputs.get("source"))
-        self.weight_table.update(inputs.get("id"), weights.detach(), inputs.get("source"))
+        if not self.reweighter.sampled:  # a drawn batch's weights are tracked over its candidates (_select)
+            self._track_weights(weights.detach()[valid], inputs.get("source"))
+            self.weight_table.update(inputs.get("id"), weights.detach(), inputs.get("source"))
         return (loss, None) if return_outputs else loss
 
+    def get_train_dataloader(self):
+        """The Trainer's training DataLoader; with ``selection_pool`` k its batches are the k x batch candidates."""
+        pool = self.args.selection_pool
+        if pool == 1:
+            return super().get_train_dataloader()
+        return self._get_dataloader(dataset=self.train_dataset, description="Training",
+                                    batch_size=self._train_batch_size * pool, sampler_fn=self._get_train_sampler,
+                                    is_training=True)  # fmt: skip
+
+    def _select(self, candidates: Mapping[str, Any]) -> dict[str, Any]:
+        """``per_device_train_batch_size`` of the candidates, drawn without replacement with probabilities
+        proportional to the current weights; padding beyond the chosen rows' longest is cut.
+
+        The draw is seeded by the run's seed, the step and the candidates, so a resumed run draws the same."""
+        size = self.args.per_device_train_batch_size
+        rows = len(candidates["input_ids"])
+        if rows <= size:
+            return dict(candidates)
+        with torch.no_grad(), frozen([self._meta_level]):
+            raw = self.reweighter.raw_weights(None, candidates).detach().float().cpu()
+        normalised = raw / raw.mean().clamp_min(self.reweighter.eps)
+        self._track_weights(normalised, candidates.get("source"))
+        self.weight_table.update(candidates.get("id"), normalised, candidates.get("source"))
+        key = (self.args.seed, self.state.global_step, int(torch.as_tensor(candidates["input_ids"]).sum()))
+        generator = torch.Generator().manual_seed(hash(key) % 2**62)
+        chosen = torch.multinomial(raw.clamp_min(1e-12), size, replacement=False, generator=generator).sort().values
+        batch = {k: v[chosen.to(v.device)] if isinstance(v, torch.Tensor) and len(v) == rows else v
+                 for k, v in candidates.items()}  # fmt: skip
+        mask = batch.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            width = int(torch.nonzero(mask.any(0)).max()) + 1 if bool(mask.any()) else mask.shape[1]
+            batch = {k: v[:, :width] if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == mask.shape else v
+                     for k, v in batch.items()}  # fmt: skip
+        return batch
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.args.selection_pool > 1:
+            inputs = self._select(inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._model_level.fed_micro_step(inputs, stepped=self.accelerator.sync_gradients)
         return loss
