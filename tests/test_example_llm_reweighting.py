@@ -1,6 +1,7 @@
 """The LLM reweighting script: a short default run end to end, and its refusals of bad input."""
 
 import json
+import math
 
 import examples_helper
 import pytest
@@ -37,8 +38,16 @@ def short_run(script, tmp_path_factory):
 
 def test_the_default_run_reports_what_it_promises(short_run):
     out, report = short_run
-    for key in ("heldout_loss_uniform", "heldout_loss_learned", "weight_auc", "source_weights", "steps", "seconds"):
+    for key in ("heldout_loss_uniform", "heldout_loss_learned", "weight_auc", "source_weights", "steps", "seconds",
+                "heldout_loss_uniform_plus_meta", "heldout_loss_clean_only", "weight_auc_visible"):  # fmt: skip
         assert key in report
+    uniform, clean, learned = (report[f"heldout_loss_{k}"] for k in ("uniform", "clean_only", "learned"))
+    assert report["oracle_gap_recovered"] == pytest.approx((uniform - learned) / (uniform - clean))
+    for name in ("uniform", "uniform_plus_meta", "clean_only", "learned"):  # each run trained, each its own loss
+        assert report[f"seconds_{name}"] > 0 and report[f"heldout_perplexity_{name}"] == pytest.approx(
+            math.exp(report[f"heldout_loss_{name}"])
+        )
+    assert len({report[f"heldout_loss_{k}"] for k in ("uniform", "uniform_plus_meta", "clean_only")}) == 3
     assert report["steps"] == 6 and 0.0 <= report["weight_auc"] <= 1.0
     assert set(report["source_weights"]) == {"builtin_types", "data_model", "expressions", "library", "statements"}
     assert json.loads((out / "report.json").read_text()) == report

@@ -184,3 +184,22 @@ def test_a_selection_pool_trains_batches_drawn_away_from_the_noise(tmp_path, fre
 def test_a_selection_pool_needs_weights_without_the_forward(tmp_path, fresh_trainer_state):
     with pytest.raises(ValueError, match="weighs examples by their losses"):
         toy_trainer(tmp_path, selection_pool=4, reweighting="meta_weight_net")
+
+
+def test_logged_source_means_count_only_the_batches_that_hold_the_source(tmp_path, fresh_trainer_state):
+    t = toy_trainer(tmp_path, max_steps=1)
+    sources = torch.tensor([0, 0])
+    t._track_weights(torch.tensor([1.0, 1.0]), sources)  # a batch without source 1
+    t._track_weights(torch.tensor([0.5, 1.5]), torch.tensor([0, 1]))
+    logs = {}
+    t.callback_handler.callbacks = []  # nothing to report to
+    from transformers import Trainer
+
+    original = Trainer.log
+    Trainer.log = lambda self, logs_, *a, **k: logs.update(logs_)
+    try:
+        t.log({})
+    finally:
+        Trainer.log = original
+    assert logs["weight/source/1"] == pytest.approx(1.5)  # one batch held source 1, with weight 1.5
+    assert logs["weight/source/0"] == pytest.approx(0.75)

@@ -192,7 +192,7 @@ class ReweightingTrainer(TokenMeanEvaluation):
         self._shared = self.args.meta_level_config().shared_forward
         self._meta_due = False  # shared forward: a meta step waits for the next optimizer step's forward
         self._weight_sums: dict[str, float] = {}
-        self._weight_count = 0
+        self._weight_counts: dict[str, int] = {}  # per key: a source's mean counts the batches holding it
         self._collapse = CollapseMonitor(raw_epsilon=1e-6)
         self._source_names = source_names or getattr(self.reweighter, "names", None)
         self.weight_table = WeightTable(example_names, self._source_names)
@@ -478,12 +478,12 @@ class ReweightingTrainer(TokenMeanEvaluation):
         stats["weight/collapsed"] = float(self._collapse.update(stats))
         for key, value in stats.items():
             self._weight_sums[key] = self._weight_sums.get(key, 0.0) + float(value)
-        self._weight_count += 1
+            self._weight_counts[key] = self._weight_counts.get(key, 0) + 1
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self._weight_count:
-            logs.update({k: v / self._weight_count for k, v in self._weight_sums.items()})
-            self._weight_sums, self._weight_count = {}, 0
+        if self._weight_counts:
+            logs.update({k: v / self._weight_counts[k] for k, v in self._weight_sums.items()})
+            self._weight_sums, self._weight_counts = {}, {}
         logs.update(self._meta_logs)
         self._meta_logs = {}
         super().log(logs, *args, **kwargs)
