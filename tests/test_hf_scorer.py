@@ -60,7 +60,8 @@ def test_scorer_with_the_loss_reads_its_rank_in_the_batch():
     with torch.no_grad():
         scorer.net.weight.fill_(-1.0)
     batch = {"input_ids": torch.zeros(3, 2, dtype=torch.long)}
-    low, high = scorer.weights(torch.tensor([1.0, 2.0, 3.0]), batch), scorer.weights(torch.tensor([11.0, 12, 13]), batch)
+    low = scorer.weights(torch.tensor([1.0, 2.0, 3.0]), batch)
+    high = scorer.weights(torch.tensor([11.0, 12, 13]), batch)
     assert torch.allclose(low, high)  # a shift of every loss changes nothing
     assert low[0] > low[1] > low[2]
 
@@ -151,8 +152,9 @@ def toy_trainer(tmp_path, **kwargs):
     settings.update(kwargs)
     train, meta = Dataset.from_list(rows(128, True, 0)), Dataset.from_list(rows(32, False, 1))
     reweighter_kwargs = {"buckets": 64} if settings["reweighting"] == "scorer" else {}
-    return ReweightingTrainer(model=model, args=ReweightingArguments(**settings), train_dataset=train,
-                              meta_dataset=meta, data_collator=collate, reweighter_kwargs=reweighter_kwargs)  # fmt: skip
+    args = ReweightingArguments(**settings)
+    return ReweightingTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta, data_collator=collate,
+                              reweighter_kwargs=reweighter_kwargs)  # fmt: skip
 
 
 def test_a_selection_pool_trains_batches_drawn_away_from_the_noise(tmp_path, fresh_trainer_state):
