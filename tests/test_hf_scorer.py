@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from scalemlo.distributed import ensure_distributed
 from scalemlo.hf import ExampleScorer, ReweightingArguments, ReweightingTrainer, build_reweighter, reset_trainer_state
-from scalemlo.hf.scorer import _BIGRAM_STRIDE, _MULTIPLIER, dataset_weights, ngram_features
+from scalemlo.hf.scorer import _BIGRAM_STRIDE, _MULTIPLIER, dataset_weights, near_copy_counts, ngram_features
 
 
 def reference_features(ids: list[int], buckets: int) -> torch.Tensor:
@@ -66,6 +66,54 @@ def test_scorer_with_the_loss_reads_its_rank_in_the_batch():
     assert low[0] > low[1] > low[2]
 
 
+def jaccard_reference(a: str, b: str, n: int) -> float:
+    def grams(text):
+        words = text.split()
+        return {" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
+
+    x, y = grams(a), grams(b)
+    return len(x & y) / len(x | y)
+
+
+def test_near_copy_counts_match_pairwise_jaccard():
+    import random
+
+    rng = random.Random(0)
+    vocabulary = [f"w{i}" for i in range(40)]
+    texts = [" ".join(rng.choice(vocabulary) for _ in range(rng.randint(2, 30))) for _ in range(30)]
+    for k in range(6):  # near-copies of text 0 with k word edits, and an exact repeat
+        words = texts[0].split()
+        for _ in range(k):
+            words[rng.randrange(len(words))] = "edited"
+        texts.append(" ".join(words))
+    texts.append("a b")  # shorter than n: its one n-gram
+    texts.append("a b")
+    for n, threshold in ((3, 0.5), (2, 0.3), (1, 0.9)):
+        expected = [
+            sum(1 for j, b in enumerate(texts) if j != i and jaccard_reference(a, b, n) >= threshold)
+            for i, a in enumerate(texts)
+        ]
+        assert near_copy_counts(texts, n=n, threshold=threshold) == expected
+    assert near_copy_counts(texts)[-1] == 1 and near_copy_counts(texts)[0] >= 3
+    with pytest.raises(ValueError, match="threshold"):
+        near_copy_counts(texts, threshold=0.0)
+
+
+def test_scorer_reads_the_near_copy_count_as_log1p():
+    scorer = ExampleScorer(features=("ngrams", "near_copies"), buckets=4)
+    assert scorer.requires == ("input_ids", "near_copies")
+    with torch.no_grad():
+        scorer.net.weight.zero_()
+        scorer.net.weight[0, -1] = -2.0  # the last input is the count
+    batch = {"input_ids": torch.randint(0, 50, (4, 5)), "near_copies": torch.tensor([0, 0, 3, 14])}
+    z = scorer.scores(None, batch)
+    assert torch.allclose(z, -2.0 * torch.log1p(torch.tensor([0.0, 0, 3, 14])))
+    weights = scorer.weights(torch.zeros(4), batch)
+    assert weights[0] == weights[1] > weights[2] > weights[3]
+    with pytest.raises(ValueError, match="near_copies"):
+        scorer.weights(torch.zeros(4), {"input_ids": batch["input_ids"]})
+
+
 @pytest.mark.parametrize(
     "kwargs, words",
     [
@@ -99,8 +147,9 @@ def test_a_trained_scorer_weights_examples_it_never_saw(tmp_path, fresh_trainer_
     fresh set, drawn with another seed, clean above noisy: the table schemes cannot weight those rows at all."""
     torch.manual_seed(0)
     model = GPT2LMHeadModel(
-        GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=T, resid_pdrop=0.0, embd_pdrop=0.0,
-                   attn_pdrop=0.0)  # fmt: skip
+        GPT2Config(
+            n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=T, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+        )  # fmt: skip
     )
     args = ReweightingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=40, learning_rate=5e-3,
@@ -141,8 +190,9 @@ def test_a_drawn_batch_trains_with_weight_one_and_the_sampling_gradient():
 def toy_trainer(tmp_path, **kwargs):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(
-        GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=T, resid_pdrop=0.0, embd_pdrop=0.0,
-                   attn_pdrop=0.0)  # fmt: skip
+        GPT2Config(
+            n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=T, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+        )  # fmt: skip
     )
     settings = dict(
         output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=40, learning_rate=5e-3, report_to=[],

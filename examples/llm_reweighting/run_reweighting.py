@@ -41,7 +41,7 @@ from scalemlo.distributed import ensure_distributed, is_main_process  # noqa: E4
 from scalemlo.hf import ReweightingArguments, ReweightingTrainer, reset_trainer_state  # noqa: E402
 from scalemlo.hf.losses import per_example_causal_lm_loss  # noqa: E402
 from scalemlo.hf.reweighting import source_index  # noqa: E402
-from scalemlo.hf.scorer import dataset_weights  # noqa: E402
+from scalemlo.hf.scorer import dataset_weights, near_copy_counts  # noqa: E402
 
 log = logging.getLogger("llm_reweighting")
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".text": "text"}
@@ -88,7 +88,8 @@ class RunArguments:
         default=False, metadata={"help": "The learned run also trains on the meta set (as uniform_plus_meta does)"}
     )
     scorer_features: str = field(
-        default="ngrams", metadata={"help": "--reweighting scorer: comma-separated features (ngrams, loss)"}
+        default="ngrams",
+        metadata={"help": "--reweighting scorer: comma-separated features (ngrams, loss, near_copies)"},
     )
     scorer_buckets: int = field(default=1024, metadata={"help": "--reweighting scorer: hash buckets per n-gram order"})
     scorer_hidden_size: int = field(
@@ -139,8 +140,10 @@ def load_split(path: str | None, what: str, data: DataArguments, required: bool 
     return dataset
 
 
-def tokenize(dataset, tokenizer, data: DataArguments, args: ReweightingArguments, sources: dict[str, int] | None):
-    """input_ids / attention_mask / labels (+ id = row index, + source index) with the long-sequence policy."""
+def tokenize(dataset, tokenizer, data: DataArguments, args: ReweightingArguments, sources: dict[str, int] | None,
+             near_copies: bool = False):  # fmt: skip
+    """input_ids (+ id = row index, + source index, + near_copies: ``near_copy_counts`` of the texts) with the
+    long-sequence policy; the Collator pads them and adds attention_mask / labels."""
     max_length = args.max_length or tokenizer.model_max_length
     texts = list(dataset[data.text_column])
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -157,6 +160,8 @@ def tokenize(dataset, tokenizer, data: DataArguments, args: ReweightingArguments
     columns["id"] = list(range(len(texts)))
     if sources is not None:
         columns["source"] = [sources[s] for s in list(dataset[data.source_column])]
+    if near_copies:
+        columns["near_copies"] = near_copy_counts(texts)
     from datasets import Dataset
 
     return Dataset.from_dict(columns)
@@ -308,7 +313,9 @@ def main(argv: list[str] | None = None) -> dict:
     example_names = (
         [str(x) for x in list(learned_train[data.id_column])] if data.id_column in learned_train.column_names else None
     )
-    tokenized = {k: tokenize(ds, tokenizer, data, args, sources if k in train_sets else None)
+    scorer_features = [f.strip() for f in run.scorer_features.split(",") if f.strip()]
+    copies = args.reweighting == "scorer" and "near_copies" in scorer_features  # the learned run reads them
+    tokenized = {k: tokenize(ds, tokenizer, data, args, sources if k in train_sets else None, copies and k == "train")
                  for k, ds in {**train_sets, "meta": meta, "validation": validation, "heldout": heldout}.items()
                  if ds is not None and (k == "train" or k not in train_sets or k in baselines)}  # fmt: skip
     reweighter_kwargs = {
@@ -316,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
         "example": {"n_examples": len(learned_train)},
         "meta_weight_net": {"hidden_size": args.reweighting_hidden_size},
         "scorer": {
-            "features": [f.strip() for f in run.scorer_features.split(",") if f.strip()],
+            "features": scorer_features,
             "buckets": run.scorer_buckets,
             "hidden_size": run.scorer_hidden_size,
         },

@@ -22,6 +22,14 @@ Features (``features``, any of):
   and on any rank count, and computable without the model.
 - ``"loss"``: the example's held loss, standardised within the batch (its
   level drifts as the model trains; its rank within a batch does not).
+- ``"near_copies"``: log(1 + the number of other documents of the set that
+  are near-copies of this one), read from a batch column (``near_copies`` by
+  default) that :func:`near_copy_counts` fills from the raw texts once per
+  dataset. Token n-grams cannot tell a document repeated thirty times with
+  small edits from any other; this count can (the de-duplication every
+  pre-training pipeline runs, handed to the scorer as one more feature whose
+  sign the hypergradient learns). Like ``"ngrams"`` a constant of the data:
+  exact under every method, ZeRO stage and rank count.
 
 The centring at the batch median keeps half of every batch at or below 1/2 and
 half at or above, so the sigmoids cannot all saturate (where the
@@ -41,7 +49,7 @@ from torch import Tensor, nn
 
 from scalemlo.hf.reweighting import REWEIGHTERS, Reweighter
 
-FEATURES = ("ngrams", "loss")
+FEATURES = ("ngrams", "loss", "near_copies")
 _MULTIPLIER = 2654435761  # Knuth's multiplicative hash: spreads consecutive token ids over the buckets
 _BIGRAM_STRIDE = 1_000_003  # a prime above any vocabulary size: (a, b) -> a * stride + b is one-to-one
 
@@ -72,15 +80,49 @@ def ngram_features(input_ids: Tensor, attention_mask: Tensor | None, buckets: in
     return counts.sqrt()
 
 
+def near_copy_counts(texts: Sequence[str], n: int = 3, threshold: float = 0.5) -> list[int]:
+    """For each text, how many *other* texts are near-copies of it: Jaccard similarity of their sets of
+    word ``n``-grams at least ``threshold`` (exact, through an inverted index of the n-grams).
+
+    Args:
+        texts: the documents (whitespace-split into words; a text shorter than ``n`` words is its one n-gram).
+        n: words per shingle. 3 lets a 48-word document with three word edits still score about 0.6.
+        threshold: the least Jaccard similarity that counts as a near-copy, in (0, 1].
+
+    Returns:
+        int counts, one per text (0: nothing in the set is like it).
+    """
+    if not 0.0 < threshold <= 1.0 or n < 1:
+        raise ValueError(f"near_copy_counts needs n >= 1 and 0 < threshold <= 1; got n={n}, threshold={threshold}.")
+    shingles = []
+    for text in texts:
+        words = str(text).split()
+        shingles.append({tuple(words[i : i + n]) for i in range(max(1, len(words) - n + 1))})
+    index: dict[tuple, list[int]] = {}
+    for i, grams in enumerate(shingles):
+        for gram in grams:
+            index.setdefault(gram, []).append(i)
+    counts = []
+    for i, grams in enumerate(shingles):
+        shared: dict[int, int] = {}
+        for gram in grams:
+            for j in index[gram]:
+                if j != i:
+                    shared[j] = shared.get(j, 0) + 1
+        counts.append(sum(1 for j, k in shared.items() if k / (len(grams) + len(shingles[j]) - k) >= threshold))
+    return counts
+
+
 class ExampleScorer(Reweighter):
     """A network over each example's features, centred and normalised to batch mean 1 (see the module docstring).
 
     Args:
-        features: which features the scorer reads: ``"ngrams"`` and/or ``"loss"``.
+        features: which features the scorer reads: any of ``"ngrams"``, ``"loss"``, ``"near_copies"``.
         buckets: hash buckets per n-gram order (``"ngrams"``).
         hidden_size: width of the hidden layer; 0 for a linear scorer.
         ids_column: the batch column of token ids (``"ngrams"``).
         mask_column: the batch column of the attention mask (absent: every token counts).
+        near_copies_column: the batch column of :func:`near_copy_counts` (``"near_copies"``).
         eps: floor of the normalising mean.
     """
 
@@ -91,6 +133,7 @@ class ExampleScorer(Reweighter):
         hidden_size: int = 0,
         ids_column: str = "input_ids",
         mask_column: str = "attention_mask",
+        near_copies_column: str = "near_copies",
         eps: float = 1e-8,
     ) -> None:
         super().__init__(eps)
@@ -105,9 +148,12 @@ class ExampleScorer(Reweighter):
         self.buckets = buckets
         self.ids_column = ids_column
         self.mask_column = mask_column
-        self.requires = (ids_column,) if "ngrams" in features else ()
+        self.near_copies_column = near_copies_column
+        self.requires = ((ids_column,) if "ngrams" in features else ()) + (
+            (near_copies_column,) if "near_copies" in features else ()
+        )
         self.reads_losses = "loss" in features
-        width = (2 * buckets if "ngrams" in features else 0) + ("loss" in features)
+        width = (2 * buckets if "ngrams" in features else 0) + ("loss" in features) + ("near_copies" in features)
         out = nn.Linear(hidden_size or width, 1, bias=False)  # the bias is invisible after centring
         nn.init.zeros_(out.weight)  # every example starts at weight 1
         self.net = out if not hidden_size else nn.Sequential(nn.Linear(width, hidden_size), nn.ReLU(), out)
@@ -127,6 +173,9 @@ class ExampleScorer(Reweighter):
             value = losses.detach().float().to(parameter.device)
             spread = value.std() if value.numel() > 1 else value.new_tensor(0.0)
             parts.append(((value - value.mean()) / spread.clamp_min(1e-6))[:, None])
+        if "near_copies" in self.features:
+            copies = torch.as_tensor(batch[self.near_copies_column]).to(parameter.device).float()
+            parts.append(torch.log1p(copies.clamp_min(0))[:, None])
         return torch.cat(parts, dim=1).to(parameter.dtype)
 
     def scores(self, losses: Tensor | None, batch: Mapping[str, Any]) -> Tensor:
