@@ -14,6 +14,7 @@ from transformers import TrainingArguments
 
 from scalemlo.config import SHARED_FORWARD_METHODS, LevelConfig
 from scalemlo.distributed import ensure_distributed
+from scalemlo.hf.state import forget_leftover_deepspeed_flag, one_process_view
 
 META_OPTIMIZERS = ("adam", "adamw", "sgd")
 LONG_SEQUENCES = ("truncate", "refuse")
@@ -30,6 +31,8 @@ class ReweightingArguments(TrainingArguments):
     With ``deepspeed`` set, building them starts the process group DeepSpeed needs
     (:func:`scalemlo.distributed.ensure_distributed`: the launcher's, or a one-process group without one),
     so a script runs alone, under ``deepspeed`` and under ``torchrun`` with no set-up call of its own.
+    Without it, what an earlier Trainer of the process left (``ACCELERATE_USE_DEEPSPEED``) is ignored and a
+    one-process run stays one process (no DDP): :mod:`scalemlo.hf.state`.
     """
 
     reweighting: str = field(
@@ -79,7 +82,9 @@ class ReweightingArguments(TrainingArguments):
     )
     shared_forward_difference: str = field(
         default="one_sided",
-        metadata=_help("Shared forward: 'one_sided' (one moved forward) or 'central' (two, error quadratic in fd_radius)"),
+        metadata=_help(
+            "Shared forward: 'one_sided' (one moved forward) or 'central' (two, error quadratic in fd_radius)"
+        ),
     )
     shared_forward_radius: float | None = field(
         default=None, metadata=_help("Shared forward: radius of the one-sided difference (default by dtype: 1e-3 fp32)")
@@ -122,7 +127,10 @@ class ReweightingArguments(TrainingArguments):
             # deepspeed/torchrun a ZeRO-3 config's batch sizes would be checked against one rank. The
             # launcher's group, or a one-process gloo group without one (idempotent).
             ensure_distributed()
-        super().__post_init__()
+        else:
+            forget_leftover_deepspeed_flag(self.deepspeed)
+        with one_process_view(self.deepspeed):
+            super().__post_init__()
         for name, value, allowed in (
             ("meta_optimizer", self.meta_optimizer, META_OPTIMIZERS),
             ("long_sequences", self.long_sequences, LONG_SEQUENCES),

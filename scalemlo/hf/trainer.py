@@ -61,6 +61,7 @@ from scalemlo.hf.evaluation import TokenMeanEvaluation, token_mean_loss
 from scalemlo.hf.exports import WeightTable, write_weights
 from scalemlo.hf.losses import counted_targets, per_example_causal_lm_loss
 from scalemlo.hf.reweighting import CollapseMonitor, Reweighter, build_reweighter, weight_stats
+from scalemlo.hf.state import isolate, one_process_view, reset_trainer_state  # noqa: F401 (re-exported)
 from scalemlo.hypergrad.shared_forward import SharedForward
 from scalemlo.level import FED, Level, frozen
 
@@ -68,25 +69,6 @@ log = logging.getLogger(__name__)
 
 SCALEMLO_DIR = "scalemlo"  # inside checkpoint-STEP: the meta level, data positions, method state, RNGs
 SAMA_LAST_STEP = "sama_last_step.rank{rank}.pt"  # inside checkpoint-STEP: the model's last step, as sama reads it
-
-
-def reset_trainer_state() -> None:
-    """Forget the process-wide state a Trainer leaves behind (accelerate's state, the HF DeepSpeed config).
-
-    A second Trainer in the same process (a baseline beside the learned run,
-    or tests) otherwise fails with "You cannot pass in a deepspeed_plugin when
-    creating a second Accelerator". The process group stays.
-    """
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # the process group itself stays
-    GradientState._reset_state()
-    try:
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
-    except ImportError:  # pragma: no cover - older transformers
-        pass
 
 
 def per_example_losses(module: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,6 +188,13 @@ class ReweightingTrainer(TokenMeanEvaluation):
                 )
             self.reweighter.sampled = True
 
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator, built after an earlier Trainer's process-wide state is forgotten, and for
+        a one-process run without DDP (:mod:`scalemlo.hf.state`)."""
+        isolate(self.args)
+        with one_process_view(self.args.deepspeed):
+            super().create_accelerator_and_postprocess()
+
     # ---- checks before anything runs ------------------------------------------------------------
     def _check_level_configs(self) -> None:
         """The two levels' settings must agree: refused here, before any engine is built or any step runs."""
@@ -226,7 +215,7 @@ class ReweightingTrainer(TokenMeanEvaluation):
         if args.hypergradient_method == "sama" and "optimizer" in model_cfg:
             raise ValueError(
                 "hypergradient_method='sama' reads torch's Adam/AdamW/SGD state; the --deepspeed config builds "
-                f"DeepSpeed's own optimizer ({model_cfg['optimizer'].get('type')!r}): remove its \"optimizer\" block "
+                f'DeepSpeed\'s own optimizer ({model_cfg["optimizer"].get("type")!r}): remove its "optimizer" block '
                 "(the Trainer then builds torch's, e.g. --optim adamw_torch)"
             )
         if args.meta_deepspeed is None:
