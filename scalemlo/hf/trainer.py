@@ -57,10 +57,18 @@ from scalemlo.config import EngineConfig, LevelConfig
 from scalemlo.distributed import ensure_distributed, is_main_process, rank, world_size
 from scalemlo.engine import Engine
 from scalemlo.hf.arguments import ReweightingArguments
+from scalemlo.hf.data import (
+    check_batch,
+    check_example_ids,
+    prepare_meta_set,
+    prepare_training_set,
+    scheme_arguments,
+    source_mapping,
+)
 from scalemlo.hf.evaluation import TokenMeanEvaluation, token_mean_loss
 from scalemlo.hf.exports import WeightTable, write_weights
 from scalemlo.hf.losses import counted_targets, per_example_causal_lm_loss
-from scalemlo.hf.reweighting import CollapseMonitor, Reweighter, build_reweighter, weight_stats
+from scalemlo.hf.reweighting import CollapseMonitor, ExampleWeights, Reweighter, build_reweighter, weight_stats
 from scalemlo.hf.state import isolate, one_process_view, reset_trainer_state  # noqa: F401 (re-exported)
 from scalemlo.hypergrad.shared_forward import SharedForward
 from scalemlo.level import FED, Level, frozen
@@ -144,11 +152,18 @@ class ReweightingTrainer(TokenMeanEvaluation):
             ``input_ids``, ``attention_mask``, ``labels``).
         reweighter: a :class:`scalemlo.hf.reweighting.Reweighter`; default
             built from ``args.reweighting`` (``reweighter_kwargs`` passed on).
-        example_names: the training examples' ids, by row (for the exported
-            weights; batches carry the row index in their ``id`` column).
-        source_names: the names of the source indices in the ``source``
-            column (default: the reweighter's, for per-source weights).
+        reweighter_kwargs: the scheme's arguments; those it needs and lacks come from the training set
+            (``source``: the names of a string ``source`` column, or the number of indices; ``example``: the
+            number of rows).
+        example_names: the training examples' names, by row (for the exports; default: a string ``id``
+            column's values, else the row numbers).
+        source_names: the names of the indices of an integer ``source`` column (default: the reweighter's).
         Everything else is ``transformers.Trainer``'s.
+
+    The training set (a ``datasets.Dataset``) needs no reweighting columns of its own: the Trainer numbers
+    its rows in an ``id`` column where it has none, maps a string ``source`` column to indices, drops text
+    columns from it and the meta set, and collates one batch of each at construction
+    (:mod:`scalemlo.hf.data`).
     """
 
     def __init__(self, *args, meta_dataset=None, reweighter: Reweighter | None = None,
@@ -160,8 +175,17 @@ class ReweightingTrainer(TokenMeanEvaluation):
         if meta_dataset is None or len(meta_dataset) == 0:
             raise ValueError("ReweightingTrainer needs a meta_dataset: a small clean set the weights are judged on")
         self._check_level_configs()
-        self.meta_dataset = meta_dataset
-        self.reweighter = reweighter or build_reweighter(self.args.reweighting, **(reweighter_kwargs or {}))
+        train = self.train_dataset
+        if reweighter is None:
+            if train is not None:
+                reweighter_kwargs = scheme_arguments(self.args.reweighting, train, reweighter_kwargs, source_names)
+            reweighter = build_reweighter(self.args.reweighting, **(reweighter_kwargs or {}))
+        self.reweighter = reweighter
+        self._source_mapping = source_mapping(self.reweighter, train, source_names)  # a string source column's
+        prepared = prepare_training_set(train, self._source_mapping, example_names, source_names)
+        self.user_train_dataset = train  # as given: the weighted dataset export keeps its text columns
+        self.train_dataset = prepared.dataset
+        self.meta_dataset = prepare_meta_set(meta_dataset, self._source_mapping)
         self.args.remove_unused_columns = False  # the reweighter reads columns the model does not (source, id)
         self.model_accepts_loss_kwargs = (
             False  # our loss is a mean per micro-batch: the Trainer divides by accumulation
@@ -176,8 +200,8 @@ class ReweightingTrainer(TokenMeanEvaluation):
         self._weight_sums: dict[str, float] = {}
         self._weight_counts: dict[str, int] = {}  # per key: a source's mean counts the batches holding it
         self._collapse = CollapseMonitor(raw_epsilon=1e-6)
-        self._source_names = source_names or getattr(self.reweighter, "names", None)
-        self.weight_table = WeightTable(example_names, self._source_names)
+        self._source_names = prepared.source_names or getattr(self.reweighter, "names", None)
+        self.weight_table = WeightTable(prepared.example_names, self._source_names)
         if self.args.selection_pool > 1:
             if self.reweighter.reads_losses:
                 raise ValueError(
@@ -187,6 +211,7 @@ class ReweightingTrainer(TokenMeanEvaluation):
                     "--selection_pool 1"
                 )
             self.reweighter.sampled = True
+        self._check_data(meta_dataset)
 
     def create_accelerator_and_postprocess(self) -> None:
         """The Trainer's accelerator, built after an earlier Trainer's process-wide state is forgotten, and for
@@ -196,6 +221,18 @@ class ReweightingTrainer(TokenMeanEvaluation):
             super().create_accelerator_and_postprocess()
 
     # ---- checks before anything runs ------------------------------------------------------------
+    def _check_data(self, meta_dataset) -> None:
+        """One training batch and one meta batch through the data collator (and the training batch through the
+        weighting), so a set that cannot train fails here with its columns named, not at the first (meta) step."""
+        if isinstance(self.reweighter, ExampleWeights) and self.train_dataset is not None:
+            check_example_ids(self.train_dataset, self.reweighter.logits.numel())
+        if self.train_dataset is not None:
+            size = self.args.per_device_train_batch_size * self.args.selection_pool
+            check_batch("train_dataset", self.train_dataset, self.data_collator, size, self.reweighter,
+                        getattr(self.user_train_dataset, "column_names", None))  # fmt: skip
+        check_batch("meta_dataset", self.meta_dataset, self.data_collator, self.args.per_device_meta_batch_size,
+                    columns=getattr(meta_dataset, "column_names", None))  # fmt: skip
+
     def _check_level_configs(self) -> None:
         """The two levels' settings must agree: refused here, before any engine is built or any step runs."""
         args = self.args
