@@ -14,6 +14,7 @@ from transformers import TrainingArguments
 
 from scalemlo.config import SHARED_FORWARD_METHODS, LevelConfig
 from scalemlo.distributed import ensure_distributed
+from scalemlo.hf.exports import WEIGHTED_DATASET_MODES
 from scalemlo.hf.state import forget_leftover_deepspeed_flag, one_process_view
 
 META_OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -113,6 +114,18 @@ class ReweightingArguments(TrainingArguments):
             "example without the model's forward (scorer on ngrams, example, source)"
         ),
     )
+    save_weighted_dataset: str = field(
+        default="no",
+        metadata=_help(
+            "After training, write the training set with its learned weights (mean 1 over the set) to "
+            "output_dir/weighted_dataset (datasets' save_to_disk): no, column (every row, a scalemlo_weight "
+            "column), filter (the rows of weight >= --weighted_dataset_threshold) or resample (as many rows, "
+            "drawn with replacement in proportion to the weights, seeded by --seed)"
+        ),
+    )
+    weighted_dataset_threshold: float = field(
+        default=0.5, metadata=_help("--save_weighted_dataset filter: the least weight a row keeps (mean weight: 1)")
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata=_help("Start over in an output_dir that holds another run's checkpoints")
     )
@@ -134,6 +147,7 @@ class ReweightingArguments(TrainingArguments):
         for name, value, allowed in (
             ("meta_optimizer", self.meta_optimizer, META_OPTIMIZERS),
             ("long_sequences", self.long_sequences, LONG_SEQUENCES),
+            ("save_weighted_dataset", self.save_weighted_dataset, WEIGHTED_DATASET_MODES),
         ):
             if value not in allowed:
                 raise ValueError(f"--{name} {value!r} is not known; allowed: {', '.join(allowed)}")

@@ -60,6 +60,7 @@ from scalemlo.hf.arguments import ReweightingArguments
 from scalemlo.hf.data import (
     check_batch,
     check_example_ids,
+    is_table,
     prepare_meta_set,
     prepare_training_set,
     scheme_arguments,
@@ -211,6 +212,11 @@ class ReweightingTrainer(TokenMeanEvaluation):
                     "--selection_pool 1"
                 )
             self.reweighter.sampled = True
+        if self.args.save_weighted_dataset != "no" and not is_table(train):
+            raise ValueError(
+                f"--save_weighted_dataset {self.args.save_weighted_dataset} writes a datasets.Dataset, but the "
+                f"training set is a {type(train).__name__}; pass a datasets.Dataset or --save_weighted_dataset no"
+            )
         self._check_data(meta_dataset)
 
     def create_accelerator_and_postprocess(self) -> None:
@@ -533,7 +539,7 @@ class ReweightingTrainer(TokenMeanEvaluation):
         scalemlo_checkpoint.save(self.mlo, inner / SCALEMLO_DIR, levels=["meta"], write_latest=False)
         if self._meta_due and self.args.hypergradient_method == "sama":
             self._save_sama_last_step(inner)
-        self.export_weights(inner)
+        self.export_weights(inner)  # the final weights as of this step, of every training example
         if is_main_process():
             final = run_dir / name
             if final.exists():
@@ -548,36 +554,73 @@ class ReweightingTrainer(TokenMeanEvaluation):
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)  # fmt: skip
         scalemlo_checkpoint.barrier()
 
-    def export_weights(self, directory: str | os.PathLike | None = None) -> WeightTable:
-        """Write the learned weights (see :mod:`scalemlo.hf.exports`) to ``directory`` (default output_dir);
-        every rank must call it (each holds the examples it saw). Returns the merged table."""
+    def export_weights(self, directory: str | os.PathLike | None = None, last_trained: bool = False) -> torch.Tensor:
+        """Write the final weighting model's weight of every training example, mean 1 over the training set,
+        and the per-source means (:mod:`scalemlo.hf.exports`) to ``directory`` (default output_dir).
+
+        Every rank must call it (a ZeRO-3 model's forward is collective); rank 0 writes. With
+        ``last_trained``, also ``last_trained_weights.csv`` (the weight each example last trained with).
+
+        Returns:
+            float32 [N] the weights, by row of the training set.
+        """
+        weights = self.score()
         table = self.weight_table
-        if world_size() > 1:
+        if last_trained and world_size() > 1:
             import torch.distributed as dist
 
             tables = [None] * world_size()
             dist.all_gather_object(tables, table)
             table = tables[0].merged(tables[1:])
         if is_main_process():
-            learned = self.reweighter.source_weights() if hasattr(self.reweighter, "source_weights") else None
-            write_weights(table, directory or self.args.output_dir, learned)
-        return table
+            out = Path(directory or self.args.output_dir)
+            train = self.train_dataset
+            columns = getattr(train, "column_names", [])
+            ids = train["id"] if "id" in columns else list(range(len(weights)))
+            names = [table.name(int(i)) for i in ids]
+            sources = train["source"] if "source" in columns else None
+            softmax = self.reweighter.source_weights() if hasattr(self.reweighter, "source_weights") else None
+            if softmax is not None and self._source_names is not None and len(softmax) == len(self._source_names):
+                softmax = dict(zip(self._source_names, softmax.values()))  # named as the data names its indices
+            write_weights(out, weights, names, sources, self._source_names, softmax)
+            if last_trained:
+                table.write(out)
+        return weights
 
-    def score(self, dataset, batch_size: int | None = None) -> torch.Tensor:
+    def save_weighted_dataset(self, directory: str | os.PathLike | None = None, weights=None):
+        """The training set as given (text columns kept) with its learned weights, as ``--save_weighted_dataset``
+        says (:func:`scalemlo.hf.exports.weighted_dataset`), saved with ``save_to_disk`` to ``directory``
+        (default output_dir/weighted_dataset) on rank 0. Every rank must call it. Returns the dataset."""
+        from scalemlo.hf.exports import weighted_dataset
+
+        mode = self.args.save_weighted_dataset if self.args.save_weighted_dataset != "no" else "column"
+        weights = self.score() if weights is None else weights
+        out = weighted_dataset(self.user_train_dataset, weights, mode, self.args.weighted_dataset_threshold,
+                               self.args.seed)  # fmt: skip
+        if is_main_process():
+            out.save_to_disk(str(directory or Path(self.args.output_dir) / "weighted_dataset"))
+        return out
+
+    def score(self, dataset=None, batch_size: int | None = None) -> torch.Tensor:
         """The weight the current weighting model gives every row of ``dataset``: float32 [N], mean 1 over it.
 
         Works for any tokenized dataset with the columns the scheme reads (``input_ids`` for the scorer,
         ``id`` / ``source`` for the tables), including data the run never trained on (the scorer); add the
-        result as a column with :func:`scalemlo.hf.exports.add_weight_column` to filter on it.
+        result as a column with :func:`scalemlo.hf.exports.add_weight_column` to filter on it. Its text
+        columns are dropped and a string ``source`` column mapped as the training set's. The random state
+        is left as it was (a checkpoint's export must not move a resumed run's).
 
         Args:
-            dataset: rows the Trainer's data collator takes (``input_ids``, ``attention_mask``, ``labels``, ...).
+            dataset: rows the Trainer's data collator takes (``input_ids``, ``attention_mask``, ``labels``, ...);
+                default the training set.
             batch_size: rows per forward (default ``per_device_eval_batch_size``).
         """
         from scalemlo.hf.scorer import dataset_weights
 
-        return dataset_weights(self.reweighter, self.model, dataset, self.data_collator,
-                               batch_size or self.args.per_device_eval_batch_size)  # fmt: skip
+        dataset = self.train_dataset if dataset is None else prepare_meta_set(dataset, self._source_mapping)
+        with torch.random.fork_rng(devices=[]):
+            return dataset_weights(self.reweighter, self.model, dataset, self.data_collator,
+                                   batch_size or self.args.per_device_eval_batch_size)  # fmt: skip
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """``Trainer.train``; ``resume_from_checkpoint`` (a path, or True for the latest in output_dir) must be
@@ -600,5 +643,8 @@ class ReweightingTrainer(TokenMeanEvaluation):
                 ) from None
             self._resume_dir = path
         self._check_output_dir(resuming=bool(resume_from_checkpoint))
-        return super().train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None,
-                             **kwargs)  # fmt: skip
+        output = super().train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None,
+                               **kwargs)  # fmt: skip
+        if self.args.save_weighted_dataset != "no":
+            self.save_weighted_dataset()
+        return output
