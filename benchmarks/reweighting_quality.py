@@ -1,6 +1,7 @@
 """Learned data weighting beside the main job's baselines on two more tasks (instruction tuning, domain targeting).
 
-    python benchmarks/reweighting_quality.py                              # both tasks, seeds 0 1 2, 200 steps
+    python benchmarks/reweighting_quality.py                              # both tasks, seeds 0 1, 200 steps
+    python benchmarks/reweighting_quality.py --seeds 0 1 2                # the docs' table (~20 min, 1 thread)
     python benchmarks/reweighting_quality.py --tasks instruction --seeds 0 --steps 20 --out /tmp/rq.json
 
 Both data sets are built offline from the standard library's own source
@@ -133,6 +134,15 @@ def mixture(rows: list[dict], weights: dict[str, float], size: int, seed: int) -
     return out
 
 
+def read_source_weights(path: Path) -> dict[str, float]:
+    """Source name -> weight, summing to 1, from a run's exported ``weights.json``: the learned softmax α
+    (``source_softmax``) where the scheme has one, else its per-source mean weights normalised."""
+    exported = json.loads(path.read_text())
+    weights = exported.get("source_softmax") or exported["sources"]
+    total = sum(weights.values())
+    return {name: value / total for name, value in weights.items()}
+
+
 # ---- runs -----------------------------------------------------------------------------------------------
 def fresh_model(config, seed: int):
     torch.manual_seed(seed)  # every run of a task and seed starts from this same initialisation
@@ -215,7 +225,7 @@ def run_task(task: str, seed: int, steps: int, work: Path) -> dict:
         row["mean_weight_clean"] = statistics.fmean(x for x, c in zip(w, corrupted) if not c)
         row["mean_weight_corrupted"] = statistics.fmean(x for x, c in zip(w, corrupted) if c)
     else:
-        learned = json.loads(Path(runs["learned"]["weights_file"]).read_text())["sources"]  # what the plain run reads
+        learned = read_source_weights(Path(runs["learned"]["weights_file"]))  # what the plain run reads
         row["source_weights"] = learned
         row["target_sources"] = list(data.TARGET_SOURCES)
         row["target_mass"] = sum(learned[s] for s in data.TARGET_SOURCES)
@@ -279,7 +289,9 @@ def table(rows: list[dict], stats: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    # two seeds fit the 15 minutes the issue allows (about 6.5 min per seed on 1 thread of an idle 2-core
+    # machine); the docs' table is --seeds 0 1 2
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps of every run")
     parser.add_argument("--out", default=str(HERE / "results" / "reweighting_quality.json"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
