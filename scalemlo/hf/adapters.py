@@ -67,6 +67,21 @@ def with_adapter(model: Any, peft_config: Any) -> Any:
     return peft.get_peft_model(model, peft_config)
 
 
+def with_peft(args: tuple, kwargs: dict, peft_config: Any) -> tuple[tuple, dict]:
+    """The Trainer's positional and keyword arguments with its model wrapped in an adapter when ``peft_config``
+    is given or the arguments say ``use_peft`` (:func:`lora_config`); unchanged otherwise."""
+    training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+    if peft_config is None and getattr(training_args, "use_peft", False):
+        peft_config = lora_config(training_args)
+    if peft_config is None:
+        return args, kwargs
+    if "model" in kwargs:
+        return args, {**kwargs, "model": with_adapter(kwargs["model"], peft_config)}
+    if not args:
+        raise ValueError("peft_config (or --use_peft) needs a model to wrap: pass model=")
+    return (with_adapter(args[0], peft_config), *args[1:]), kwargs
+
+
 def adapter_settings(model: Any) -> dict[str, Any] | None:
     """The active adapter's settings for a model card (None: not a PeftModel)."""
     if not is_peft_model(model):

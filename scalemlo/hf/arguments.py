@@ -14,6 +14,7 @@ from transformers import TrainingArguments
 
 from scalemlo.config import SHARED_FORWARD_METHODS, LevelConfig
 from scalemlo.distributed import ensure_distributed
+from scalemlo.hf.adapters import require_peft
 from scalemlo.hf.exports import WEIGHTED_DATASET_MODES
 from scalemlo.hf.state import forget_leftover_deepspeed_flag, one_process_view
 
@@ -132,6 +133,23 @@ class ReweightingArguments(TrainingArguments):
     max_length: int | None = field(
         default=None, metadata=_help("Tokens per example (default: the model's context length)")
     )
+    use_peft: bool = field(
+        default=False,
+        metadata=_help(
+            "Train a LoRA adapter (peft: pip install peft) over the frozen model, as TRL's --use_peft: the model "
+            "steps and the hypergradient flows through the adapter's parameters only; save_model writes the adapter"
+        ),
+    )
+    lora_r: int = field(default=16, metadata=_help("--use_peft: LoRA rank"))
+    lora_alpha: int = field(default=32, metadata=_help("--use_peft: LoRA alpha (the update is scaled by alpha / r)"))
+    lora_dropout: float = field(default=0.05, metadata=_help("--use_peft: dropout on the LoRA branch's input"))
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata=_help(
+            "--use_peft: the modules LoRA adapts, by name (e.g. q_proj v_proj), or all-linear (every linear layer "
+            "but the output head); default: peft's choice for the architecture"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.deepspeed:
@@ -158,7 +176,21 @@ class ReweightingArguments(TrainingArguments):
             raise ValueError(f"--selection_pool must be >= 1, got {self.selection_pool}")
         if self.meta_warmup_steps < 0:
             raise ValueError(f"--meta_warmup_steps must be >= 0, got {self.meta_warmup_steps}")
+        self._check_peft()
         self.meta_level_config()  # bad method names, radii, ... fail now, before any model is built
+
+    def _check_peft(self) -> None:
+        targets = self.lora_target_modules
+        if isinstance(targets, (list, tuple)) and len(targets) == 1 and targets[0].lower() == "all-linear":
+            # peft takes the shorthand as a string only; a one-name list stays a list (a string is a regex to peft)
+            self.lora_target_modules = targets[0]
+        if not self.use_peft:
+            return
+        require_peft("--use_peft")  # before any model is built
+        if self.lora_r < 1:
+            raise ValueError(f"--lora_r must be >= 1, got {self.lora_r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
     def _shared_forward(self) -> bool:
         if self.shared_forward is not None:

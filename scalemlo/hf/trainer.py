@@ -56,6 +56,7 @@ from scalemlo.backend import (
 from scalemlo.config import EngineConfig, LevelConfig
 from scalemlo.distributed import ensure_distributed, is_main_process, rank, world_size
 from scalemlo.engine import Engine
+from scalemlo.hf.adapters import with_peft
 from scalemlo.hf.arguments import ReweightingArguments
 from scalemlo.hf.data import (
     check_batch,
@@ -166,6 +167,9 @@ class ReweightingTrainer(TokenMeanEvaluation):
         source_names: the names of the indices of an integer ``source`` column (default: the reweighter's).
         model_card_metrics: held-out results for the model card ``save_model`` writes (name -> value, e.g.
             ``{"heldout_loss": 2.31, "heldout_loss_uniform": 2.40}``); also settable later as the attribute.
+        peft_config: a ``peft`` config (e.g. ``LoraConfig``): the model is wrapped by ``peft.get_peft_model``
+            and only the adapter trains, as in TRL's trainers (``--use_peft`` builds one from the ``lora_*``
+            flags; :mod:`scalemlo.hf.adapters`).
         Everything else is ``transformers.Trainer``'s.
 
     The training set (a ``datasets.Dataset``) needs no reweighting columns of its own: the Trainer numbers
@@ -176,7 +180,8 @@ class ReweightingTrainer(TokenMeanEvaluation):
 
     def __init__(self, *args, meta_dataset=None, reweighter: Reweighter | None = None,
                  reweighter_kwargs: dict | None = None, example_names=None, source_names=None,
-                 model_card_metrics: Mapping[str, float] | None = None, **kwargs):  # fmt: skip
+                 model_card_metrics: Mapping[str, float] | None = None, peft_config=None, **kwargs):  # fmt: skip
+        args, kwargs = with_peft(args, kwargs, peft_config)
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, ReweightingArguments):
             raise ValueError("ReweightingTrainer needs ReweightingArguments (TrainingArguments plus the meta fields)")
