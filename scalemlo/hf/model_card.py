@@ -8,7 +8,8 @@ reweighting scheme, hypergradient method and unroll steps, the learned per-sourc
 training set, as ``weights.json`` has them; the ``source`` scheme's softmax beside them), the held-out losses
 it was told (``ReweightingTrainer.model_card_metrics``, e.g. the baselines') and the last evaluation's.
 
-:func:`render_model_card` is the text from plain values; :func:`trainer_facts` reads them off a trainer.
+:func:`render_model_card` is the text from plain values; :func:`trainer_facts` reads them off a trainer;
+:class:`ModelCards` is the trainer's side (``save_model``, ``create_model_card``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from scalemlo.distributed import world_size
 
 CARD_TAGS = ("scalemlo", "data-reweighting")
 CARD_NAME = "README.md"
@@ -241,3 +246,59 @@ def trainer_facts(trainer: Any, weights=None, model_name: str | None = None, dat
                      sources=sources, metrics=results, adapter=adapter, tags=tags, datasets=names,
                      hub_model_id=getattr(trainer, "hub_model_id", None),
                      versions=framework_versions(adapter is not None))  # fmt: skip
+
+
+class ModelCards:
+    """``save_model`` and ``create_model_card`` of ``ReweightingTrainer`` (a base before ``transformers.Trainer``):
+    the card beside every saved model. Reads the trainer's ``_final_weights`` / ``_scored`` / ``_score_key``
+    (the training set's scores, computed once per step) and what :func:`trainer_facts` reads."""
+
+    def _card_needs_weights(self) -> bool:
+        return "source" in (getattr(self.train_dataset, "column_names", None) or [])
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``, then the model card ``README.md`` beside the model (:meth:`create_model_card`),
+        in checkpoints too. Every rank must call it, as the Trainer's: the card's per-source weights are the
+        final weights of the training set (``score()``: a forward over it when the data have sources, shared
+        with a checkpoint's weight exports)."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        weights = self._final_weights() if self._card_needs_weights() else None
+        self.create_model_card(output_dir=output_dir, weights=weights)
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | list[str] | None = None,
+        tags: str | list[str] | None = None,
+        metrics: Mapping[str, float] | None = None,
+        output_dir: str | None = None,
+        weights: torch.Tensor | None = None,
+        **kwargs,
+    ) -> None:
+        """Write the model card ``README.md`` to ``output_dir`` (default output_dir) on the main process, as TRL's
+        trainers do (replacing the Trainer's draft, which knows nothing of the weighting): base model, data,
+        reweighting scheme, method and unroll steps, the learned per-source weights and held-out results
+        (:mod:`scalemlo.hf.model_card`). ``push_to_hub`` calls it after ``save_model``, before the upload.
+
+        Args:
+            model_name: the card's title (default: the Hub repo's name, else the output folder's).
+            dataset_name: Hub dataset id(s) of the training data (front matter ``datasets``); also read from
+                the Trainer's ``dataset`` keyword.
+            tags: tags beside ``scalemlo`` and ``data-reweighting``.
+            metrics: held-out results beside :attr:`model_card_metrics` (e.g. the baselines' losses).
+            output_dir: where to write it.
+            weights: float [N] the training set's final weights (default: those of this step, if computed on
+                every rank, or computed here in a one-process run).
+            kwargs: the Trainer's other card arguments (``language``, ``license``, ``finetuned_from``, ...):
+                accepted and not used.
+        """
+        dataset_name = dataset_name or kwargs.get("dataset")
+        if weights is None and self._card_needs_weights():
+            if self._scored is not None and self._scored[0] == self._score_key():
+                weights = self._scored[1]
+            elif world_size() == 1:
+                weights = self._final_weights()
+        if not self.is_world_process_zero():
+            return
+        facts = trainer_facts(self, weights, model_name, dataset_name, tags, metrics)
+        write_model_card(output_dir or self.args.output_dir, render_model_card(facts))

@@ -70,7 +70,7 @@ from scalemlo.hf.data import (
 from scalemlo.hf.evaluation import TokenMeanEvaluation, token_mean_loss
 from scalemlo.hf.exports import WeightTable, write_weights
 from scalemlo.hf.losses import counted_targets, per_example_causal_lm_loss
-from scalemlo.hf.model_card import render_model_card, trainer_facts, write_model_card
+from scalemlo.hf.model_card import ModelCards
 from scalemlo.hf.reweighting import CollapseMonitor, ExampleWeights, Reweighter, build_reweighter, weight_stats
 from scalemlo.hf.state import isolate, one_process_view, reset_trainer_state  # noqa: F401 (re-exported)
 from scalemlo.hypergrad.shared_forward import SharedForward
@@ -147,12 +147,13 @@ class _Schedule(TrainerCallback):
         self.trainer._maybe_meta_step()
 
 
-class ReweightingTrainer(TokenMeanEvaluation):
+class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
     """A ``transformers.Trainer`` that learns how to weight its training data (see the module docstring).
 
     Evaluation (``evaluate()``, ``--eval_strategy``, ``load_best_model_at_end``, ``predict()``) reports the
     unweighted token-mean loss and its perplexity, whatever the weighting
-    (:mod:`scalemlo.hf.evaluation`).
+    (:mod:`scalemlo.hf.evaluation`); ``save_model`` writes a model card beside the model
+    (:mod:`scalemlo.hf.model_card`).
 
     Args:
         meta_dataset: the clean meta set (tokenized like the training set:
@@ -604,61 +605,13 @@ class ReweightingTrainer(TokenMeanEvaluation):
     def _final_weights(self) -> torch.Tensor:
         """``score()`` of the training set, computed once per (optimizer step, meta step): a checkpoint's model
         card and its weight exports share it. Every rank must call it (a ZeRO-3 model's forward is collective)."""
-        key = (self.state.global_step, self._meta_level.steps if self.mlo is not None else 0)
+        key = self._score_key()
         if self._scored is None or self._scored[0] != key:
             self._scored = (key, self.score())
         return self._scored[1]
 
-    def _card_needs_weights(self) -> bool:
-        return "source" in (getattr(self.train_dataset, "column_names", None) or [])
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """``Trainer.save_model``, then the model card ``README.md`` beside the model (:meth:`create_model_card`),
-        in checkpoints too. Every rank must call it, as the Trainer's: the card's per-source weights are the
-        final weights of the training set (``score()``: a forward over it when the data have sources, shared
-        with a checkpoint's weight exports)."""
-        super().save_model(output_dir, _internal_call=_internal_call)
-        weights = self._final_weights() if self._card_needs_weights() else None
-        self.create_model_card(output_dir=output_dir, weights=weights)
-
-    def create_model_card(
-        self,
-        model_name: str | None = None,
-        dataset_name: str | list[str] | None = None,
-        tags: str | list[str] | None = None,
-        metrics: Mapping[str, float] | None = None,
-        output_dir: str | None = None,
-        weights: torch.Tensor | None = None,
-        **kwargs,
-    ) -> None:
-        """Write the model card ``README.md`` to ``output_dir`` (default output_dir) on the main process, as TRL's
-        trainers do (replacing the Trainer's draft, which knows nothing of the weighting): base model, data,
-        reweighting scheme, method and unroll steps, the learned per-source weights and held-out results
-        (:mod:`scalemlo.hf.model_card`). ``push_to_hub`` calls it after ``save_model``, before the upload.
-
-        Args:
-            model_name: the card's title (default: the Hub repo's name, else the output folder's).
-            dataset_name: Hub dataset id(s) of the training data (front matter ``datasets``); also read from
-                the Trainer's ``dataset`` keyword.
-            tags: tags beside ``scalemlo`` and ``data-reweighting``.
-            metrics: held-out results beside :attr:`model_card_metrics` (e.g. the baselines' losses).
-            output_dir: where to write it.
-            weights: float [N] the training set's final weights (default: those of this step, if computed on
-                every rank, or computed here in a one-process run).
-            kwargs: the Trainer's other card arguments (``language``, ``license``, ``finetuned_from``, ...):
-                accepted and not used.
-        """
-        dataset_name = dataset_name or kwargs.get("dataset")
-        if weights is None and self._card_needs_weights():
-            key = (self.state.global_step, self._meta_level.steps if self.mlo is not None else 0)
-            if self._scored is not None and self._scored[0] == key:
-                weights = self._scored[1]
-            elif world_size() == 1:
-                weights = self._final_weights()
-        if not self.is_world_process_zero():
-            return
-        facts = trainer_facts(self, weights, model_name, dataset_name, tags, metrics)
-        write_model_card(output_dir or self.args.output_dir, render_model_card(facts))
+    def _score_key(self) -> tuple[int, int]:
+        return self.state.global_step, self._meta_level.steps if self.mlo is not None else 0
 
     def save_weighted_dataset(self, directory: str | os.PathLike | None = None, weights=None):
         """The training set as given (text columns kept) with its learned weights, as ``--save_weighted_dataset``
