@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from scalemlo.checkpoint import check_files, read_plain
 from scalemlo.distributed import (
     ensure_distributed,
     finite_on_every_rank,
@@ -327,7 +328,7 @@ class TorchBackend(_Backend):
                 os.fsync(fh.fileno())
 
     def load(self, directory: Path) -> None:
-        state = torch.load(directory / "torch_state.pt", weights_only=False)
+        state = read_plain(directory / "torch_state.pt")
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
@@ -588,6 +589,9 @@ class DeepSpeedBackend(_Backend):
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={}, save_latest=False)
 
     def load(self, directory: Path) -> None:
+        """DeepSpeed's own checkpoint, once its files are seen to hold only tensors, plain data and the few
+        DeepSpeed classes it saves (DeepSpeed unpickles them with ``weights_only=False``)."""
+        check_files(directory)
         loaded, _ = self.engine.load_checkpoint(
             str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
         )

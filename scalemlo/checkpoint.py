@@ -15,16 +15,28 @@ finished and the manifest (written last) lists every file; ``latest`` (a
 one-line file in the parent naming the newest checkpoint) moves after that. A
 crash mid-save therefore never leaves a directory that looks complete, and
 loading checks that every file the manifest lists is there, at its size.
+
+Loading runs no code from the checkpoint: a checkpoint may come from someone
+else (a Trainer checkpoint pulled from the Hub), and unpickling arbitrary
+objects can call any function the file names. scalemlo's own files are read
+with ``torch.load(weights_only=True)``, which rebuilds only tensors and plain
+data (plus numpy's RNG state, allowed by name); DeepSpeed reads its files with
+``weights_only=False``, so before handing a level's DeepSpeed checkpoint over,
+every file in it is inspected without unpickling and refused if its pickle
+names a callable outside that set and the few plain classes DeepSpeed saves.
+A refused file is a :class:`CheckpointError` naming it and what it holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +57,122 @@ PREFIX = "checkpoint-"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, incomplete, corrupt or of another program."""
+    """A checkpoint that cannot be used: missing, incomplete, corrupt, of another program, or holding objects
+    other than tensors and plain data."""
+
+
+# ---- reading files without running code from them -----------------------------------
+
+
+def _qualified(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def _numpy_rng_globals() -> list[Any]:
+    """What ``np.random.get_state()`` pickles as: an array of uint32 with its dtype (numpy 2 reads a file
+    written under numpy 1, which names ``numpy.core``, too)."""
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    found = [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    if _qualified(multiarray._reconstruct) != "numpy.core.multiarray._reconstruct":
+        found.append((multiarray._reconstruct, "numpy.core.multiarray._reconstruct"))
+    return found
+
+
+def _names(safe_globals: Iterable[Any]) -> set[str]:
+    """The names under which ``torch.serialization.safe_globals`` entries are allowed."""
+    return {g[1] if isinstance(g, tuple) else _qualified(g) for g in safe_globals}
+
+
+# The classes DeepSpeed 0.19 pickles into its checkpoints besides tensors and plain data: the fp16 loss
+# scaler objects, the ZeRO stage enum, and the fragment records of a ZeRO/bf16 optimizer's state.
+DEEPSPEED_GLOBALS = frozenset(
+    {
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.utils.tensor_fragment.fragment_address",
+    }
+)
+
+
+def _not_plain(file: Path, allowed: Iterable[str]) -> list[str]:
+    """The callables ``file``'s pickle names beyond torch's ``weights_only`` set and ``allowed``, read
+    statically (nothing is unpickled).
+
+    Raises:
+        CheckpointError: ``file`` is not a ``torch.save`` zip file, or its pickle uses an opcode torch's
+            reader does not follow (one that could reach a callable another way).
+    """
+    try:
+        named = torch.serialization.get_unsafe_globals_in_checkpoint(file)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as exc:
+        raise CheckpointError(
+            f"{file} was not loaded: it cannot be checked to hold only tensors and plain data ({exc})"
+        ) from None
+    allowed = set(allowed) | _names(_numpy_rng_globals()) | _names(torch.serialization.get_safe_globals())
+    return sorted(set(named) - allowed)
+
+
+def _refusal(file: Path, names: Sequence[str], how: str) -> CheckpointError:
+    return CheckpointError(
+        f"{file} holds objects other than tensors and plain data ({', '.join(names)}) and was not loaded: "
+        f"{how} could run code the file carries. If you wrote this checkpoint yourself and trust it, allow those "
+        "types with torch.serialization.add_safe_globals([...]) before loading"
+    )
+
+
+@contextlib.contextmanager
+def allowing(safe_globals: Sequence[Any]):
+    """``torch.serialization.safe_globals(safe_globals)`` that leaves entries the user added beforehand in place
+    on exit (torch's context removes every entry it was given)."""
+    already = _names(torch.serialization.get_safe_globals())
+    missing = [g for g in safe_globals if not _names([g]) <= already]
+    with torch.serialization.safe_globals(missing):
+        yield
+
+
+def read_plain(file: str | os.PathLike, map_location: Any = None) -> Any:
+    """``torch.load`` a file of tensors and plain data (dicts, lists, tuples, numbers, strings; numpy's RNG
+    state), running no code from it.
+
+    Types a user registered with ``torch.serialization.add_safe_globals`` (a batch class of their own, say)
+    are read too.
+
+    Args:
+        file: a file written by ``torch.save``.
+        map_location: as for ``torch.load``.
+
+    Returns:
+        The object saved in ``file``.
+
+    Raises:
+        CheckpointError: the file holds other objects (naming the file and their types); nothing of it was
+            unpickled.
+    """
+    file = Path(file)
+    try:
+        with allowing(_numpy_rng_globals()):
+            return torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        names = _not_plain(file, ())  # a CheckpointError itself when the pickle cannot be followed
+        if not names:
+            raise  # refused for another reason than what it holds (a damaged file)
+        raise _refusal(file, names, "unpickling them") from None
+
+
+def check_files(directory: str | os.PathLike, allowed: Iterable[str] = DEEPSPEED_GLOBALS) -> None:
+    """Refuse the ``torch.save`` files under ``directory`` (``*.pt``, at any depth) whose pickles name callables
+    other than tensors, plain data and ``allowed``; nothing is unpickled.
+
+    For files another library unpickles with ``weights_only=False`` (DeepSpeed's checkpoints), before it does.
+
+    Raises:
+        CheckpointError: naming the first such file and what it names.
+    """
+    for file in sorted(Path(directory).rglob("*.pt")):
+        names = _not_plain(file, allowed)
+        if names:
+            raise _refusal(file, names, "unpickling them (DeepSpeed loads with torch.load(weights_only=False))")
 
 
 # ---- random number generators ---------------------------------------------------
@@ -307,8 +434,8 @@ def load(engine: Engine, path: str | os.PathLike, levels: Iterable[str] | None =
 
     Raises:
         CheckpointError: the checkpoint is missing, incomplete or corrupt (naming the last complete
-            one), or belongs to another program (naming the differences); raised before anything
-            is loaded.
+            one), belongs to another program (naming the differences), or a file of it holds objects
+            other than tensors and plain data (naming it); raised before anything is loaded.
     """
     path = resolve(path)
     manifest = json.loads((path / MANIFEST).read_text())
@@ -326,10 +453,15 @@ def load(engine: Engine, path: str | os.PathLike, levels: Iterable[str] | None =
         log.warning("resuming %s with changed level settings (the run will not replay exactly): %s", path, changed)
     rank_file = path / f"rank-{rank():05d}.pt"
     try:
-        state = torch.load(rank_file, weights_only=False)
+        state = read_plain(rank_file)
+    except CheckpointError:
+        raise
     except Exception as exc:  # a damaged file of the right size
         raise CheckpointError(f"{path}: {rank_file.name} cannot be read ({exc})") from None
-    for name in manifest.get("levels_saved", list(engine.levels)) if levels is None else levels:
+    to_load = manifest.get("levels_saved", list(engine.levels)) if levels is None else list(levels)
+    for name in to_load:
+        check_files(path / "levels" / name)
+    for name in to_load:
         engine.levels[name].backend.load(path / "levels" / name)
     for name, lv in engine.levels.items():
         lv.load_state_dict(state["levels"][name])

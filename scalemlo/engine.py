@@ -227,7 +227,8 @@ class Engine:
 
         Raises:
             scalemlo.checkpoint.CheckpointError: missing, incomplete or corrupt (naming the last
-                complete checkpoint), or saved by another program (naming the differences).
+                complete checkpoint), saved by another program (naming the differences), or holding
+                objects other than tensors and plain data (naming the file; nothing of it is unpickled).
         """
         if path is None:
             if self.config.checkpoint_dir is None:

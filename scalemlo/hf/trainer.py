@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import BatchEncoding, TrainerCallback
 
 from scalemlo import checkpoint as scalemlo_checkpoint
 from scalemlo.backend import (
@@ -80,6 +80,9 @@ log = logging.getLogger(__name__)
 
 SCALEMLO_DIR = "scalemlo"  # inside checkpoint-STEP: the meta level, data positions, method state, RNGs
 SAMA_LAST_STEP = "sama_last_step.rank{rank}.pt"  # inside checkpoint-STEP: the model's last step, as sama reads it
+# What transformers' collators (DataCollatorWithPadding, DataCollatorForLanguageModeling) batch into; a checkpoint
+# holds the last steps' batches (for an exact resume), which loading allows besides tensors and plain data.
+BATCH_TYPES = [BatchEncoding]
 
 
 def per_example_losses(module: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -423,7 +426,8 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         if args.hypergradient_method == "sama":
             self._keep_step_gradients(model_level.backend)
         if self._resume_dir is not None:
-            scalemlo_checkpoint.load(self.mlo, self._resume_dir / SCALEMLO_DIR, levels=["meta"])
+            with scalemlo_checkpoint.allowing(BATCH_TYPES):
+                scalemlo_checkpoint.load(self.mlo, self._resume_dir / SCALEMLO_DIR, levels=["meta"])
             # a meta step made due by the checkpoint's step is taken in the step after it
             self._meta_due = self._shared and self._meta_step_due_after(self.state.global_step)
             if self._meta_due and args.hypergradient_method == "sama":
@@ -479,7 +483,7 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
                 f"--resume_from_checkpoint {checkpoint}: a sama meta step is due at step {self.state.global_step} "
                 f"and reads the model's last step, whose record {path.name} the checkpoint lacks"
             )
-        record = torch.load(path, map_location="cpu", weights_only=True)
+        record = scalemlo_checkpoint.read_plain(path, map_location="cpu")
         backend = self._model_level.backend
         grads = [g.to(backend.stepped_tensor(p).device) for g, p in zip(record["grads"], backend.params)]
         backend.last_step = LastStep(lrs=record["lrs"], fresh=record["fresh"], grads=grads)
@@ -667,6 +671,10 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
                 raise ValueError(
                     f"--resume_from_checkpoint {path} is not a complete checkpoint of a ReweightingTrainer run ({exc})"
                 ) from None
+            # DeepSpeed reads the model's engine state with weights_only=False; transformers reads the rest
+            # (optimizer.pt, scheduler.pt, rng_state.pth) with weights_only=True
+            with scalemlo_checkpoint.allowing(BATCH_TYPES):
+                scalemlo_checkpoint.check_files(path)
             self._resume_dir = path
         self._check_output_dir(resuming=bool(resume_from_checkpoint))
         output = super().train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None,
