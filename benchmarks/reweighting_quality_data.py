@@ -6,7 +6,9 @@ or executed). Packages Debian ships apart from ``libpython3.x-stdlib`` or that
 newer Pythons removed (``tkinter``, ``idlelib``, ``turtledemo``, ``lib2to3``,
 ``distutils``, ``ensurepip``) and every test package are skipped, so any Debian
 or python.org build of Python 3.10+ has the files. The texts change between
-Python releases: results are comparable for one Python version (reported).
+Python releases: results are comparable for one Python version (reported). The
+reading is ``examples/llm_reweighting/stdlib_text.py``'s, shared with the main job's
+pre-training text.
 
 **Instruction tuning** (:func:`instruction_task`). One example per public
 module-level function or public method with a docstring: the prompt is
@@ -38,12 +40,14 @@ from __future__ import annotations
 import ast
 import functools
 import random
-import sysconfig
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-SKIPPED_PARTS = {"idlelib", "tkinter", "turtledemo", "lib2to3", "distutils", "ensurepip", "site-packages",
-                 "dist-packages", "__pycache__", "pydoc_data", "encodings", "__phello__"}  # fmt: skip
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "llm_reweighting"))
+from stdlib_text import docstring_documents, stdlib_files  # noqa: E402  (shared with the main job's pre-training)
+from stdlib_text import words as _words  # noqa: E402
+
 INSTRUCTION_CORRUPTIONS = ("other_prompt", "wrong_same_module")
 DOMAIN_SOURCES: dict[str, tuple[str, ...]] = {
     "email": ("email",),
@@ -56,36 +60,6 @@ DOMAIN_SOURCES: dict[str, tuple[str, ...]] = {
     "xml": ("xml",),
 }
 TARGET_SOURCES = ("email", "web")
-
-
-def stdlib_dir() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def stdlib_files(packages: tuple[str, ...] | None = None) -> Iterator[tuple[str, ast.Module]]:
-    """(dotted module name, parsed tree) of the standard library's source files, sorted by path; only the
-    files under ``packages`` (top-level names) if given. Test packages and ``SKIPPED_PARTS`` are left out."""
-    root = stdlib_dir()
-    paths = (
-        root.rglob("*.py")
-        if packages is None
-        else (p for name in packages for p in [root / f"{name}.py", *(root / name).rglob("*.py")] if p.is_file())
-    )
-    for path in sorted(paths):
-        parts = path.relative_to(root).with_suffix("").parts
-        if SKIPPED_PARTS & set(parts) or any(p.startswith("test") for p in parts):
-            continue
-        if packages is not None and parts[0] not in packages:
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):  # a file written for another Python
-            continue
-        yield ".".join(p for p in parts if p != "__init__"), tree
-
-
-def _words(text: str) -> list[str]:
-    return " ".join(text.split()).split()
 
 
 def _functions(tree: ast.Module) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef, bool]]:
@@ -163,37 +137,6 @@ def instruction_task(seed: int, corruption_rate: float = 0.3, heldout: int = 400
     for name in ("heldout", "meta"):
         splits[name] = [{**p, "corrupted": False, "corruption": ""} for p in splits[name]]
     return splits
-
-
-def docstring_documents(packages: tuple[str, ...], max_words: int = 48, min_words: int = 12) -> list[str]:
-    """The docstrings of every module, class and function under ``packages``, split at blank lines into
-    paragraphs (whitespace collapsed) and packed greedily into documents of at most ``max_words`` words
-    (longer paragraphs cut); documents under ``min_words`` dropped, exact repeats kept once."""
-    documents, seen = [], set()
-    for _, tree in stdlib_files(packages):
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            doc = ast.get_docstring(node)
-            if not doc:
-                continue
-            current: list[str] = []
-            for paragraph in doc.split("\n\n"):
-                words = _words(paragraph)
-                for start in range(0, len(words), max_words):
-                    piece = words[start : start + max_words]
-                    if current and len(current) + len(piece) > max_words:
-                        documents.append(" ".join(current))
-                        current = []
-                    current.extend(piece)
-            if current:
-                documents.append(" ".join(current))
-    kept = []
-    for text in documents:
-        if len(text.split()) >= min_words and text not in seen:
-            seen.add(text)
-            kept.append(text)
-    return kept
 
 
 def domain_task(seed: int, heldout_per_target: int = 40, meta_per_target: int = 20) -> dict:

@@ -32,7 +32,9 @@ def script():
 @pytest.fixture(scope="module")
 def short_run(script, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    report = script.main([f"--output_dir={out}", "--max_steps=6", "--meta_warmup_steps=2", "--logging_steps=2"])
+    # the default run's pre-trained start, shortened: 4 steps, cached beside the run
+    report = script.main([f"--output_dir={out}", "--max_steps=6", "--meta_warmup_steps=2", "--logging_steps=2",
+                          "--pretrain_steps=4", f"--pretrain_cache={out / 'pretrained'}"])  # fmt: skip
     return out, report
 
 
@@ -58,6 +60,8 @@ def test_the_default_run_reports_what_it_promises(short_run):
     versions = report["versions"]  # what the numbers depend on
     assert versions["transformers"] and versions["python"] and versions["cpu"]
     assert (out / "weights.png").stat().st_size > 1000
+    card = (out / "README.md").read_text()  # the saved model's card names every run's held-out loss
+    assert (out / "config.json").is_file() and all(f"heldout_loss_{k}" in card for k in ("uniform", "learned"))
     weights = json.loads((out / "weights.json").read_text())
     assert len(weights["examples"]) > 0 and set(weights["sources"]) == set(report["source_weights"])
 
@@ -65,7 +69,8 @@ def test_the_default_run_reports_what_it_promises(short_run):
 def test_the_signal_diagnosis_runs_on_the_default_corpus(short_run):
     out, _ = short_run
     module = examples_helper.load_file(SCRIPT.parent / "diagnose_signal.py", "diagnose_signal")
-    (row,) = module.main(["--steps=2", "--at", "2", f"--work_dir={out}", f"--out={out / 'signal.json'}"])
+    (row,) = module.main(["--steps=2", "--at", "2", f"--work_dir={out}", f"--out={out / 'signal.json'}",
+                          "--pretrain_steps=4", f"--pretrain_cache={out / 'pretrained'}"])  # fmt: skip
     kinds = {"all", "char_noise", "near_duplicate", "other_script", "shuffled"}
     for signal in ("dot", "cos", "pdot", "votes_pdot", "neg_loss"):
         assert set(row[signal]) == kinds and all(0.0 <= v <= 1.0 for v in row[signal].values())

@@ -13,11 +13,13 @@ through ``datasets`` from local files (json, jsonl, csv or text): text in a
 
 Without arguments it runs the default: a corpus built from the text shipped
 with Python (``corpus.py``: five sources, half of three sources' documents
-corrupted, 30 % of all), a tokenizer trained on it, a small GPT-2-style model
-from a config; uniform weighting and learned weighting with the same budget; the
-held-out clean loss of both, the ROC-AUC of the learned weights separating
-corrupted from clean documents, the mean weight per source, ``report.json``
-and ``weights.png`` in the output directory.
+corrupted, 30 % of all), a small GPT-2-style model pre-trained briefly on other
+text shipped with Python (``pretrain.py``: the standard library's docstrings,
+cached), fine-tuned with learned weighting and with each uniform baseline on
+the same budget, initialisation and data order; the held-out clean loss of
+each, the ROC-AUC of the learned weights separating corrupted from clean
+documents, the mean weight per source, ``report.json`` and ``weights.png`` in
+the output directory.
 """
 
 from __future__ import annotations
@@ -96,6 +98,14 @@ class RunArguments:
         default=0, metadata={"help": "--reweighting scorer: hidden units of the scorer (0: linear)"}
     )
     corpus_seed: int = field(default=0, metadata={"help": "Default run: seed of the built corpus"})
+    pretrain_steps: int = field(
+        default=0,
+        metadata={"help": "Default run: fine-tune a model pre-trained this many steps on other clean text "
+                  "(pretrain.py, seeded by --model_seed, cached); 0: train a model built from a config, from scratch"},
+    )  # fmt: skip
+    pretrain_cache: str = field(
+        default="runs/pretrained", metadata={"help": "Default run: where pre-trained starting models are cached"}
+    )
 
     def baseline_names(self) -> list[str]:
         choice = self.baselines.strip().lower()
@@ -245,23 +255,40 @@ def flag_value(argv: list[str], name: str, default):
     return value
 
 
-def default_run_argv(out: Path, seed: int) -> list[str]:
-    """Build the default corpus, tokenizer and model config under ``out``; the flags that use them."""
+def default_run_argv(argv: list[str]) -> list[str]:
+    """Build the default corpus (and tokenizer and model config) under the output directory and, with
+    ``pretrain_steps`` > 0, the pre-trained starting model in ``pretrain_cache`` (``pretrain.py``, reused when
+    there); the flags that use them, before ``argv``'s own."""
     import corpus
+    import pretrain
 
-    data = out / "corpus"
-    if is_main_process() and not corpus.is_built(data, seed):  # absent, or another seed, settings or Python
-        corpus.build_corpus(data, seed=seed)
-        tokenizer = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
-        corpus.model_config(tokenizer).save_pretrained(str(data / "model_config"))
+    flags = default_flags()
+    out = Path(flag_value(argv, "output_dir", flags["output_dir"]))
+    seed = int(flag_value(argv, "corpus_seed", flags.get("corpus_seed", 0)))
+    steps = int(flag_value(argv, "pretrain_steps", flags.get("pretrain_steps", 0)))
+    cache = Path(flag_value(argv, "pretrain_cache", flags.get("pretrain_cache", "runs/pretrained")))
+    model_seed = int(flag_value(argv, "model_seed", flags.get("model_seed", 0)))
+    data, start = out / "corpus", None
+    if is_main_process():
+        if not corpus.is_built(data, seed):  # absent, or another seed, settings or Python
+            corpus.build_corpus(data, seed=seed)
+            tokenizer = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
+            corpus.model_config(tokenizer).save_pretrained(str(data / "model_config"))
+        if steps > 0:
+            start = pretrain.pretrain(cache, model_seed, steps=steps)
     from scalemlo.checkpoint import barrier
 
     barrier()
-    flags = {**default_flags(), "output_dir": str(out)}
+    if steps > 0 and start is None:  # another rank: the directory rank 0 built (its name follows the settings)
+        start = pretrain.pretrain(cache, model_seed, steps=steps)
+    flags["output_dir"] = str(out)
     argv = [f"--{k}={v}" for k, v in flags.items() if k != "report_to"] + ["--report_to", "none"]
     argv += [f"--train_file={data / 'train.jsonl'}", f"--meta_file={data / 'meta.jsonl'}",
-             f"--validation_file={data / 'validation.jsonl'}", f"--heldout_file={data / 'heldout.jsonl'}",
-             f"--config_name={data / 'model_config'}", f"--tokenizer_name={data / 'tokenizer'}"]  # fmt: skip
+             f"--validation_file={data / 'validation.jsonl'}", f"--heldout_file={data / 'heldout.jsonl'}"]  # fmt: skip
+    if start is not None:
+        argv += [f"--model_name_or_path={start}", f"--tokenizer_name={start}"]
+    else:
+        argv += [f"--config_name={data / 'model_config'}", f"--tokenizer_name={data / 'tokenizer'}"]
     return argv
 
 
@@ -274,9 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not any(a.startswith(("--train_file", "--dataset_name")) for a in argv) and not (
         len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml"))
     ):  # the default run (other flags given override its defaults)
-        out = flag_value(argv, "output_dir", default_flags()["output_dir"])
-        seed = int(flag_value(argv, "corpus_seed", 0))
-        argv = default_run_argv(Path(out), seed) + argv
+        argv = default_run_argv(argv) + argv
     model_args, data, run, args = parse(argv)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
@@ -359,6 +384,9 @@ def main(argv: list[str] | None = None) -> dict:
         results["heldout_loss_learned"] = heldout_loss(trainer.model, tokenized["heldout"], collate)
     weights = dataset_weights(trainer.reweighter, trainer.model, tokenized["train"], collate)
     report = make_report(results, weights, learned_train, data, names, trainer, start)
+    # the fine-tuned model, its weight exports and a model card that names the baselines' held-out losses
+    trainer.model_card_metrics = {k: v for k, v in report.items() if k.startswith("heldout_loss_")}
+    trainer.save_model()
     if is_main_process():
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.output_dir) / "report.json").write_text(json.dumps(report, indent=1))
