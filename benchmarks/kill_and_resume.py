@@ -86,7 +86,9 @@ def run_to_end(cmd: list[str]) -> tuple[str, float]:
             times.append(time.perf_counter())
     err = proc.stderr.read()
     if proc.wait() != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{''.join(lines)[-3000:]}\n{err[-3000:]}")
+        # every rank's traceback (a launcher reports the rank that died first, then the others' barrier errors)
+        tracebacks = "".join(line for line in err.splitlines(keepends=True) if line.startswith("[rank"))
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{''.join(lines)[-3000:]}\n{err[-3000:]}\n{tracebacks[-20000:]}")
     gaps = sorted(b - a for a, b in zip(times, times[1:]))
     return "".join(lines), gaps[len(gaps) // 2] if gaps else 0.1
 
