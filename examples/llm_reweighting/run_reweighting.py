@@ -43,7 +43,7 @@ from scalemlo.distributed import ensure_distributed, is_main_process  # noqa: E4
 from scalemlo.hf import ReweightingArguments, ReweightingTrainer, reset_trainer_state  # noqa: E402
 from scalemlo.hf.losses import per_example_causal_lm_loss  # noqa: E402
 from scalemlo.hf.reweighting import source_index  # noqa: E402
-from scalemlo.hf.scorer import dataset_weights, near_copy_counts  # noqa: E402
+from scalemlo.hf.scorer import near_copy_counts  # noqa: E402
 
 log = logging.getLogger("llm_reweighting")
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".text": "text"}
@@ -379,10 +379,9 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     results["seconds_learned"] = time.perf_counter() - t0
-    trainer.export_weights()
+    weights = trainer.export_weights()  # the final weighting's weight of every training example, mean 1
     if "heldout" in tokenized:
         results["heldout_loss_learned"] = heldout_loss(trainer.model, tokenized["heldout"], collate)
-    weights = dataset_weights(trainer.reweighter, trainer.model, tokenized["train"], collate)
     report = make_report(results, weights, learned_train, data, names, trainer, start)
     # the fine-tuned model, its weight exports and a model card that names the baselines' held-out losses
     trainer.model_card_metrics = {k: v for k, v in report.items() if k.startswith("heldout_loss_")}
