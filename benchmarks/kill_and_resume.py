@@ -76,6 +76,16 @@ def _env() -> dict:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def rank_tracebacks(err: str, tail: int = 12) -> str:
+    """The last ``tail`` lines each rank wrote with a ``[rankN]:`` prefix, ranks in order, first in a failure's
+    report: the rank that died first is the one to read, the others' barrier errors follow from it."""
+    by_rank: dict[str, list[str]] = {}
+    for line in err.splitlines(keepends=True):
+        if line.startswith("[rank") and "]" in line:
+            by_rank.setdefault(line[: line.index("]") + 1], []).append(line)
+    return "".join("".join(by_rank[r][-tail:]) for r in sorted(by_rank))
+
+
 def run_to_end(cmd: list[str]) -> tuple[str, float]:
     """Run ``cmd`` to the end; returns its output and the median time between its ``step`` lines."""
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -86,9 +96,7 @@ def run_to_end(cmd: list[str]) -> tuple[str, float]:
             times.append(time.perf_counter())
     err = proc.stderr.read()
     if proc.wait() != 0:
-        # every rank's traceback (a launcher reports the rank that died first, then the others' barrier errors)
-        tracebacks = "".join(line for line in err.splitlines(keepends=True) if line.startswith("[rank"))
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{''.join(lines)[-3000:]}\n{err[-3000:]}\n{tracebacks[-20000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{rank_tracebacks(err)}\n{''.join(lines)[-1000:]}\n{err[-1000:]}")
     gaps = sorted(b - a for a, b in zip(times, times[1:]))
     return "".join(lines), gaps[len(gaps) // 2] if gaps else 0.1
 

@@ -70,6 +70,12 @@ def isolate(args: Any) -> None:
     """
     forget_leftover_deepspeed_flag(args.deepspeed)
     reset_trainer_state()
+    # The arguments' own process state again (accelerate's PartialState from their use_cpu/ddp_backend and the
+    # launcher's ranks), which the reset forgot: the Accelerator the Trainer builds next reuses it. Built by the
+    # Accelerator alone it would miss use_cpu, and a CPU run under a launcher would be one process on every
+    # rank: each rank its own process zero (all of them saving), the training data not split between them.
+    args.__dict__.pop("_setup_devices", None)  # a cached_property of TrainingArguments
+    _ = args.device
     config = getattr(args, "hf_deepspeed_config", None)
     if args.deepspeed and config is not None:
         from transformers.integrations.deepspeed import set_hf_deepspeed_config

@@ -240,8 +240,8 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
     def create_accelerator_and_postprocess(self) -> None:
         """The Trainer's accelerator, built after an earlier Trainer's process-wide state is forgotten, and for
         a one-process run without DDP (:mod:`scalemlo.hf.state`)."""
-        isolate(self.args)
         with one_process_view(self.args.deepspeed):
+            isolate(self.args)
             super().create_accelerator_and_postprocess()
 
     # ---- checks before anything runs ------------------------------------------------------------

@@ -23,7 +23,7 @@ from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from scalemlo.distributed import add_launcher_arguments, rank
+from scalemlo.distributed import add_launcher_arguments, rank, world_size
 from scalemlo.hf import ReweightingArguments, ReweightingTrainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,6 +67,9 @@ def main() -> None:
         meta_dataset=Dataset.from_list(rows(16, False, 1)), data_collator=collate,
         reweighter_kwargs={"sources": ["clean", "noisy"]}, callbacks=[Announce()],
     )  # fmt: skip
+    # the Trainer's side sees the launcher's ranks: one process zero, the training data split between ranks
+    assert (trainer.accelerator.num_processes, trainer.args.process_index) == (world_size(), rank()), (
+        trainer.accelerator.num_processes, trainer.args.process_index, world_size(), rank())  # fmt: skip
     resume = options.resume and Path(options.output_dir).is_dir() and get_last_checkpoint(options.output_dir)
     if resume and rank() == 0:
         print(f"resumed from {Path(resume).name}", flush=True)
