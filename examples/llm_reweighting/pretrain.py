@@ -10,7 +10,8 @@ Python, none of it the corpus's ``pydoc_data`` text), with a byte-level BPE toke
 
 The result is cached: ``pretrain(cache_dir, seed)`` returns ``cache_dir/seed<seed>-<key>`` (the model and
 tokenizer, for ``from_pretrained``, and ``pretrain_info.json``) and builds it only when absent; the key hashes
-the settings, the texts and the Python, torch and transformers versions. The directory is written
+the settings, the texts, the Python, torch and transformers versions and the thread count (the CPU kernels
+split sums by thread: 1 and 2 threads train other digits). The directory is written
 under a temporary name and renamed when complete, so an interrupted build is never reused.
 
     python examples/llm_reweighting/pretrain.py --cache runs/pretrained --seed 0
@@ -73,7 +74,9 @@ def _key(seed: int, settings: PretrainSettings, texts: list[str]) -> str:
     import torch
     import transformers
 
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
+    # the thread count too: the CPU kernels split their sums by thread, so 1 and 2 threads train other digits
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
+                "threads": torch.get_num_threads()}
     record = {"seed": seed, "settings": dataclasses.asdict(settings), "texts": stdlib_text.texts_hash(texts)}
     record.update(versions)
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
