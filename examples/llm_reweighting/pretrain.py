@@ -75,8 +75,12 @@ def _key(seed: int, settings: PretrainSettings, texts: list[str]) -> str:
     import transformers
 
     # the thread count too: the CPU kernels split their sums by thread, so 1 and 2 threads train other digits
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
-                "threads": torch.get_num_threads()}
+    versions = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+    }
     record = {"seed": seed, "settings": dataclasses.asdict(settings), "texts": stdlib_text.texts_hash(texts)}
     record.update(versions)
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
