@@ -77,6 +77,21 @@ def test_the_signal_diagnosis_runs_on_the_default_corpus(short_run):
     assert json.loads((out / "signal.json").read_text())["rows"] == [row]
 
 
+def test_dropping_kinds_trains_the_baseline_without_them(short_run, tmp_path):
+    out, _ = short_run
+    module = examples_helper.load_file(SCRIPT.parent / "drop_kinds.py", "drop_kinds")
+    cache = f"--pretrain_cache={out / 'pretrained'}"
+    report = module.main([f"--output_dir={tmp_path}", "--max_steps=2", "--meta_warmup_steps=2", "--kinds",
+                          "char_noise,other_script", "--pretrain_steps=4", cache])  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "corpus" / "train.jsonl").read_text().splitlines()]
+    kept = [json.loads(line) for line in
+            (tmp_path / "corpus" / "train_without_char_noise_other_script.jsonl").read_text().splitlines()]  # fmt: skip
+    assert kept == [r for r in rows if r["corruption"] not in ("char_noise", "other_script")] and len(kept) < len(rows)
+    assert "heldout_loss_uniform_plus_meta" in report and "heldout_loss_uniform" not in report
+    with pytest.raises(ValueError, match="--kinds: unknown \\['typos'\\]"):
+        module.main([f"--output_dir={tmp_path}", "--kinds=typos"])
+
+
 def write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
