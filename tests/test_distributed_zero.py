@@ -152,3 +152,12 @@ def test_reductions_run_over_each_levels_data_parallel_group(launch, lower):
     assert r["group_sizes"] == {"model": 2, "weights": 2} and not any(r["group_is_default"])
     assert r["reductions"] > 0 and r["reductions_over_the_levels_groups"] == r["reductions"]
     assert "data-parallel group has 1 of 2 ranks" in r["refused"] and "without an mpu" in r["refused"]
+
+
+def test_the_balanced_selection_keeps_one_state_over_the_ranks(launch):
+    """Each rank chooses from its own pool; the ages gathered after each step are the one-process schedule's."""
+    record = record_of(launch, "selection/balanced/{}/upper0/lower0")
+    assert "error" not in record, record.get("traceback", record.get("error"))
+    assert record["world_size"] == 2
+    assert record["same_choices"] and record["ages_as_one_process"] and record["ages_same_on_ranks"]
+    assert record["ages_sum"] > 0

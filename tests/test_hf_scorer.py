@@ -187,7 +187,7 @@ def test_a_drawn_batch_trains_with_weight_one_and_the_sampling_gradient():
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def toy_trainer(tmp_path, **kwargs):
+def toy_trainer(tmp_path, scorer_kwargs=None, **kwargs):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(
         GPT2Config(
@@ -201,7 +201,7 @@ def toy_trainer(tmp_path, **kwargs):
     )  # fmt: skip
     settings.update(kwargs)
     train, meta = Dataset.from_list(rows(128, True, 0)), Dataset.from_list(rows(32, False, 1))
-    reweighter_kwargs = {"buckets": 64} if settings["reweighting"] == "scorer" else {}
+    reweighter_kwargs = {"buckets": 64, **(scorer_kwargs or {})} if settings["reweighting"] == "scorer" else {}
     args = ReweightingArguments(**settings)
     return ReweightingTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta, data_collator=collate,
                               reweighter_kwargs=reweighter_kwargs)  # fmt: skip

@@ -97,6 +97,15 @@ class RunArguments:
     scorer_hidden_size: int = field(
         default=0, metadata={"help": "--reweighting scorer: hidden units of the scorer (0: linear)"}
     )
+    scorer_centre: str = field(
+        default="meta",
+        metadata={"help": "--reweighting scorer: the sigmoid's centre, 'meta' (a quantile of the meta set's scores) "
+                  "or 'median' (each batch's)"},
+    )  # fmt: skip
+    scorer_reference_quantile: float = field(
+        default=0.1, metadata={"help": "--reweighting scorer, --scorer_centre meta: the quantile of the meta set's "
+                               "scores that is the centre"}
+    )  # fmt: skip
     corpus_seed: int = field(default=0, metadata={"help": "Default run: seed of the built corpus"})
     pretrain_steps: int = field(
         default=0,
@@ -151,9 +160,9 @@ def load_split(path: str | None, what: str, data: DataArguments, required: bool 
 
 
 def tokenize(dataset, tokenizer, data: DataArguments, args: ReweightingArguments, sources: dict[str, int] | None,
-             near_copies: bool = False):  # fmt: skip
-    """input_ids (+ id = row index, + source index, + near_copies: ``near_copy_counts`` of the texts) with the
-    long-sequence policy; the Collator pads them and adds attention_mask / labels."""
+             near_copies: list[int] | None = None):  # fmt: skip
+    """input_ids (+ id = row index, + source index, + the given near_copies counts) with the long-sequence
+    policy; the Collator pads them and adds attention_mask / labels."""
     max_length = args.max_length or tokenizer.model_max_length
     texts = list(dataset[data.text_column])
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -170,8 +179,8 @@ def tokenize(dataset, tokenizer, data: DataArguments, args: ReweightingArguments
     columns["id"] = list(range(len(texts)))
     if sources is not None:
         columns["source"] = [sources[s] for s in list(dataset[data.source_column])]
-    if near_copies:
-        columns["near_copies"] = near_copy_counts(texts)
+    if near_copies is not None:
+        columns["near_copies"] = near_copies
     from datasets import Dataset
 
     return Dataset.from_dict(columns)
@@ -339,8 +348,12 @@ def main(argv: list[str] | None = None) -> dict:
         [str(x) for x in list(learned_train[data.id_column])] if data.id_column in learned_train.column_names else None
     )
     scorer_features = [f.strip() for f in run.scorer_features.split(",") if f.strip()]
-    copies = args.reweighting == "scorer" and "near_copies" in scorer_features  # the learned run reads them
-    tokenized = {k: tokenize(ds, tokenizer, data, args, sources if k in train_sets else None, copies and k == "train")
+    counts = {}
+    if args.reweighting == "scorer" and "near_copies" in scorer_features:  # the learned run's data and meta set
+        texts = list(learned_train[data.text_column])  # with --train_on_meta the meta rows are its last
+        found = near_copy_counts(texts if run.train_on_meta else texts + list(meta[data.text_column]))
+        counts = {"train": found[: len(learned_train)], "meta": found[len(found) - len(meta) :]}
+    tokenized = {k: tokenize(ds, tokenizer, data, args, sources if k in train_sets else None, counts.get(k))
                  for k, ds in {**train_sets, "meta": meta, "validation": validation, "heldout": heldout}.items()
                  if ds is not None and (k == "train" or k not in train_sets or k in baselines)}  # fmt: skip
     reweighter_kwargs = {
@@ -351,6 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
             "features": scorer_features,
             "buckets": run.scorer_buckets,
             "hidden_size": run.scorer_hidden_size,
+            "centre": run.scorer_centre,
+            "reference_quantile": run.scorer_reference_quantile,
         },
     }.get(args.reweighting, {})
 

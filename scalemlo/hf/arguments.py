@@ -16,6 +16,7 @@ from scalemlo.config import SHARED_FORWARD_METHODS, LevelConfig
 from scalemlo.distributed import ensure_distributed
 from scalemlo.hf.adapters import require_peft
 from scalemlo.hf.exports import WEIGHTED_DATASET_MODES
+from scalemlo.hf.selection import SCHEDULES as SELECTION_SCHEDULES
 from scalemlo.hf.state import forget_leftover_deepspeed_flag, one_process_view
 
 META_OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -109,10 +110,18 @@ class ReweightingArguments(TrainingArguments):
     selection_pool: int = field(
         default=1,
         metadata=_help(
-            "Candidates per trained example: each micro-batch is drawn from selection_pool x "
-            "per_device_train_batch_size candidates with probabilities proportional to the learned weights, and "
-            "trains with weight 1 (1: every example of the batch trains, weighted). Needs a scheme that weighs an "
-            "example without the model's forward (scorer on ngrams, example, source)"
+            "Candidates per trained example: each micro-batch is chosen from selection_pool x "
+            "per_device_train_batch_size candidates in proportion to the learned weights (--selection_schedule), "
+            "and trains with weight 1 (1: every example of the batch trains, weighted). Needs a scheme that weighs "
+            "an example without the model's forward (scorer on ngrams, example, source)"
+        ),
+    )
+    selection_schedule: str = field(
+        default="balanced",
+        metadata=_help(
+            "With --selection_pool > 1, how candidates are chosen: balanced (the candidates of highest share x "
+            "(times passed over + 1): each example trains in proportion to its weight, at even intervals) or "
+            "random (drawn without replacement with probabilities proportional to the weights)"
         ),
     )
     save_weighted_dataset: str = field(
@@ -166,6 +175,7 @@ class ReweightingArguments(TrainingArguments):
             ("meta_optimizer", self.meta_optimizer, META_OPTIMIZERS),
             ("long_sequences", self.long_sequences, LONG_SEQUENCES),
             ("save_weighted_dataset", self.save_weighted_dataset, WEIGHTED_DATASET_MODES),
+            ("selection_schedule", self.selection_schedule, SELECTION_SCHEDULES),
         ):
             if value not in allowed:
                 raise ValueError(f"--{name} {value!r} is not known; allowed: {', '.join(allowed)}")

@@ -72,6 +72,7 @@ from scalemlo.hf.exports import WeightTable, write_weights
 from scalemlo.hf.losses import counted_targets, per_example_causal_lm_loss
 from scalemlo.hf.model_card import ModelCards
 from scalemlo.hf.reweighting import CollapseMonitor, ExampleWeights, Reweighter, build_reweighter, weight_stats
+from scalemlo.hf.selection import Selector
 from scalemlo.hf.state import isolate, one_process_view, reset_trainer_state  # noqa: F401 (re-exported)
 from scalemlo.hypergrad.shared_forward import SharedForward
 from scalemlo.level import FED, Level, frozen
@@ -80,6 +81,7 @@ log = logging.getLogger(__name__)
 
 SCALEMLO_DIR = "scalemlo"  # inside checkpoint-STEP: the meta level, data positions, method state, RNGs
 SAMA_LAST_STEP = "sama_last_step.rank{rank}.pt"  # inside checkpoint-STEP: the model's last step, as sama reads it
+REFERENCE_ROWS = 1024  # ExampleScorer(centre="meta"): the meta rows whose scores set the centre
 # What transformers' collators (DataCollatorWithPadding, DataCollatorForLanguageModeling) batch into; a checkpoint
 # holds the last steps' batches (for an exact resume), which loading allows besides tensors and plain data.
 BATCH_TYPES = [BatchEncoding]
@@ -203,6 +205,9 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         self.user_train_dataset = train  # as given: the weighted dataset export keeps its text columns
         self.train_dataset = prepared.dataset
         self.meta_dataset = prepare_meta_set(meta_dataset, self._source_mapping)
+        if getattr(self.reweighter, "needs_reference", False):  # a scorer centred on the meta set's scores
+            rows = [self.meta_dataset[i] for i in range(min(len(self.meta_dataset), REFERENCE_ROWS))]
+            self.reweighter.set_reference(self.data_collator(rows))
         self.args.remove_unused_columns = False  # the reweighter reads columns the model does not (source, id)
         self.model_accepts_loss_kwargs = (
             False  # our loss is a mean per micro-batch: the Trainer divides by accumulation
@@ -228,6 +233,18 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
                     "--selection_pool 1"
                 )
             self.reweighter.sampled = True
+        self._selector = None
+        if self.args.selection_pool > 1 and self.train_dataset is not None:
+            self._selector = Selector(self.args.selection_schedule, len(self.train_dataset))
+            if self.args.selection_schedule == "balanced" and is_table(self.train_dataset):
+                ids = self.train_dataset["id"]
+                if len(ids) and (min(ids) < 0 or max(ids) >= len(ids)):
+                    raise ValueError(
+                        "--selection_schedule balanced keeps one count per training row, indexed by the 'id' "
+                        f"column, which must number the rows 0..{len(ids) - 1} (it holds {min(ids)}..{max(ids)}); "
+                        "drop the column (the trainer numbers the rows), pass names as example_names, or use "
+                        "--selection_schedule random"
+                    )
         if self.args.save_weighted_dataset != "no" and not is_table(train):
             raise ValueError(
                 f"--save_weighted_dataset {self.args.save_weighted_dataset} writes a datasets.Dataset, but the "
@@ -261,6 +278,8 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         """The two levels' settings must agree: refused here, before any engine is built or any step runs."""
         args = self.args
         model_cfg = args.hf_deepspeed_config.config if args.deepspeed and args.hf_deepspeed_config else {}
+        if not model_cfg and self.is_deepspeed_enabled:  # accelerate launch with a DEEPSPEED config: its plugin's
+            model_cfg = self.accelerator.state.deepspeed_plugin.hf_ds_config.config
         if args.fp16 and not args.deepspeed and not (torch.cuda.is_available() and not args.use_cpu):
             log.warning(
                 "--fp16 without --deepspeed on a CPU: Accelerate trains the model in float32 there (torch's fp16 "
@@ -270,8 +289,8 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         if args.hypergradient_method == "sama" and stage != 0:
             raise ValueError(
                 f"hypergradient_method='sama' needs the model's optimizer state and last gradients per parameter, "
-                f"which ZeRO-{stage} keeps in flat partitions; run the model at ZeRO-0 (or without --deepspeed), "
-                "or use finite_difference, neumann, cg or penalty"
+                f"which ZeRO-{stage} keeps in flat partitions; run the model at ZeRO-0 (or without --deepspeed "
+                "or accelerate's DeepSpeed plugin), or use finite_difference, neumann, cg or penalty"
             )
         if args.hypergradient_method == "sama" and "optimizer" in model_cfg:
             raise ValueError(
@@ -368,7 +387,7 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         self.weight_table.update(candidates.get("id"), normalised, candidates.get("source"))
         key = (self.args.seed, self.state.global_step, int(torch.as_tensor(candidates["input_ids"]).sum()))
         generator = torch.Generator().manual_seed(hash(key) % 2**62)
-        chosen = torch.multinomial(raw.clamp_min(1e-12), size, replacement=False, generator=generator).sort().values
+        chosen = self._selector.choose(raw, candidates.get("id"), size, generator)
         batch = {k: v[chosen.to(v.device)] if isinstance(v, torch.Tensor) and len(v) == rows else v
                  for k, v in candidates.items()}  # fmt: skip
         mask = batch.get("attention_mask")
@@ -428,6 +447,8 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         if self._resume_dir is not None:
             with scalemlo_checkpoint.allowing(BATCH_TYPES):
                 scalemlo_checkpoint.load(self.mlo, self._resume_dir / SCALEMLO_DIR, levels=["meta"])
+            if self._selector is not None:
+                self._selector.load(self._resume_dir)
             # a meta step made due by the checkpoint's step is taken in the step after it
             self._meta_due = self._shared and self._meta_step_due_after(self.state.global_step)
             if self._meta_due and args.hypergradient_method == "sama":
@@ -559,6 +580,8 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         if self._meta_due and self.args.hypergradient_method == "sama":
             self._save_sama_last_step(inner)
         self.export_weights(inner)  # the final weights as of this step, of every training example
+        if self._selector is not None:
+            self._selector.save(inner)
         if is_main_process():
             final = run_dir / name
             if final.exists():

@@ -451,6 +451,36 @@ def groups_record(lower_stage: int) -> dict:
     }
 
 
+def selection_record(rank: int, world: int) -> dict:
+    """The balanced selection schedule on every rank (each its own pool of a step) against one process
+    that chooses from all the ranks' pools: the same choices, and the same ages on every rank."""
+    import torch.distributed as dist
+
+    from scalemlo.hf.selection import Selector
+
+    class OneProcess(Selector):
+        def _store(self, ids, ages):  # no gather: this one sees every rank's pool itself
+            self.ages[ids] = ages
+
+    n, pool, size, steps = 48, 8, 2, 12
+    weights = torch.linspace(0.05, 1.0, n)
+    here, alone = Selector("balanced", n), OneProcess("balanced", n)
+    same_choices = True
+    for step in range(steps):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(step))
+        pools = [perm[(step * world + r) * pool % n :][:pool] for r in range(world)]
+        for r, ids in enumerate(pools):
+            mine = alone.choose(weights[ids], ids, size, torch.Generator().manual_seed(100 * step + r))
+            if r == rank:
+                chosen = here.choose(weights[ids], ids, size, torch.Generator().manual_seed(100 * step + r))
+                same_choices &= torch.equal(chosen, mine)
+    gathered = [torch.empty_like(here.ages) for _ in range(world)]
+    dist.all_gather(gathered, here.ages)
+    return {"same_choices": bool(same_choices), "ages_as_one_process": bool(torch.equal(here.ages, alone.ages)),
+            "ages_same_on_ranks": all(torch.equal(g, gathered[0]) for g in gathered),
+            "ages_sum": int(here.ages.sum())}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -523,6 +553,7 @@ def main() -> None:
     for lower_stage in GROUP_STAGES:
         stages = (2, lower_stage)
         case("groups", "cg", {}, stages, functools.partial(groups_record, lower_stage))
+    case("selection", "balanced", {}, (0, 0), functools.partial(selection_record, rank, world))
     for method, kw, lower_stages in RIDGE_CASES:
         for upper_stage in UPPER_STAGES:
             for lower_stage in lower_stages:
