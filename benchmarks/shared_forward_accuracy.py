@@ -47,7 +47,8 @@ def weight_net(dtype: torch.dtype) -> torch.nn.Module:
 
 def per_example(model, ids):
     logits = model(input_ids=ids).logits[:, :-1]
-    return F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1), reduction="none").view(len(ids), -1).mean(1)
+    losses = F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1), reduction="none")
+    return losses.view(len(ids), -1).mean(1)
 
 
 def weights_of(net, losses):

@@ -29,9 +29,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import torch  # noqa: E402
-
 import reweighting_worker as task  # noqa: E402
+import torch  # noqa: E402
 
 
 def main() -> None:
@@ -65,8 +64,9 @@ def main() -> None:
                "meta_steps_so_far": upper.steps,
                "meta_extra_plain_steps": (mlo[-1] - statistics.median(plain)) / statistics.median(plain)}  # fmt: skip
         rounds.append(row)
+        extra = 1 + row["meta_extra_plain_steps"]
         print(f"round {r}{' (warm-up)' if r == 0 else ''}: plain {sum(plain):.1f}s, scalemlo {sum(mlo):.1f}s, "
-              f"ratio {row['ratio']:.3f}, meta step = {1 + row['meta_extra_plain_steps']:.2f} plain steps", flush=True)  # fmt: skip
+              f"ratio {row['ratio']:.3f}, meta step = {extra:.2f} plain steps", flush=True)  # fmt: skip
     counted = [row["ratio"] for row in rounds if not row["warmup"]]
     summary = {"median_ratio": statistics.median(counted), "min": min(counted), "max": max(counted)}
     print(f"time / plain at unroll_steps {args.unroll}: {summary['median_ratio']:.3f} "

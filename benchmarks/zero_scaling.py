@@ -83,7 +83,8 @@ def main() -> None:
         size, stage = spec.split(":")
         for system, precision in [(s, p) for p in args.precisions for s in args.systems]:
             started = time.time()
-            flags = ["--whole"] * args.whole + ["--checkpointing"] * args.checkpointing + ["--fused_adam"] * args.fused_adam
+            flags = ["--whole"] * args.whole + ["--checkpointing"] * args.checkpointing
+            flags += ["--fused_adam"] * args.fused_adam
             flags += ["--zero", args.zero] if args.zero else []
             flags += ["--bf16"] if precision == "bf16" else []
             per_rank = launch(size, int(stage), system, args.ranks, args.steps, args.warmup, flags)

@@ -127,10 +127,12 @@ def main() -> None:
                 losses = reweighting_worker.per_example_loss(self.module, batch[0])
                 return (weigher(losses.detach()) * losses).mean()
 
-        levels = [Plain("lm", lm, torch.optim.Adam(lm.parameters(), lr=LM_LR, fused=args.fused_adam or None), train, config=lm_config)]
+        adam = torch.optim.Adam(lm.parameters(), lr=LM_LR, fused=args.fused_adam or None)
+        levels = [Plain("lm", lm, adam, train, config=lm_config)]
         edges = {}
     else:
-        lower = LM("lm", lm, torch.optim.Adam(lm.parameters(), lr=LM_LR, fused=args.fused_adam or None), train, config=lm_config)
+        adam = torch.optim.Adam(lm.parameters(), lr=LM_LR, fused=args.fused_adam or None)
+        lower = LM("lm", lm, adam, train, config=lm_config)
         upper = Reweight(
             "reweight",
             weigher,

@@ -254,7 +254,9 @@ class TorchBackend(_Backend):
         if any(p.dtype != torch.float16 for p in self.params):
             raise ValueError(f"level {name!r}: its trainable parameters mix fp16 and other dtypes; make them all fp16")
         if self.optimizer.state:
-            raise ValueError(f"level {name!r}: an fp16 level's optimizer must not have stepped before the level is built")
+            raise ValueError(
+                f"level {name!r}: an fp16 level's optimizer must not have stepped before the level is built"
+            )
         self.fp16 = True
         self.scaler = DynamicLossScale(config.fp16_loss_scaling, name)
         own = {id(p) for p in self.params}

@@ -173,7 +173,9 @@ class LevelConfig:
             from scalemlo.loss_scale import DynamicLossScale
 
             if not isinstance(self.fp16_loss_scaling, dict):
-                raise ValueError(f"LevelConfig.fp16_loss_scaling must be a dict or None, got {self.fp16_loss_scaling!r}")
+                raise ValueError(
+                    f"LevelConfig.fp16_loss_scaling must be a dict or None, got {self.fp16_loss_scaling!r}"
+                )
             DynamicLossScale(self.fp16_loss_scaling, "LevelConfig.fp16_loss_scaling")  # checks the keys and values
 
     def resolved_deepspeed_config(self) -> dict:

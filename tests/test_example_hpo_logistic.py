@@ -1,4 +1,4 @@
-"""Tests of examples/hpo_logistic (the Quickstart job until 2026-12-05): a few steps, and the hypergradient's direction."""
+"""Tests of examples/hpo_logistic: a few steps, and the hypergradient's direction."""
 
 import math
 
