@@ -9,7 +9,7 @@ from datasets import Dataset
 from test_hf_scorer import fresh_trainer_state, toy_trainer  # noqa: F401 (fixture)
 
 from scalemlo.hf import ExampleScorer, ReweightingArguments
-from scalemlo.hf.selection import AGES_FILE, Selector, shares
+from scalemlo.hf.selection import AGES_FILE, SELECTION_FLOOR, Selector, shares, with_floor
 
 
 def run_epochs(selector: Selector, raw: torch.Tensor, epochs: int, pool: int, size: int, shuffle: bool = True,
@@ -55,6 +55,76 @@ def test_balanced_follows_the_weights_and_leaves_out_what_they_drop():
     assert int(dropped.sum()) == 0
     assert float(heavy.mean() / light.mean()) == pytest.approx(2.0, rel=0.05)
     assert float(light.std()) < 1.0  # evenly spread over the rows of one weight
+
+
+def test_a_floor_keeps_dropped_rows_training_at_its_rate():
+    """The rows the weights drop train about floor / (1 + floor) as often as with equal weights, at even
+    intervals; the kept rows share the rest in proportion to their weights."""
+    n, floor = 240, 0.25
+    raw = torch.tensor([2.0, 1.0, 1e-6]).repeat(n // 3)
+    drawn, added = with_floor(raw, floor)
+    assert float(added) == pytest.approx(floor * float(raw.mean()))
+    equal = run_epochs(Selector("balanced", n), torch.ones(n), epochs=120, pool=12, size=3, shuffle=False)
+    counts = run_epochs(Selector("balanced", n), drawn, epochs=120, pool=12, size=3, shuffle=False)
+    heavy, light, dropped = counts[0::3].double(), counts[1::3].double(), counts[2::3].double()
+    expected = float(added) / float(drawn.mean()) * float(equal.double().mean())
+    assert float(dropped.mean()) == pytest.approx(expected, rel=0.1)
+    assert float(dropped.min()) >= 1 and float(dropped.std()) < 1.0
+    assert float(heavy.mean() / light.mean()) == pytest.approx(float(drawn[0] / drawn[1]), rel=0.05)
+
+
+def test_the_sampling_gradient_differentiates_the_weights_the_choice_was_made_with():
+    """With a floor column, the sampled weights are 1 and their gradient is ∂log(raw + floor) centred over
+    the batch: the score function of the floored draw, not of the raw weights."""
+    scorer, batch, _ = scorer_with_reference()
+    scorer.sampled = True
+    rows = len(batch["input_ids"])
+    losses = torch.rand(rows, dtype=torch.float64)
+    plain = scorer.weights(losses, batch)
+    assert torch.allclose(plain, torch.ones_like(plain))
+    floor = torch.full((rows,), 0.3, dtype=torch.float64)
+    floored = scorer.weights(losses, {**batch, SELECTION_FLOOR: floor})
+    assert torch.allclose(floored, torch.ones_like(floored))
+    probe = torch.randn(rows, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((floored * probe).sum(), [next(scorer.parameters())])
+    raw = scorer.raw_weights(losses, batch)
+    log_drawn = torch.log(raw + floor)
+    expected = (log_drawn * (probe - probe.mean())).sum()
+    (want,) = torch.autograd.grad(expected, [next(scorer.parameters())])
+    assert torch.allclose(grad, want, atol=1e-6, rtol=1e-4)
+    (unfloored,) = torch.autograd.grad((scorer.weights(losses, batch) * probe).sum(), [next(scorer.parameters())])
+    assert not torch.allclose(grad, unfloored, atol=1e-6)
+
+
+def test_a_floor_needs_a_pool_and_is_not_negative(tmp_path):
+    with pytest.raises(ValueError, match="--selection_floor applies to the draw from a selection pool"):
+        ReweightingArguments(output_dir=str(tmp_path), selection_floor=0.1)
+    with pytest.raises(ValueError, match="--selection_floor must be >= 0"):
+        ReweightingArguments(output_dir=str(tmp_path), selection_pool=4, selection_floor=-0.1)
+
+
+def test_the_trainer_passes_the_floor_with_the_chosen_batch(tmp_path, fresh_trainer_state):  # noqa: F811
+    """The chosen batch carries floor x the pool's mean raw weight; the model's forward ignores the column
+    and the meta steps (held batches included) train."""
+    t = toy_trainer(tmp_path, selection_pool=4, max_steps=8, meta_warmup_steps=2, selection_floor=0.5)
+    seen = []
+    original = t._select
+
+    def spy(candidates):
+        with torch.no_grad():
+            raw = t.reweighter.raw_weights(None, candidates).float()
+        batch = original(candidates)
+        seen.append((batch[SELECTION_FLOOR].float(), 0.5 * float(raw.mean())))
+        return batch
+
+    t._select = spy
+    before = [p.detach().clone() for p in t.reweighter.parameters()]
+    t.train()
+    assert len(seen) == 8
+    for column, expected in seen:
+        assert column.shape == (t.args.per_device_train_batch_size,)
+        assert torch.allclose(column, torch.full_like(column, expected))
+    assert any(not torch.equal(a, b) for a, b in zip(before, t.reweighter.parameters()))
 
 
 def test_balanced_needs_ids_that_index_the_rows():

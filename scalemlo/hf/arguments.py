@@ -124,6 +124,14 @@ class ReweightingArguments(TrainingArguments):
             "random (drawn without replacement with probabilities proportional to the weights)"
         ),
     )
+    selection_floor: float = field(
+        default=0.0,
+        metadata=_help(
+            "With --selection_pool > 1, a floor under every candidate's weight, as a fraction of the pool's mean "
+            "weight: an example the weighting drops still trains about floor / (1 + floor) as often as with equal "
+            "weights, so its hypergradient keeps being measured and can raise it again (0: no floor)"
+        ),
+    )
     save_weighted_dataset: str = field(
         default="no",
         metadata=_help(
@@ -184,6 +192,15 @@ class ReweightingArguments(TrainingArguments):
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.selection_pool < 1:
             raise ValueError(f"--selection_pool must be >= 1, got {self.selection_pool}")
+        if not self.selection_floor >= 0:
+            raise ValueError(
+                f"--selection_floor must be >= 0 (a fraction of the pool's mean weight), got {self.selection_floor}"
+            )
+        if self.selection_floor > 0 and self.selection_pool == 1:
+            raise ValueError(
+                "--selection_floor applies to the draw from a selection pool; set --selection_pool > 1 or leave "
+                "the floor at 0"
+            )
         if self.meta_warmup_steps < 0:
             raise ValueError(f"--meta_warmup_steps must be >= 0, got {self.meta_warmup_steps}")
         self._check_peft()

@@ -45,6 +45,9 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
+SELECTION_FLOOR = "selection_floor"
+"""Column of a batch chosen from a selection pool: the amount added to each row's raw weight for the choice [B]."""
+
 
 class Reweighter(nn.Module):
     """Per-example data weights behind one interface.
@@ -90,10 +93,13 @@ class Reweighter(nn.Module):
             raise ValueError(f"{type(self).__name__}.raw_weights gave {tuple(raw.shape)}, not {tuple(losses.shape)}.")
         self.last_raw = raw.detach()
         if self.sampled:
-            # The examples were drawn with probability ∝ raw, so each trains with weight 1; the gradient with
-            # respect to the weighting's parameters is the sampling's: ∂log rawᵢ − mean_batch ∂log raw (the
-            # score-function form of ∂/∂λ of the expected loss under that sampling).
-            ratio = raw / raw.detach().clamp_min(torch.finfo(raw.dtype).tiny)
+            # The examples were drawn with probability ∝ raw + floor (the batch's SELECTION_FLOOR column, 0
+            # without one), so each trains with weight 1; the gradient with respect to the weighting's
+            # parameters is the sampling's: ∂log drawnᵢ − mean_batch ∂log drawn (the score-function form of
+            # ∂/∂λ of the expected loss under that sampling).
+            floor = batch.get(SELECTION_FLOOR)
+            drawn = raw if floor is None else raw + torch.as_tensor(floor).to(raw)
+            ratio = drawn / drawn.detach().clamp_min(torch.finfo(raw.dtype).tiny)
             return ratio / ratio.mean()
         return self.normalise(raw)
 

@@ -15,6 +15,14 @@ scheme's unnormalised weights). A candidate's share of the batch is pᵢ = min(1
   by 0.018 against plain epochs (seed 1; examples/llm_reweighting/README.md), a quarter of what removing
   the corrupted documents is worth.
 
+A floor (``--selection_floor`` f) adds f times the pool's mean weight to every candidate's weight before
+the choice: an example the weighting drops still trains about f / (1 + f) as often as with equal weights.
+Without it a dropped example is never chosen again, and the sampling estimator of the hypergradient
+(``Reweighter.weights``), which is taken over the chosen examples only, never measures it again: a
+weighting learned early, while such examples hurt, cannot notice that they stopped hurting. The floor
+travels with the chosen batch (column ``SELECTION_FLOOR``) so that estimator differentiates the weights
+the choice was made with.
+
 The ages are state of the run: saved in every checkpoint (``selection_ages.pt``) and the same on every
 rank (each rank's new ages are gathered after each selection), so a resumed run, and a run on any number
 of ranks, chooses as the uninterrupted one does.
@@ -29,9 +37,18 @@ from torch import Tensor
 
 from scalemlo import checkpoint as scalemlo_checkpoint
 from scalemlo.distributed import collective_device, is_main_process, world_size
+from scalemlo.hf.reweighting import SELECTION_FLOOR
+
+__all__ = ["SCHEDULES", "SELECTION_FLOOR", "Selector", "shares", "with_floor"]
 
 SCHEDULES = ("balanced", "random")
 AGES_FILE = "selection_ages.pt"
+
+
+def with_floor(raw: Tensor, floor: float) -> tuple[Tensor, Tensor]:
+    """The weights a pool is chosen by, raw + floor·mean(raw), and that added amount (a 0-dim tensor)."""
+    added = floor * raw.float().clamp_min(0).mean()
+    return raw + added.to(raw.dtype), added
 
 
 def shares(raw: Tensor, size: int) -> Tensor:

@@ -72,7 +72,7 @@ from scalemlo.hf.exports import WeightTable, write_weights
 from scalemlo.hf.losses import counted_targets, per_example_causal_lm_loss
 from scalemlo.hf.model_card import ModelCards
 from scalemlo.hf.reweighting import CollapseMonitor, ExampleWeights, Reweighter, build_reweighter, weight_stats
-from scalemlo.hf.selection import Selector
+from scalemlo.hf.selection import SELECTION_FLOOR, Selector, with_floor
 from scalemlo.hf.state import isolate, one_process_view, reset_trainer_state  # noqa: F401 (re-exported)
 from scalemlo.hypergrad.shared_forward import SharedForward
 from scalemlo.level import FED, Level, frozen
@@ -358,7 +358,11 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         loss = (valid_weights(weights, inputs, valid) * losses).mean()
         scale_fp16_zero0_loss(self.model_wrapped, loss)  # DeepSpeed 0.19 leaves an fp16 ZeRO-0 loss unscaled
         if not self.reweighter.sampled:  # a drawn batch's weights are tracked over its candidates (_select)
-            self._track_weights(weights.detach()[valid], inputs.get("source"))
+            sources = inputs.get("source")  # the statistics cover the rows that trained, sources and weights alike
+            if sources is not None:
+                sources = torch.as_tensor(sources)
+                sources = sources[valid.to(sources.device)]
+            self._track_weights(weights.detach()[valid], sources)
             self.weight_table.update(inputs.get("id"), weights.detach(), inputs.get("source"))
         return (loss, None) if return_outputs else loss
 
@@ -372,8 +376,8 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
                                     is_training=True)  # fmt: skip
 
     def _select(self, candidates: Mapping[str, Any]) -> dict[str, Any]:
-        """``per_device_train_batch_size`` of the candidates, drawn without replacement with probabilities
-        proportional to the current weights; padding beyond the chosen rows' longest is cut.
+        """``per_device_train_batch_size`` of the candidates, chosen by the current weights plus the
+        ``--selection_floor`` (:mod:`scalemlo.hf.selection`); padding beyond the chosen rows' longest is cut.
 
         The draw is seeded by the run's seed, the step and the candidates, so a resumed run draws the same."""
         size = self.args.per_device_train_batch_size
@@ -387,9 +391,12 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         self.weight_table.update(candidates.get("id"), normalised, candidates.get("source"))
         key = (self.args.seed, self.state.global_step, int(torch.as_tensor(candidates["input_ids"]).sum()))
         generator = torch.Generator().manual_seed(hash(key) % 2**62)
-        chosen = self._selector.choose(raw, candidates.get("id"), size, generator)
+        drawn, added = with_floor(raw, self.args.selection_floor)
+        chosen = self._selector.choose(drawn, candidates.get("id"), size, generator)
         batch = {k: v[chosen.to(v.device)] if isinstance(v, torch.Tensor) and len(v) == rows else v
                  for k, v in candidates.items()}  # fmt: skip
+        if self.args.selection_floor > 0:
+            batch[SELECTION_FLOOR] = added.expand(size).clone().to(batch["input_ids"].device)
         mask = batch.get("attention_mask")
         if mask is not None and mask.dim() == 2:
             width = int(torch.nonzero(mask.any(0)).max()) + 1 if bool(mask.any()) else mask.shape[1]
