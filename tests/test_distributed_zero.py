@@ -7,7 +7,8 @@ the ranks against the implicit-function closed form on the whole data.
 Data-parallel MLO must reproduce both at every upper stage 0-2 x lower stage
 0-3 that a method allows. A ZeRO-3 perturbation that did not reach the
 forward would give a zero hypergradient; one not undone exactly would move
-the parameters; a rank-local Hessian or adjoint gives a wrong number.
+the parameters; a rank-local Hessian or adjoint gives a wrong number. And a
+ReweightingTrainer at ZeRO-3 must resume bit for bit (the trainer_resume cases).
 
 Each case is its own test: a case that raised inside the launch fails here
 with its error and traceback, and a launch that died fails the cases it had
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from scalemlo.config import SHARED_FORWARD_METHODS
 from scalemlo.testing import deepspeed_command
 
 SUITE = Path(__file__).parent / "distributed" / "zero_suite.py"
@@ -161,3 +163,27 @@ def test_the_balanced_selection_keeps_one_state_over_the_ranks(launch):
     assert record["world_size"] == 2
     assert record["same_choices"] and record["ages_as_one_process"] and record["ages_same_on_ranks"]
     assert record["ages_sum"] > 0
+
+
+@pytest.mark.parametrize("method, shared", suite.trainer_resume.CASES,
+                         ids=[suite.trainer_resume.case_name(*c) for c in suite.trainer_resume.CASES])  # fmt: skip
+def test_a_trainer_at_zero3_on_two_ranks_resumes_bit_for_bit(launch, method, shared):
+    """Issue 23 item 2: a ReweightingTrainer with its model at ZeRO-3, stopped after a random step and resumed
+    by a fresh trainer, ends with the model's full fp32 parameters, the weighting model's (every rank) and
+    the exports bit-identical to its uninterrupted run (one process at ZeRO-0, every scheme:
+    tests/test_hf_resume_matrix.py). sama is refused at ZeRO 1-3 by design, and a shared forward for a
+    method without one by the arguments: those cases check the refusal."""
+    r = record_of(launch, f"trainer_resume/{method}/{json.dumps({'shared_forward': shared})}/upper0/lower3")
+    if method == "sama":
+        assert "needs the model's optimizer state" in r.get("refused", "") and "ZeRO-3" in r["refused"], r
+        return
+    if shared and method not in SHARED_FORWARD_METHODS:
+        assert "shared_forward=True needs a method" in r.get("refused", ""), r
+        return
+    where = f"{method}, shared_forward {shared}, stopped after step {r.get('stop_after_step')} of {r.get('steps')}"
+    assert "refused" not in r, f"{where}: {r['refused']}"
+    assert r["partitioned"] and r["stopped_at"] == r["stop_after_step"], r
+    assert r["meta_steps"][0] == r["meta_steps"][1] > 0 and r["weighting_moved"], r
+    assert r["model_equal"], f"model parameters differ from the uninterrupted run: {where}"
+    assert r["weighting_equal"], f"weighting parameters differ from the uninterrupted run: {where}"
+    assert r["exports_equal"], f"weights.json / example_weights.csv / source_weights.csv differ: {where}"

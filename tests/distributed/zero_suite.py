@@ -17,6 +17,10 @@ every case runs inside that one launch. Two programs:
 - **ridge**: ridge regression with per-feature L2 hyperparameters, its training
   set split over the ranks (each rank holds one half), against the implicit-
   function closed form on the whole set (exact, cg, neumann).
+- **trainer_resume**: a ReweightingTrainer with its model at ZeRO-3, stopped at
+  a random step and resumed, against its uninterrupted run, bit for bit, for
+  every method and shared forward on/off (``trainer_resume.py``); last, as the
+  Trainers leave accelerate's process-wide state behind.
 
 Every case is run under a try: a failing case is recorded with its error and
 the next one runs (each rank takes the same branches, so a failure does not
@@ -33,9 +37,11 @@ import functools
 import json
 import os
 import traceback
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import trainer_resume  # beside this file (on the path when run as a script or imported by the test)
 
 from scalemlo import Engine, EngineConfig, Level, LevelConfig
 from scalemlo.testing import RidgeData, allow_deepspeed_fp16_on_cpu, ridge_engine
@@ -559,6 +565,11 @@ def main() -> None:
             for lower_stage in lower_stages:
                 stages = (upper_stage, lower_stage)
                 case("ridge", method, kw, stages, functools.partial(ridge_record, rank, world, method, kw, stages))
+    work = os.path.join(os.path.dirname(os.path.abspath(args.out)), "trainer_resume")  # shared by the ranks
+    for method, shared in trainer_resume.CASES:
+        name = trainer_resume.case_name(method, shared)
+        measure = functools.partial(trainer_resume.resume_record, Path(work) / name, method, shared)
+        case("trainer_resume", method, {"shared_forward": shared}, (0, 3), measure)
 
 
 if __name__ == "__main__":
