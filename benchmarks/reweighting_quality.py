@@ -55,10 +55,10 @@ sys.path.insert(0, str(HERE.parent / "examples" / "llm_reweighting"))
 
 import corpus  # noqa: E402
 import reweighting_quality_data as data  # noqa: E402
-import run_reweighting as main_job  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+from scalemlo.cli import reweight as main_job  # noqa: E402
 from scalemlo.distributed import ensure_distributed  # noqa: E402
 from scalemlo.hf import ReweightingArguments, ReweightingTrainer, reset_trainer_state  # noqa: E402
 

@@ -39,6 +39,7 @@ import run_reweighting as rr  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
+from scalemlo.cli import reweight  # noqa: E402
 from scalemlo.distributed import add_launcher_arguments, ensure_distributed, world_size  # noqa: E402
 from scalemlo.hf.losses import per_example_causal_lm_loss  # noqa: E402
 
@@ -117,14 +118,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"--pretrain_steps={options.pretrain_steps}", f"--pretrain_cache={options.pretrain_cache}"]
     argv = rr.default_run_argv(argv) + argv
     argv += [f"--learning_rate={options.learning_rate}", f"--max_steps={options.steps}"]
-    model_args, data, _, args = rr.parse(argv)
+    model_args, data, _, args, _ = rr.parse(argv)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name)
-    collate = rr.Collator(tokenizer.pad_token_id)
-    train = rr.load_split(data.train_file, "train", data)
-    tokenized = rr.tokenize(train, tokenizer, data, args, None)
-    meta = rr.tokenize(rr.load_split(data.meta_file, "meta", data), tokenizer, data, args, None)
+    collate = reweight.Collator(tokenizer.pad_token_id)
+    train = reweight.load_split(data, "train")
+    tokenized = reweight.tokenize(train, tokenizer, data, args, None)
+    meta = reweight.tokenize(reweight.load_split(data, "meta"), tokenizer, data, args, None)
     kinds = list(train[data.corruption_column])
-    model = rr.build_model(model_args, tokenizer)
+    model = reweight.build_model(model_args, tokenizer)
     rows: list[dict] = []
     votes = torch.zeros(len(tokenized), dtype=torch.float64)
 
@@ -143,8 +144,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "share_dot_positive_corrupted": float((dot[~clean] > 0).double().mean()),
                 })  # fmt: skip
 
-    trainer = rr.UniformTrainer(model=model, args=rr.baseline_arguments(args, "uniform"), train_dataset=tokenized,
-                                data_collator=collate, callbacks=[Measure()])  # fmt: skip
+    trainer = reweight.UniformTrainer(
+        model=model, args=reweight.baseline_arguments(args, "uniform"), train_dataset=tokenized,
+        data_collator=collate, callbacks=[Measure()],
+    )  # fmt: skip
     trainer.train()
     kinds_sorted = ["all", *sorted(set(kinds) - {""})]
     print(f"{'step':>5} {'signal':>10} " + " ".join(f"{k:>14}" for k in kinds_sorted) + "   dot>0 clean/corrupted")
