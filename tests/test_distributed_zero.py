@@ -165,22 +165,23 @@ def test_the_balanced_selection_keeps_one_state_over_the_ranks(launch):
     assert record["ages_sum"] > 0
 
 
-@pytest.mark.parametrize("method, shared", suite.trainer_resume.CASES,
+@pytest.mark.parametrize("method, shared, scheme", suite.trainer_resume.CASES,
                          ids=[suite.trainer_resume.case_name(*c) for c in suite.trainer_resume.CASES])  # fmt: skip
-def test_a_trainer_at_zero3_on_two_ranks_resumes_bit_for_bit(launch, method, shared):
+def test_a_trainer_at_zero3_on_two_ranks_resumes_bit_for_bit(launch, method, shared, scheme):
     """Issue 23 item 2: a ReweightingTrainer with its model at ZeRO-3, stopped after a random step and resumed
     by a fresh trainer, ends with the model's full fp32 parameters, the weighting model's (every rank) and
-    the exports bit-identical to its uninterrupted run (one process at ZeRO-0, every scheme:
-    tests/test_hf_resume_matrix.py). sama is refused at ZeRO 1-3 by design, and a shared forward for a
-    method without one by the arguments: those cases check the refusal."""
-    r = record_of(launch, f"trainer_resume/{method}/{json.dumps({'shared_forward': shared})}/upper0/lower3")
+    the exports bit-identical to its uninterrupted run: every method x shared forward on/off, every scheme
+    (one process at ZeRO-0, their full product: tests/test_hf_resume_matrix.py). sama is refused at ZeRO 1-3
+    by design, and a shared forward for a method without one by the arguments: those cases check the refusal."""
+    settings = json.dumps({"reweighting": scheme, "shared_forward": shared}, sort_keys=True)
+    r = record_of(launch, f"trainer_resume/{method}/{settings}/upper0/lower3")
     if method == "sama":
         assert "needs the model's optimizer state" in r.get("refused", "") and "ZeRO-3" in r["refused"], r
         return
     if shared and method not in SHARED_FORWARD_METHODS:
         assert "shared_forward=True needs a method" in r.get("refused", ""), r
         return
-    where = f"{method}, shared_forward {shared}, stopped after step {r.get('stop_after_step')} of {r.get('steps')}"
+    where = f"{method}, shared_forward {shared}, {scheme}, stopped after step {r['stop_after_step']} of {r['steps']}"
     assert "refused" not in r, f"{where}: {r['refused']}"
     assert r["partitioned"] and r["stopped_at"] == r["stop_after_step"], r
     assert r["meta_steps"][0] == r["meta_steps"][1] > 0 and r["weighting_moved"], r

@@ -1,6 +1,6 @@
 """ReweightingTrainer resume at ZeRO-3 on the ranks of a launch: the ``trainer_resume`` cases of zero_suite.py.
 
-Per (method, shared forward) the same Trainer runs twice with the model at ZeRO-3: uninterrupted, and
+Per (method, shared forward, scheme) the same Trainer runs twice with the model at ZeRO-3: uninterrupted, and
 stopped after a step drawn at random (seeded by the case's name) then resumed from that step's checkpoint
 by a fresh trainer. Both save every ``stop`` steps (ZeRO-3 checkpoints are the slow part here), so they
 write the same checkpoints up to the stop. Recorded: whether the model's full fp32
@@ -20,26 +20,29 @@ from pathlib import Path
 
 import torch
 
+from scalemlo.hf.reweighting import REWEIGHTERS  # every scheme (scalemlo.hf registers the scorer)
 from scalemlo.hypergrad import METHODS
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 5
-SCHEME = "meta_weight_net"  # the default scheme, which reads the losses
-# exact: refuses a language model (LevelConfig.exact_max_params, which the Trainer leaves at 4096)
-CASES = [(method, shared) for method in sorted(set(METHODS) - {"exact"}) for shared in (True, False)]
+# Every method x shared forward on/off with the default scheme (meta_weight_net, which reads the losses), and
+# every other scheme with the default method (finite_difference, shared); exact refuses a language model
+# (LevelConfig.exact_max_params, which the Trainer leaves at 4096).
+CASES = [(method, shared, "meta_weight_net") for method in sorted(set(METHODS) - {"exact"}) for shared in (True, False)]
+CASES += [("finite_difference", True, scheme) for scheme in sorted(REWEIGHTERS) if scheme != "meta_weight_net"]
 EXPORTS = ("weights.json", "example_weights.csv", "source_weights.csv")
 
 
-def case_name(method: str, shared: bool) -> str:
-    return f"{method}-{'shared' if shared else 'unshared'}"
+def case_name(method: str, shared: bool, scheme: str) -> str:
+    return f"{method}-{'shared' if shared else 'unshared'}-{scheme}"
 
 
-def stop_step(method: str, shared: bool) -> int:
+def stop_step(method: str, shared: bool, scheme: str) -> int:
     """The step after which the interrupted run stops, in 1..STEPS-1 (the same on every rank)."""
-    return random.Random(zlib.crc32(case_name(method, shared).encode())).randint(1, STEPS - 1)
+    return random.Random(zlib.crc32(case_name(method, shared, scheme).encode())).randint(1, STEPS - 1)
 
 
-def trainer(output_dir: Path, method: str, shared: bool, save_steps: int, stop: int | None = None):
+def trainer(output_dir: Path, method: str, shared: bool, scheme: str, save_steps: int, stop: int | None = None):
     from datasets import Dataset
     from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, TrainerCallback
 
@@ -63,7 +66,7 @@ def trainer(output_dir: Path, method: str, shared: bool, save_steps: int, stop: 
     args = ReweightingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=STEPS, learning_rate=5e-3,
         lr_scheduler_type="linear", report_to=[], use_cpu=True, seed=0, meta_learning_rate=0.1,
-        per_device_meta_batch_size=4, reweighting=SCHEME, hypergradient_method=method, shared_forward=shared,
+        per_device_meta_batch_size=4, reweighting=scheme, hypergradient_method=method, shared_forward=shared,
         neumann_iterations=2, cg_iterations=2, deepspeed=str(ROOT / "configs" / "ds" / "trainer_zero3.json"),
         save_strategy="steps", save_steps=save_steps, logging_steps=1, disable_tqdm=True,
     )  # fmt: skip
@@ -93,23 +96,23 @@ def on_every_rank(flag: bool) -> bool:
     return bool(value)
 
 
-def resume_record(work: Path, method: str, shared: bool) -> dict:
+def resume_record(work: Path, method: str, shared: bool, scheme: str) -> dict:
     """Uninterrupted, stopped and resumed runs of one case; ``refused``: the Trainer's error, if it refused."""
     import torch.distributed as dist
 
-    stop = stop_step(method, shared)
-    record: dict = {"stop_after_step": stop, "steps": STEPS, "scheme": SCHEME}
+    stop = stop_step(method, shared, scheme)
+    record: dict = {"stop_after_step": stop, "steps": STEPS}
     try:
-        t = trainer(work / "uninterrupted", method, shared, save_steps=stop)
+        t = trainer(work / "uninterrupted", method, shared, scheme, save_steps=stop)
     except ValueError as exc:  # the same on every rank: refused at construction, before any collective
         return {**record, "refused": str(exc)}
     initial = [p.detach().clone() for p in t.reweighter.parameters()]
     t.train()
     expected = finished(t)
-    first = trainer(work / "run", method, shared, save_steps=stop, stop=stop)
+    first = trainer(work / "run", method, shared, scheme, save_steps=stop, stop=stop)
     first.train()
     stopped_at = first.state.global_step
-    resumed = trainer(work / "run", method, shared, save_steps=stop)
+    resumed = trainer(work / "run", method, shared, scheme, save_steps=stop)
     resumed.train(resume_from_checkpoint=str(work / "run" / f"checkpoint-{stop}"))
     got = finished(resumed)
     dist.barrier()  # rank 0's exports written

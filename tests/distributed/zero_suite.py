@@ -19,8 +19,8 @@ every case runs inside that one launch. Two programs:
   function closed form on the whole set (exact, cg, neumann).
 - **trainer_resume**: a ReweightingTrainer with its model at ZeRO-3, stopped at
   a random step and resumed, against its uninterrupted run, bit for bit, for
-  every method and shared forward on/off (``trainer_resume.py``); last, as the
-  Trainers leave accelerate's process-wide state behind.
+  every method and shared forward on/off and every scheme (``trainer_resume.py``);
+  last, as the Trainers leave accelerate's process-wide state behind.
 
 Every case is run under a try: a failing case is recorded with its error and
 the next one runs (each rank takes the same branches, so a failure does not
@@ -566,10 +566,10 @@ def main() -> None:
                 stages = (upper_stage, lower_stage)
                 case("ridge", method, kw, stages, functools.partial(ridge_record, rank, world, method, kw, stages))
     work = os.path.join(os.path.dirname(os.path.abspath(args.out)), "trainer_resume")  # shared by the ranks
-    for method, shared in trainer_resume.CASES:
-        name = trainer_resume.case_name(method, shared)
-        measure = functools.partial(trainer_resume.resume_record, Path(work) / name, method, shared)
-        case("trainer_resume", method, {"shared_forward": shared}, (0, 3), measure)
+    for method, shared, scheme in trainer_resume.CASES:
+        name = trainer_resume.case_name(method, shared, scheme)
+        measure = functools.partial(trainer_resume.resume_record, Path(work) / name, method, shared, scheme)
+        case("trainer_resume", method, {"reweighting": scheme, "shared_forward": shared}, (0, 3), measure)
 
 
 if __name__ == "__main__":
