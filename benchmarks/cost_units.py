@@ -11,25 +11,76 @@ whatever the library. This script times each part alone in one process
 implementation must pay, and times the perturbation of the LM's parameters
 for one central difference (to theta + eps w, to theta - eps w, back): scalemlo's
 exact one (``vectors.mirrored_``, bit-for-bit restore), the earlier exact one
-(``vectors.perturbed_`` twice), and Betty's unchecked three in-place adds (which
+(``perturbed_`` below, twice), and Betty's unchecked three in-place adds (which
 leave the parameters off by rounding). Writes ``benchmarks/results/cost_units.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from scalemlo.hypergrad import vectors
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from reweighting_worker import LM_LR, WeightNet, batches, make_lm, per_example_loss  # noqa: E402
 
+
+# The central difference's exact move before mirrored_: keep the realized step r = fl(p + eps d) - p in d,
+# and patch the elements where p + r - r is not p from a sparse record. Kept here as the baseline it is.
+@contextlib.contextmanager
+def perturbed_(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], eps: float):
+    """Move ``params`` to ``params + eps * direction`` and back, bit for bit; writes ``direction``.
+
+    ``p + eps*d - eps*d`` is not ``p`` in floating point (Betty leaves lower
+    levels perturbed this way). Here the realized step ``r = fl(p + eps*d) - p``
+    is written into ``direction`` (the trailing underscore: its storage is
+    reused, so no second parameter-sized buffer is needed); restoring
+    subtracts ``r`` and patches the few elements where that is not exact (tiny
+    ``p`` next to a large step) from a sparse record. A second call with
+    ``eps=-1`` then moves to exactly ``p - r``. Peak extra memory: two scratch
+    buffers of at most ``_CHUNK`` elements, plus the sparse record.
+
+    Yields nothing; from entry on, ``direction`` holds the realized step.
+    """
+    fixes: list[tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]] = []
+    # Through .data: the writes do not bump the parameters' version counters, so a graph that saved
+    # them before the move (the shared forward's) stays usable after the exact restore.
+    params = [p.data for p in params]
+    pieces = [piece for p, d in zip(params, direction) for piece in vectors._pieces(p, d)]
+    largest = max((p.numel() for p, _ in pieces), default=0)
+    with torch.no_grad():
+        # Two scratch buffers reused across pieces: no allocation per tensor.
+        before_buf = pieces[0][0].new_empty(largest) if largest else None
+        check_buf = pieces[0][0].new_empty(largest) if largest else None
+        for p, d in pieces:
+            before = before_buf[: p.numel()].view_as(p)
+            check = check_buf[: p.numel()].view_as(p)
+            before.copy_(p)
+            p.add_(d.to(p.dtype), alpha=eps)
+            torch.sub(p, before, out=d)
+            torch.sub(p, d, out=check)
+            if not torch.equal(check, before):  # one fused pass; the mask only where needed (rare)
+                mask = check != before
+                fixes.append((p, mask.nonzero(as_tuple=True), before[mask].clone()))
+        del before_buf, check_buf
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.sub_(d.to(p.dtype))
+            for piece, where, values in fixes:
+                piece[where] = values
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,7 +88,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(HERE / "results" / "cost_units.json"))
     args = parser.parse_args()
-    from scalemlo.hypergrad import vectors
 
     torch.manual_seed(0)
     lm, weigher = make_lm(args.size), WeightNet()
@@ -70,10 +120,10 @@ def main() -> None:
         with vectors.mirrored_(params, scratch, 1.0) as to_mirror:
             to_mirror()
 
-    def central_exact_before():  # the same with vectors.perturbed_ (until 2026-11-28)
-        with vectors.perturbed_(params, scratch, 1.0):
+    def central_exact_before():  # the same with perturbed_ (below): realized step kept, restore patched
+        with perturbed_(params, scratch, 1.0):
             pass
-        with vectors.perturbed_(params, scratch, -1.0):
+        with perturbed_(params, scratch, -1.0):
             pass
 
     def central_unchecked():  # Betty's: p += eps w, p -= 2 eps w, p += eps w (not restored exactly)

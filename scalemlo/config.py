@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
+from scalemlo.logging import SINKS
+
 BACKENDS = ("deepspeed", "torch")
 SECOND_ORDER = ("autograd", "finite_difference")
 NONFINITE = ("raise", "skip")
@@ -251,7 +253,7 @@ class EngineConfig:
             object.__setattr__(self, "report_to", (self.report_to,))
         object.__setattr__(self, "report_to", tuple(self.report_to))
         for sink in self.report_to:
-            _check_choice("EngineConfig.report_to", sink, ("jsonl", "tensorboard", "wandb"))
+            _check_choice("EngineConfig.report_to", sink, SINKS)
         if self.report_to and self.logging_dir is None:
             raise ValueError(
                 f"EngineConfig.report_to={list(self.report_to)} needs EngineConfig.logging_dir: set where to write"

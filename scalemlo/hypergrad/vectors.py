@@ -203,60 +203,16 @@ def _pieces(p: torch.Tensor, d: torch.Tensor) -> list[tuple[torch.Tensor, torch.
 
 
 @contextlib.contextmanager
-def perturbed_(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], eps: float):
-    """Move ``params`` to ``params + eps * direction`` and back, bit for bit; writes ``direction``.
-
-    ``p + eps*d - eps*d`` is not ``p`` in floating point (Betty leaves lower
-    levels perturbed this way). Here the realized step ``r = fl(p + eps*d) - p``
-    is written into ``direction`` (the trailing underscore: its storage is
-    reused, so no second parameter-sized buffer is needed); restoring
-    subtracts ``r`` and patches the few elements where that is not exact (tiny
-    ``p`` next to a large step) from a sparse record. A second call with
-    ``eps=-1`` then moves to exactly ``p - r``. Peak extra memory: two scratch
-    buffers of at most ``_CHUNK`` elements, plus the sparse record.
-
-    Yields nothing; from entry on, ``direction`` holds the realized step.
-    """
-    fixes: list[tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]] = []
-    # Through .data: the writes do not bump the parameters' version counters, so a graph that saved
-    # them before the move (the shared forward's) stays usable after the exact restore.
-    params = [p.data for p in params]
-    pieces = [piece for p, d in zip(params, direction) for piece in _pieces(p, d)]
-    largest = max((p.numel() for p, _ in pieces), default=0)
-    with torch.no_grad():
-        # Two scratch buffers reused across pieces: no allocation per tensor.
-        before_buf = pieces[0][0].new_empty(largest) if largest else None
-        check_buf = pieces[0][0].new_empty(largest) if largest else None
-        for p, d in pieces:
-            before = before_buf[: p.numel()].view_as(p)
-            check = check_buf[: p.numel()].view_as(p)
-            before.copy_(p)
-            p.add_(d.to(p.dtype), alpha=eps)
-            torch.sub(p, before, out=d)
-            torch.sub(p, d, out=check)
-            if not torch.equal(check, before):  # one fused pass; the mask only where needed (rare)
-                mask = check != before
-                fixes.append((p, mask.nonzero(as_tuple=True), before[mask].clone()))
-        del before_buf, check_buf
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, d in zip(params, direction):
-                p.sub_(d.to(p.dtype))
-            for piece, where, values in fixes:
-                piece[where] = values
-
-
-@contextlib.contextmanager
 def moved_(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], eps: float):
     """Move ``params`` to ``fl(params + eps * direction)`` and back, bit for bit; consumes ``direction``.
 
     For a caller that needs no realized step afterwards (the shared forward's one-sided difference):
     ``direction``'s storage keeps the parameters' values while they are moved (a swap through one
     scratch buffer of at most ``_CHUNK`` elements), and the restore copies them back. About a fifth
-    of :func:`perturbed_`'s cost (124M parameters, one thread: 0.15 s against 0.66 s for both ways).
-    Writes through ``p.data`` (no version-counter change, see :func:`perturbed_`). Afterwards
+    of the cost of keeping the realized step and patching the inexact elements on the way back
+    (``perturbed_`` in ``benchmarks/cost_units.py``; 124M parameters, one thread: 0.15 s against 0.66 s).
+    Writes through ``p.data``: the writes do not bump the parameters' version counters, so a graph that
+    saved them before the move (the shared forward's) stays usable after the exact restore. Afterwards
     ``direction`` holds the parameters' values, not the direction.
     """
     params = [p.data for p in params]
@@ -289,10 +245,10 @@ def mirrored_(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor],
     """Central-difference points: ``params`` at ``p+ = fl(p + eps * direction)``, then (on the yielded
     call) at the mirror point ``fl(p - (p+ - p))``, then back to ``p`` bit for bit; consumes ``direction``.
 
-    The two points are p ± r with r = p+ - p the realized step, as with :func:`perturbed_` (r is exact
-    where p and p+ are within a factor 2, and the mirror point is rounded once), at about three passes
-    over the parameters in all (:func:`moved_` keeps p in ``direction``'s storage; the mirror point is
-    one ``lerp``: p+ + 2 (p - p+); the restore one copy) where :func:`perturbed_` takes about twelve.
+    The two points are p ± r with r = p+ - p the realized step (r is exact where p and p+ are within a
+    factor 2, and the mirror point is rounded once), at about three passes over the parameters in all
+    (:func:`moved_` keeps p in ``direction``'s storage; the mirror point is one ``lerp``: p+ + 2 (p - p+);
+    the restore one copy) where recording r and patching the restore takes about twelve.
     Writes through ``p.data`` (no version-counter change). Afterwards ``direction`` holds the
     parameters' values, not the direction.
     """
