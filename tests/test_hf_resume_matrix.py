@@ -1,4 +1,4 @@
-"""Resume, exactly, for every method the Trainer allows (issue 23 item 2): one process, ZeRO-0.
+"""Resume, exactly, for every method the Trainer allows: one process, ZeRO-0.
 
 Each case runs the same ReweightingTrainer twice under DeepSpeed's ZeRO-0 (a checkpoint after every step):
 once uninterrupted, once stopped after a step drawn at random (seeded by the case's name, shown in its test
