@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from scalemlo.hypergrad import vectors
+from scalemlo import vectors
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

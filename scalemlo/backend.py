@@ -43,9 +43,9 @@ from scalemlo.distributed import (
     release_shared_memory,
     world_size,
 )
-from scalemlo.hypergrad.vectors import AcrossRanks, grads_or_zeros
 from scalemlo.loss_scale import DynamicLossScale
 from scalemlo.precision import Float32Evaluation
+from scalemlo.vectors import AcrossRanks, grads_or_zeros
 
 log = logging.getLogger(__name__)
 

@@ -34,19 +34,19 @@ import json
 import logging
 import os
 import pickle
-import random
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from scalemlo.distributed import rank, world_size
+from scalemlo.rng import rng_state, set_rng_state
 
-if TYPE_CHECKING:  # pragma: no cover
-    from scalemlo.engine import Engine
+# The functions below take the Engine (scalemlo.engine, which imports this module) as ``engine: Any``.
+Engine = Any
 
 log = logging.getLogger(__name__)
 
@@ -173,32 +173,6 @@ def check_files(directory: str | os.PathLike, allowed: Iterable[str] = DEEPSPEED
         names = _not_plain(file, allowed)
         if names:
             raise _refusal(file, names, "unpickling them (DeepSpeed loads with torch.load(weights_only=False))")
-
-
-# ---- random number generators ---------------------------------------------------
-
-
-def rng_state(generators: list[torch.Generator] = ()) -> dict[str, Any]:
-    """Every generator a program draws from: torch (CPU, CUDA), numpy, Python; plus ``generators``."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    state["generators"] = [g.get_state() for g in generators]
-    return state
-
-
-def set_rng_state(state: dict[str, Any], generators: list[torch.Generator] = ()) -> None:
-    """Restore what :func:`rng_state` captured (``generators`` in the same order)."""
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    for generator, saved in zip(generators, state.get("generators", [])):
-        generator.set_state(saved)
-
-
-# ---- the program's signature -------------------------------------------------------
 
 
 def signature(engine: Engine) -> dict[str, Any]:

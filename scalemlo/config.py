@@ -12,18 +12,15 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from scalemlo.logging import SINKS
+from scalemlo.methods import METHODS, get_method, shared_forward_methods
 
 BACKENDS = ("deepspeed", "torch")
 SECOND_ORDER = ("autograd", "finite_difference")
 NONFINITE = ("raise", "skip")
-SHARED_FORWARD_METHODS = ("finite_difference", "sama", "neumann", "cg")
 SHARED_DIFFERENCES = ("one_sided", "central")
 
 
 def _method_names() -> tuple[str, ...]:
-    # Imported late: the registry fills itself when scalemlo.hypergrad is imported.
-    from scalemlo.hypergrad import METHODS
-
     return tuple(sorted(METHODS))
 
 
@@ -142,10 +139,10 @@ class LevelConfig:
         _check_choice("LevelConfig.shared_forward_difference", self.shared_forward_difference, SHARED_DIFFERENCES)
         if self.shared_forward_radius is not None:
             _check_positive("LevelConfig.shared_forward_radius", self.shared_forward_radius)
-        if self.shared_forward and self.method not in SHARED_FORWARD_METHODS:
+        if self.shared_forward and not get_method(self.method).shared_forward:
             raise ValueError(
                 f"LevelConfig.shared_forward=True needs a method whose mixed product is its last step "
-                f"({', '.join(SHARED_FORWARD_METHODS)}), not {self.method!r}; set shared_forward=False for it"
+                f"({', '.join(shared_forward_methods())}), not {self.method!r}; set shared_forward=False for it"
             )
         if self.shared_forward and self.gradient_accumulation > 1:
             raise ValueError(

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from scalemlo.checkpoint import rng_state, set_rng_state
+from scalemlo.rng import rng_state, set_rng_state
 
 
 def _own_generators(data: Any) -> list[torch.Generator]:

@@ -24,15 +24,16 @@ from typing import Any
 
 import torch
 
-from scalemlo import checkpoint
+from scalemlo import checkpoint, vectors
 from scalemlo.config import EngineConfig
 from scalemlo.distributed import finite_on_every_rank, mean_over_ranks_, rank, world_size
 from scalemlo.graph import LevelGraph
-from scalemlo.hypergrad import shared_forward, vectors
+from scalemlo.hypergrad import shared_forward
 from scalemlo.hypergrad.coordinator import Coordinator
-from scalemlo.hypergrad.rng import RandomState
 from scalemlo.level import FED, Level
 from scalemlo.logging import MetricLogger, progress
+from scalemlo.methods import METHODS, get_method
+from scalemlo.rng import RandomState
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,8 @@ class Engine:
         for lv in levels:
             lv._attach(self.levels, self.graph.uppers(lv.name), self.graph.lowers(lv.name))
         for name in self.graph.names:
-            if self.levels[name].config.method == "sama" and self.graph.lowers(name):
-                for lower in self.graph.descendants(name):  # sama reads every level below's last step
+            if get_method(self.levels[name].config.method).reads_last_step and self.graph.lowers(name):
+                for lower in self.graph.descendants(name):  # the method reads every level below's last step
                     self.levels[lower].keep_last_grads = True
         self._check_zero_stages()
         # lower name -> the upper level that takes its steps inside the lower's (LevelConfig.shared_forward)
@@ -125,41 +126,48 @@ class Engine:
         with respect to them, so a ZeRO-3 level can be trained (its own
         backward goes through DeepSpeed) and perturbed (partition-local), but
         cannot step on a hypergradient or sit under a method that needs double
-        backward. sama reads the last gradient and optimizer state per
-        parameter, which ZeRO 1-3 keep in flat partitions.
+        backward (``Method.double_backward``). A method that reads the last
+        step of the levels below (``Method.reads_last_step``) needs their
+        per-parameter gradients and optimizer state, which ZeRO 1-3 keep in
+        flat partitions.
         """
         stage = {name: lv.zero_stage for name, lv in self.levels.items()}
         for name in self.graph.names:
             if not self.graph.lowers(name):
                 continue
             config = self.levels[name].config
+            method = get_method(config.method)
+            double_backward = method.needs_double_backward(config.second_order)
+            fix = "second_order='finite_difference'" if method.double_backward == "second_order" else "another method"
             if stage[name] == 3:
                 # its gradients come through its engine, partition by partition: no double backward
                 # into it, and no shared forward (whose product is an autograd backward into the upper)
-                needs = "exact" if config.method == "exact" else None
-                if config.method in ("neumann", "cg") and config.second_order == "autograd":
-                    needs = f"method {config.method!r} with second_order='autograd'"
+                needs = None
+                if double_backward:
+                    needs = (
+                        f"method {config.method!r} with second_order='autograd'"
+                        if method.double_backward == "second_order"
+                        else config.method
+                    )
                 if config.shared_forward:
                     needs = "shared_forward=True"
                 if needs:
+                    allowed = [m.name for m in METHODS.values() if not m.needs_double_backward("finite_difference")]
                     raise ValueError(
                         f"level {name!r} uses ZeRO-3 and has levels below it; its LevelConfig asks for {needs}, "
-                        "which needs autograd through its partitioned parameters. Use finite_difference, sama, "
-                        "penalty, or neumann/cg with second_order='finite_difference' (shared_forward=False), or "
+                        f"which needs autograd through its partitioned parameters. Use {', '.join(allowed)} "
+                        "(with second_order='finite_difference' where it applies, shared_forward=False), or "
                         f"ZeRO stage 0-2 for {name!r}"
                     )
             for lower in self.graph.descendants(name):
-                if config.method == "sama" and stage[lower] >= 1:
+                if method.reads_last_step and stage[lower] >= 1:
+                    others = [m.name for m in METHODS.values() if not m.reads_last_step]
                     raise ValueError(
-                        f"level {name!r} uses method 'sama', which needs per-parameter optimizer state of "
-                        f"level {lower!r}, but {lower!r} uses ZeRO stage {stage[lower]}; use stage 0 for "
-                        f"{lower!r}, or method 'finite_difference' for {name!r}"
+                        f"level {name!r} uses method {config.method!r}, which needs per-parameter optimizer state "
+                        f"of level {lower!r}, but {lower!r} uses ZeRO stage {stage[lower]}; use stage 0 for "
+                        f"{lower!r}, or another method for {name!r} ({', '.join(others)})"
                     )
-                double_backward = config.method == "exact" or (
-                    config.method in ("neumann", "cg") and config.second_order == "autograd"
-                )
                 if stage[lower] == 3 and double_backward:
-                    fix = "another method" if config.method == "exact" else "second_order='finite_difference'"
                     raise ValueError(
                         f"level {name!r}: method {config.method!r} needs double backward through level "
                         f"{lower!r}, which is ZeRO-3 partitioned; use {fix} in {name!r}'s LevelConfig"
@@ -348,7 +356,7 @@ class Engine:
                 )
                 metrics[f"{name}/loss"] = self.coordinator.last_loss[name]
             elif shared_upper is not None:
-                upper_step = functools.partial(self._step_inside, shared_upper, metrics, this_iteration)
+                upper_step = functools.partial(self._step_inside, shared_upper, name, others, metrics, this_iteration)
                 metrics[f"{name}/loss"] = lv.step_on_own_loss(others, nonfinite, upper_step)
                 shared_upper = None  # the first micro-step only
             else:
@@ -384,8 +392,14 @@ class Engine:
             )
         return True
 
-    def _step_inside(self, upper: str, metrics: dict, this_iteration: dict | None, shared) -> None:
+    def _step_inside(self, upper: str, lower: str, others: list[Level], metrics: dict, this_iteration: dict | None,
+                     batch: Any) -> torch.Tensor:  # fmt: skip
+        """``upper``'s step on the forward of ``lower``'s coming step on ``batch``; that forward's per-example
+        losses (graph kept) for ``lower`` to finish its step with."""
+        shared = shared_forward.SharedForward(self.levels[lower], batch)
         metrics.update(self.step_level(upper, {**(this_iteration or {}), **metrics}, shared=shared))
+        shared.keep_buffers()
+        return shared.forward(others)
 
     def hypergradient(self, name: str) -> list[torch.Tensor]:
         """The current hypergradient of ``name``'s trainable parameters.

@@ -420,21 +420,16 @@ class Level:
         backward (``nonfinite="raise"``), or is left out of the step and
         counted in ``skipped_batches`` (``"skip"``); returns the loss value.
 
-        ``upper_step(shared)``: for a reweighted level, an upper level's step taken inside this
-        one, after the forward and before the backward (``LevelConfig.shared_forward``):
-        ``shared`` (a :class:`~scalemlo.hypergrad.shared_forward.SharedForward`) runs this
-        level's forward on the batch when first asked and keeps its graph; the weights then
-        come from the upper level's new parameters.
+        ``upper_step(batch)``: for a reweighted level, an upper level's step taken inside this
+        one, after the forward and before the backward (``LevelConfig.shared_forward``): it runs
+        this level's forward on ``batch`` (a :class:`~scalemlo.hypergrad.shared_forward.SharedForward`),
+        steps the upper level, and returns that forward's per-example losses, graph kept; the
+        weights then come from the upper level's new parameters.
         """
         batch = self.next_batch()
         others = list(others)
         if upper_step is not None:
-            from scalemlo.hypergrad.shared_forward import SharedForward
-
-            shared = SharedForward(self, batch)
-            upper_step(shared)
-            shared.keep_buffers()
-            losses = shared.forward(others)
+            losses = upper_step(batch)
         with frozen(others):
             if upper_step is None:
                 loss = self.loss(batch)

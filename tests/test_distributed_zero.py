@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from scalemlo.config import SHARED_FORWARD_METHODS
+from scalemlo.methods import shared_forward_methods
 from scalemlo.testing import deepspeed_command
 
 SUITE = Path(__file__).parent / "distributed" / "zero_suite.py"
@@ -178,7 +178,7 @@ def test_a_trainer_at_zero3_on_two_ranks_resumes_bit_for_bit(launch, method, sha
     if method == "sama":
         assert "needs the model's optimizer state" in r.get("refused", "") and "ZeRO-3" in r["refused"], r
         return
-    if shared and method not in SHARED_FORWARD_METHODS:
+    if shared and method not in shared_forward_methods():
         assert "shared_forward=True needs a method" in r.get("refused", ""), r
         return
     where = f"{method}, shared_forward {shared}, {scheme}, stopped after step {r['stop_after_step']} of {r['steps']}"

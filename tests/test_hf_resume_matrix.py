@@ -27,10 +27,10 @@ import torch
 from test_hf_trainer import ds, fresh_trainer_state, trainer  # noqa: F401 (fixture)
 from test_hf_trainer_exports import StopAt
 
-from scalemlo.config import SHARED_FORWARD_METHODS
 from scalemlo.hf import ReweightingArguments, ReweightingTrainer, reset_trainer_state
 from scalemlo.hf.reweighting import REWEIGHTERS
 from scalemlo.hypergrad import METHODS
+from scalemlo.methods import shared_forward_methods
 
 # exact: the Trainer leaves LevelConfig.exact_max_params at 4096, so it refuses any language model at the
 # first meta step; it is not a method a Trainer run can use.
@@ -118,4 +118,4 @@ def test_the_methods_that_share_a_forward_are_accepted(tmp_path):
             accepted.add(method)
         except ValueError as exc:
             assert "shared_forward=True needs a method" in str(exc)
-    assert accepted == set(SHARED_FORWARD_METHODS) and {"finite_difference", "sama", "neumann", "cg"} <= accepted
+    assert accepted == set(shared_forward_methods()) and {"finite_difference", "sama", "neumann", "cg"} <= accepted

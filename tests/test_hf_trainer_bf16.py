@@ -12,7 +12,7 @@ machine with ``ATEN_CPU_CAPABILITY=default`` or ``MKL_CBWR=COMPATIBLE MKL_ENABLE
 reproduce the cosines an Intel Xeon gave to 4 digits):
 
 - The float32 run takes the shared forward's central difference, the one a low-precision run always takes
-  (``scalemlo.hypergrad.shared_forward.is_central``): the one-sided estimate is another estimator, whose
+  (``scalemlo.hypergrad.problem.is_central``): the one-sided estimate is another estimator, whose
   sama meta steps 1-2 move with the CPU's kernels (cosine 0.943 and 0.998 between the two kernel sets;
   the central one 0.9994 and 1.0) and differ from the central one (0.92 at meta step 1).
 - sama is compared from its third meta step (:data:`SAMA_FIRST_COMPARED`). Its first two read Adam after

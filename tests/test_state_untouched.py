@@ -99,7 +99,7 @@ def test_perturbed_evaluations_see_the_same_dropout_mask(monkeypatch):
     engine.run()
     fd = engine.hypergradient("reweight")
     # the same w = lr * v through an autograd mixed product
-    from scalemlo.hypergrad import vectors
+    from scalemlo import vectors
     from scalemlo.hypergrad.coordinator import Coordinator
     from scalemlo.hypergrad.problem import ResponseProblem
 

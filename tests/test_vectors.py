@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from scalemlo.hypergrad import vectors as V  # short alias: these tests are about this module alone
+from scalemlo import vectors as V  # short alias: these tests are about this module alone
 
 
 @pytest.mark.parametrize("chunk", [7, 1 << 22])
@@ -125,7 +125,7 @@ def test_norm_of_a_vector_with_inf_or_nan_is_not_finite():
 
 
 def test_the_replayed_random_state_puts_the_generators_back_and_compares_by_value():
-    from scalemlo.hypergrad.rng import RandomState
+    from scalemlo.rng import RandomState
 
     torch.manual_seed(3)
     state = RandomState.capture()

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from scalemlo.config import SHARED_FORWARD_METHODS, LevelConfig
+from scalemlo.config import LevelConfig
 from scalemlo.distributed import ensure_distributed
 from scalemlo.hf.adapters import require_peft
 from scalemlo.hf.exports import WEIGHTED_DATASET_MODES
 from scalemlo.hf.selection import SCHEDULES as SELECTION_SCHEDULES
 from scalemlo.hf.state import forget_leftover_deepspeed_flag, one_process_view
+from scalemlo.methods import METHODS, get_method
 
 META_OPTIMIZERS = ("adam", "adamw", "sgd")
 LONG_SEQUENCES = ("truncate", "refuse")
@@ -223,7 +224,8 @@ class ReweightingArguments(TrainingArguments):
         if self.shared_forward is not None:
             return self.shared_forward
         return (
-            self.hypergradient_method in SHARED_FORWARD_METHODS
+            self.hypergradient_method in METHODS
+            and get_method(self.hypergradient_method).shared_forward
             and self.meta_gradient_accumulation_steps == 1
             and self.gradient_accumulation_steps == 1  # else the meta step would see the first micro-batch only
         )

@@ -76,6 +76,7 @@ from scalemlo.hf.selection import SELECTION_FLOOR, Selector, with_floor
 from scalemlo.hf.state import isolate, one_process_view, reset_trainer_state  # noqa: F401 (re-exported)
 from scalemlo.hypergrad.shared_forward import SharedForward
 from scalemlo.level import FED, Level, frozen
+from scalemlo.methods import METHODS, Method, get_method
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ class _Schedule(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         # the lrs the coming step uses (shared: the methods read the coming lrs; sama: its pre-step hook
         # records the step when the step is taken, so a step skipped for an fp16 overflow records nothing)
-        if not self.trainer._shared and self.trainer.args.hypergradient_method != "sama":
+        if not self.trainer._shared and not self.trainer._method.reads_last_step:
             self.trainer._model_level.backend.record_step()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -286,17 +287,19 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
                 "autocast and GradScaler are for GPUs); use --bf16 for mixed precision on a CPU"
             )
         stage = model_cfg.get("zero_optimization", {}).get("stage", 0)
-        if args.hypergradient_method == "sama" and stage != 0:
+        method = self._method
+        if method.reads_last_step and stage != 0:
+            others = [m.name for m in METHODS.values() if not m.reads_last_step and m.name != "exact"]
             raise ValueError(
-                f"hypergradient_method='sama' needs the model's optimizer state and last gradients per parameter, "
-                f"which ZeRO-{stage} keeps in flat partitions; run the model at ZeRO-0 (or without --deepspeed "
-                "or accelerate's DeepSpeed plugin), or use finite_difference, neumann, cg or penalty"
+                f"hypergradient_method={method.name!r} needs the model's optimizer state and last gradients per "
+                f"parameter, which ZeRO-{stage} keeps in flat partitions; run the model at ZeRO-0 (or without "
+                f"--deepspeed or accelerate's DeepSpeed plugin), or use {', '.join(others)}"
             )
-        if args.hypergradient_method == "sama" and "optimizer" in model_cfg:
+        if method.reads_last_step and "optimizer" in model_cfg:
             raise ValueError(
-                "hypergradient_method='sama' reads torch's Adam/AdamW/SGD state; the --deepspeed config builds "
-                f'DeepSpeed\'s own optimizer ({model_cfg["optimizer"].get("type")!r}): remove its "optimizer" block '
-                "(the Trainer then builds torch's, e.g. --optim adamw_torch)"
+                f"hypergradient_method={method.name!r} reads torch's Adam/AdamW/SGD state; the --deepspeed config "
+                f'builds DeepSpeed\'s own optimizer ({model_cfg["optimizer"].get("type")!r}): remove its "optimizer" '
+                "block (the Trainer then builds torch's, e.g. --optim adamw_torch)"
             )
         if args.meta_deepspeed is None:
             return
@@ -420,6 +423,11 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
 
     # ---- the scalemlo side ----------------------------------------------------------------------------
     @property
+    def _method(self) -> Method:
+        """The hypergradient method and what it needs (:mod:`scalemlo.methods`)."""
+        return get_method(self.args.hypergradient_method)
+
+    @property
     def _model_level(self) -> _Model:
         return self.mlo.levels["model"]
 
@@ -449,7 +457,7 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         )
         config = EngineConfig(max_steps=0, log_every=0, progress_bar=False, nonfinite=args.nonfinite)
         self.mlo = Engine([model_level, meta_level], {"meta": ["model"]}, config)
-        if args.hypergradient_method == "sama":
+        if self._method.reads_last_step:
             self._keep_step_gradients(model_level.backend)
         if self._resume_dir is not None:
             with scalemlo_checkpoint.allowing(BATCH_TYPES):
@@ -458,11 +466,10 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
                 self._selector.load(self._resume_dir)
             # a meta step made due by the checkpoint's step is taken in the step after it
             self._meta_due = self._shared and self._meta_step_due_after(self.state.global_step)
-            if self._meta_due and args.hypergradient_method == "sama":
+            if self._meta_due and self._method.reads_last_step:
                 self._load_sama_last_step(self._resume_dir)
 
-    @staticmethod
-    def _keep_step_gradients(backend) -> None:
+    def _keep_step_gradients(self, backend) -> None:
         """sama reads the gradients of the model's last optimizer step, which the Trainer's step
         (DeepSpeed's included) clears: a pre-step hook on the torch optimizer records the step
         (``backend.last_step``: its lrs, and a copy of each gradient, one parameter-sized buffer).
@@ -474,7 +481,7 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         optimizer = backend.torch_optimizer
         if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)):
             raise ValueError(
-                f"hypergradient_method='sama' supports the model's optimizer Adam, AdamW or SGD, not "
+                f"hypergradient_method={self._method.name!r} supports the model's optimizer Adam, AdamW or SGD, not "
                 f"{type(optimizer).__name__}; choose --optim adamw_torch (or sgd) or another method"
             )
 
@@ -584,7 +591,7 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
             del self._get_output_dir
         inner = staging / name
         scalemlo_checkpoint.save(self.mlo, inner / SCALEMLO_DIR, levels=["meta"], write_latest=False)
-        if self._meta_due and self.args.hypergradient_method == "sama":
+        if self._meta_due and self._method.reads_last_step:
             self._save_sama_last_step(inner)
         self.export_weights(inner)  # the final weights as of this step, of every training example
         if self._selector is not None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from scalemlo.hypergrad import vectors
+from scalemlo import vectors
 from scalemlo.hypergrad.problem import ResponseProblem, negate
-from scalemlo.hypergrad.registry import register
+from scalemlo.methods import register
 
 
-@register("cg")
+@register("cg", double_backward="second_order")
 def cg(problem: ResponseProblem) -> dict[str, vectors.Vector]:
     alpha = problem.config.cg_alpha
     # CG is linear in v: solve for v / max|v| and scale back, so that tiny or

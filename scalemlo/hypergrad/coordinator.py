@@ -21,13 +21,13 @@ from collections.abc import Mapping
 
 import torch
 
+from scalemlo import vectors
 from scalemlo.graph import LevelGraph
-from scalemlo.hypergrad import vectors
 from scalemlo.hypergrad.problem import ResponseProblem, replayed_and_frozen
-from scalemlo.hypergrad.registry import get_method
-from scalemlo.hypergrad.rng import RandomState
 from scalemlo.level import Level
+from scalemlo.methods import get_method
 from scalemlo.precision import without_autocast
+from scalemlo.rng import RandomState
 
 
 class Coordinator:

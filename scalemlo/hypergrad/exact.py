@@ -13,15 +13,15 @@ import logging
 
 import torch
 
+from scalemlo import vectors
 from scalemlo.distributed import mean_over_ranks_
-from scalemlo.hypergrad import vectors
 from scalemlo.hypergrad.problem import ResponseProblem, negate
-from scalemlo.hypergrad.registry import register
+from scalemlo.methods import register
 
 log = logging.getLogger(__name__)
 
 
-@register("exact")
+@register("exact", shared_forward=False, double_backward="always")
 def exact(problem: ResponseProblem) -> dict[str, vectors.Vector]:
     params = problem.lower.params
     problem.require_autograd("method 'exact'")

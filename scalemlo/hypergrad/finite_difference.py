@@ -8,9 +8,9 @@ gradients, so no second-order autograd is needed.
 
 from __future__ import annotations
 
-from scalemlo.hypergrad import vectors
+from scalemlo import vectors
 from scalemlo.hypergrad.problem import ResponseProblem, negate
-from scalemlo.hypergrad.registry import register
+from scalemlo.methods import register
 
 
 @register("finite_difference")

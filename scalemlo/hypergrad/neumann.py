@@ -6,12 +6,12 @@ products by double backward or by differences (``LevelConfig.second_order``).
 
 from __future__ import annotations
 
-from scalemlo.hypergrad import vectors
+from scalemlo import vectors
 from scalemlo.hypergrad.problem import ResponseProblem, negate
-from scalemlo.hypergrad.registry import register
+from scalemlo.methods import register
 
 
-@register("neumann")
+@register("neumann", double_backward="second_order")
 def neumann(problem: ResponseProblem) -> dict[str, vectors.Vector]:
     alpha = problem.config.neumann_alpha
     term = vectors.clone(problem.v)

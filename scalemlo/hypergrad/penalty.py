@@ -21,12 +21,12 @@ parameter sets.
 
 from __future__ import annotations
 
-from scalemlo.hypergrad import vectors
+from scalemlo import vectors
 from scalemlo.hypergrad.problem import ResponseProblem
-from scalemlo.hypergrad.registry import register
+from scalemlo.methods import register
 
 
-@register("penalty")
+@register("penalty", shared_forward=False)
 def penalty(problem: ResponseProblem) -> dict[str, vectors.Vector]:
     alpha = problem.config.penalty_alpha
     lrs = problem.lower.backend.step_lrs()

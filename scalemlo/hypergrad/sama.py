@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from scalemlo.hypergrad import vectors
+from scalemlo import vectors
 from scalemlo.hypergrad.problem import ResponseProblem, negate
-from scalemlo.hypergrad.registry import register
+from scalemlo.methods import register
 
 
 def _adam_sensitivity(p, v, state, group, grad, lr: float, decoupled: bool) -> torch.Tensor:
@@ -65,7 +65,7 @@ def _sgd_sensitivity(v, group, lr: float, first_step: bool) -> torch.Tensor:
     return lr * factor * v
 
 
-@register("sama")
+@register("sama", reads_last_step=True)
 def sama(problem: ResponseProblem) -> dict[str, vectors.Vector]:
     lower = problem.lower
     optimizer = lower.backend.torch_optimizer  # under DeepSpeed's bf16 ZeRO-0 wrapper too

@@ -48,17 +48,13 @@ restored and re-released before the kept backward gathers them again.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from scalemlo.hypergrad import vectors
-from scalemlo.hypergrad.rng import RandomState
 from scalemlo.level import Level, frozen
-from scalemlo.precision import autocast_outside, native_autocast
-
-if TYPE_CHECKING:
-    from scalemlo.hypergrad.problem import ResponseProblem
+from scalemlo.precision import native_autocast
+from scalemlo.rng import RandomState
 
 
 class SharedForward:
@@ -146,70 +142,3 @@ def check_program(upper: Level, below: Sequence[Level]) -> None:
             f"of {upper.name!r}, which shared_forward takes in the middle of {lower.name!r}'s step; set "
             "shared_forward=False"
         )
-
-
-DEFAULT_RADIUS = {torch.float64: 1e-5}  # other dtypes: 1e-3
-FALLBACK_RADIUS = 1e-3
-
-
-def is_central(problem: ResponseProblem) -> bool:
-    """Whether the difference is central: when asked for, and always for a low-precision lower level
-    (or one trained under autocast), whose step's forward (bf16) cannot be differenced against a
-    float32 moved forward."""
-    return (
-        problem.config.shared_forward_difference == "central"
-        or problem.lower.backend.precision.active
-        or autocast_outside()
-    )
-
-
-def radius_for(problem: ResponseProblem) -> float:
-    """The radius of the difference: ``fd_radius`` for the central one; for the one-sided one
-    ``shared_forward_radius``, or the default for the lower level's parameter dtype."""
-    config = problem.config
-    if is_central(problem):
-        return config.fd_radius
-    if config.shared_forward_radius is not None:
-        return config.shared_forward_radius
-    return DEFAULT_RADIUS.get(problem.local_shards[0].dtype, FALLBACK_RADIUS)
-
-
-def mixed_(problem: ResponseProblem, w: vectors.Vector) -> dict[str, vectors.Vector]:
-    """(d²f / dλ dθ) w for every upper, from the shared forward and one moved forward (two with
-    ``shared_forward_difference="central"``); takes ``w``'s storage and frees it.
-
-    The moved forward runs first, while the step's forward has not built its graph yet (unless
-    a product of the method needed it already), and ``w`` is freed before that graph is built:
-    the parameter-sized w and the kept activations are never held together."""
-    shared = problem.shared
-    params = [p for y in problem.uppers for p in y.params]
-    size = float(problem.across_ranks.norm(w))
-    if size == 0.0:
-        return problem._split(vectors.zeros_like(params))
-    eps = radius_for(problem) / size
-    if shared.rng_state is None:  # the random state the step's forward will start from
-        shared.rng_state = RandomState.capture()
-    central = is_central(problem)
-    if central:  # the coordinator's own exact central difference, of the per-example losses
-        ((slopes,),) = problem.central_difference_(w, radius_for(problem), lambda: [[_moved_losses(problem)]])
-    else:
-        with vectors.moved_(problem.local_shards, w, eps):  # w's storage holds θ meanwhile
-            plus = _moved_losses(problem)
-    w.clear()  # its storage held θ for the exact restore; nothing of it is needed now
-    base = shared.forward(problem.all_levels).detach()
-    if not central:
-        slopes = (plus - base) / eps  # c_i = (ℓ_i(θ + εw) − ℓ_i(θ)) / ε
-    with problem._evaluating(problem.uppers):
-        weights = problem.lower.example_weights(shared.batch, base)
-        grads = torch.autograd.grad((slopes * weights).mean(), params, allow_unused=True)
-    return problem._split(vectors.grads_or_zeros(grads, params))
-
-
-def _moved_losses(problem: ResponseProblem) -> torch.Tensor:
-    """ℓ_i at the (moved) parameters, without gradient, with the shared forward's random state."""
-    lower, shared = problem.lower, problem.shared
-    try:
-        with torch.no_grad(), shared.rng_state.replayed(), frozen(problem.all_levels):  # the forward's masks
-            return lower.per_example_losses(shared.batch).detach()
-    finally:
-        lower.backend.release_gathered()
