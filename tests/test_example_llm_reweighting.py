@@ -66,6 +66,35 @@ def test_the_default_run_reports_what_it_promises(short_run):
     assert len(weights["examples"]) > 0 and set(weights["sources"]) == set(report["source_weights"])
 
 
+def test_the_reported_aucs_are_those_of_the_exported_weights(short_run):
+    """Each AUC of the report, recomputed from example_weights.csv and the corpus's labels (the meta rows
+    the learned run trained on are clean)."""
+    import csv
+
+    from sklearn.metrics import roc_auc_score
+
+    out, report = short_run
+    kind = {}
+    for line in (out / "corpus" / "train.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        kind[row["id"]] = row["corruption"] or "clean"
+    with open(out / "example_weights.csv") as f:
+        weights = {row["id"]: float(row["weight"]) for row in csv.DictReader(f)}
+    kinds = [kind.get(name, "clean" if name.startswith("meta/") else None) for name in weights]
+    assert None not in kinds and kinds.count("clean") > 100
+    values = list(weights.values())
+
+    def auc(chosen: set[str]) -> float:
+        rows = [(k == "clean", v) for k, v in zip(kinds, values) if k == "clean" or k in chosen]
+        return roc_auc_score([c for c, _ in rows], [v for _, v in rows])
+
+    every = set(kinds) - {"clean"}
+    assert report["weight_auc"] == pytest.approx(auc(every), abs=1e-6)
+    assert report["weight_auc_visible"] == pytest.approx(auc(every - {"shuffled"}), abs=1e-6)
+    for name, value in report["weight_auc_by_corruption"].items():
+        assert value == pytest.approx(auc({name}), abs=1e-6)
+
+
 def test_the_signal_diagnosis_runs_on_the_default_corpus(short_run):
     out, _ = short_run
     module = examples_helper.load_file(SCRIPT.parent / "diagnose_signal.py", "diagnose_signal")
