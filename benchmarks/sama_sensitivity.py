@@ -7,7 +7,7 @@ float32) for ``--steps`` steps with ``sama``, then forms sama's Adam sensitivity
 multiplies the meta gradient, entry by entry) and prints which parameters and which entries (by
 sqrt of the bias-corrected second moment) hold its squared norm. On GPT-2 the attention biases
 (``c_attn.bias``: the key bias's gradient is zero in exact arithmetic, rounding noise in practice)
-hold almost all of it; see README "Precision".
+hold almost all of it; see docs/precision.md.
 """
 
 from __future__ import annotations

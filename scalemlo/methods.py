@@ -3,7 +3,7 @@
 A method is ``fn(problem: ResponseProblem) -> dict[upper name, Vector]`` returning
 ``-(d^2 f_X / dp_Y dp_X) . H_X^{-1} v`` for every upper Y of the problem, registered with what it needs
 of the levels (:class:`Method`). Every check that depends on the method (``LevelConfig``, ``Engine``'s
-ZeRO-stage refusals, ``ReweightingTrainer``) and the method table of the README read these
+ZeRO-stage refusals, ``ReweightingTrainer``) and the table of needs in docs/methods.md read these
 declarations; none names a method. Adding a method is one file with a decorated function, imported
 once (``scalemlo/hypergrad/__init__.py`` imports the built-in ones; a method of your own is registered
 when its module is imported)::

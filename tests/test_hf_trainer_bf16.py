@@ -17,7 +17,7 @@ reproduce the cosines an Intel Xeon gave to 4 digits):
   the central one 0.9994 and 1.0) and differ from the central one (0.92 at meta step 1).
 - sama is compared from its third meta step (:data:`SAMA_FIRST_COMPARED`). Its first two read Adam after
   one and two steps, where w = -(du/dg) v is dominated by the entries whose gradient is rounding noise (the
-  key bias's is zero in exact arithmetic) and 1/(sqrt(s) + eps) amplifies it (README, sama in bf16): the
+  key bias's is zero in exact arithmetic) and 1/(sqrt(s) + eps) amplifies it (docs/precision.md, sama in bf16): the
   low-precision estimate there is as much a function of the kernels as of the model (fp16, the same program
   under the two kernel sets: cosine 0.44 and 0.978 at meta steps 1-2, >= 0.9989 from the third). From the
   third: bf16 >= 0.9974, fp16 >= 0.9993 against float32 under every pairing of the kernel sets.

@@ -79,8 +79,8 @@ def test_a_method_of_ones_own_trains_the_reweighting_trainer(tmp_path, toy, fres
     assert t._model_level.keep_last_grads
 
 
-def test_the_readme_table_of_needs_matches_the_declarations():
-    text = (ROOT / "README.md").read_text()
+def test_the_documented_table_of_needs_matches_the_declarations():
+    text = (ROOT / "docs" / "methods.md").read_text()
     header = ("| method | shared forward | reads the last step (levels below at ZeRO-0) "
               "| double backward (no ZeRO-3 level) |")  # fmt: skip
     assert header in text

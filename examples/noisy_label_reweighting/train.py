@@ -324,7 +324,7 @@ class Classifier(Level):
 
 class DetachedClassifier(Classifier):
     """``weight_net.input: detached``: the weight net reads ``loss.detach()``, recomputed at the moved
-    parameters of a difference (the biased estimator of the README's "Why sama inverted")."""
+    parameters of a difference (the biased estimator of "Why sama inverted" in this example's README)."""
 
     def training_step(self, batch):
         losses = self.per_example_losses(batch)
