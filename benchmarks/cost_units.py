@@ -82,6 +82,7 @@ def perturbed_(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor]
             for piece, where, values in fixes:
                 piece[where] = values
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="124m")

@@ -98,8 +98,15 @@ def run_scalemlo(method: str, held: bool = False, shared: bool = False, central:
     weigher = WeightNet(hidden=16)
     upper_opt = torch.optim.SGD(weigher.parameters(), lr=0.0)
     lower = LM("lm", lm, torch.optim.Adam(lm.parameters(), lr=LM_LR), [train])
-    upper = Reweight("reweight", weigher, upper_opt, [meta], config=LevelConfig(
-        method=method, shared_forward=shared, shared_forward_difference="central" if central else "one_sided"))
+    upper = Reweight(
+        "reweight",
+        weigher,
+        upper_opt,
+        [meta],
+        config=LevelConfig(
+            method=method, shared_forward=shared, shared_forward_difference="central" if central else "one_sided"
+        ),
+    )
     # shared: the meta step comes before the LM step of its iteration, so one iteration more first
     engine = Engine([lower, upper], {"reweight": ["lm"]}, EngineConfig(max_steps=WARM + shared, progress_bar=False))
     engine.run()

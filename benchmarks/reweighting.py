@@ -169,8 +169,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["finite_difference", "sama"])
     parser.add_argument("--unrolls", nargs="+", type=int, default=[1, 5, 10], help="scalemlo unroll_steps to measure")
     parser.add_argument("--unroll-sizes", nargs="+", default=["4m"], help="sizes at which unroll_steps > 1 run")
-    parser.add_argument("--systems", nargs="+", default=["scalemlo", "scalemlo-shared"],
-                        choices=["scalemlo", "scalemlo-shared"], help="scalemlo variants to measure")
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        default=["scalemlo", "scalemlo-shared"],
+        choices=["scalemlo", "scalemlo-shared"],
+        help="scalemlo variants to measure",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)

@@ -75,8 +75,13 @@ def main() -> None:
     parser.add_argument("--fused_adam", action="store_true", help="torch's fused (in-place) Adam for the LM")
     parser.add_argument("--zero", default=None, help="JSON merged into zero_optimization (e.g. live-parameter limits)")
     parser.add_argument("--systems", nargs="+", default=["plain", "scalemlo"], choices=["plain", "scalemlo"])
-    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
-                        help="the LM level's precision (each configuration runs in each)")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["fp32"],
+        choices=["fp32", "bf16"],
+        help="the LM level's precision (each configuration runs in each)",
+    )
     args = parser.parse_args()
     rows = []
     for spec in args.configs:

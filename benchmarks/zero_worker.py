@@ -83,8 +83,11 @@ def main() -> None:
     parser.add_argument("--zero", default="{}", help="JSON merged into zero_optimization (e.g. live-parameter limits)")
     parser.add_argument("--whole", action="store_true", help="at ZeRO-3, build the model whole (not under zero_init)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the LM's blocks")
-    parser.add_argument("--fused_adam", action="store_true",
-                        help="torch's fused Adam for the LM (in place: no full-size temporaries in its step)")
+    parser.add_argument(
+        "--fused_adam",
+        action="store_true",
+        help="torch's fused Adam for the LM (in place: no full-size temporaries in its step)",
+    )
     parser.add_argument("--bf16", action="store_true", help="the LM level in bf16 (the weight net stays fp32)")
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()

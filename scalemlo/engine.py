@@ -309,7 +309,10 @@ class Engine:
         return not self.global_step % self.period[name] and self.global_step > self.levels[name].config.warmup_steps
 
     def step_level(
-        self, name: str, this_iteration: dict[str, float] | None = None, shared_upper: str | None = None,
+        self,
+        name: str,
+        this_iteration: dict[str, float] | None = None,
+        shared_upper: str | None = None,
         shared=None,
     ) -> dict[str, float]:
         """One optimizer step of level ``name`` (``gradient_accumulation`` micro-steps); returns its metrics.
@@ -351,7 +354,8 @@ class Engine:
                     )
                 lv.step_on_gradient(grads, batch, nonfinite)  # "skip": its boundary drops them
                 metrics[f"{name}/hypergrad_norm"] = (
-                    float(lv.backend.across_ranks.norm(grads)) if lv.backend.partitioned  # shards, averaged already
+                    float(lv.backend.across_ranks.norm(grads))
+                    if lv.backend.partitioned  # shards, averaged already
                     else _norm_of_rank_average(grads, lv.backend.process_group)
                 )
                 metrics[f"{name}/loss"] = self.coordinator.last_loss[name]
@@ -387,8 +391,10 @@ class Engine:
                 changes.append(f"{lv.name!r} {before:g} -> {lv.backend.loss_scale:g}")
         if rank() == 0:
             log.warning(
-                "fp16 overflow in the hypergradient of level %r at global step %d: its step is skipped on every "
-                "rank%s", name, self.global_step, f"; loss scales: {', '.join(changes)}" if changes else ""
+                "fp16 overflow in the hypergradient of level %r at global step %d: its step is skipped on every rank%s",
+                name,
+                self.global_step,
+                f"; loss scales: {', '.join(changes)}" if changes else "",
             )
         return True
 

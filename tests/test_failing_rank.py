@@ -49,7 +49,7 @@ def nonfinite(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["torch", "ds0", "ds3"])
 def test_an_fp16_overflow_on_one_rank_skips_the_upper_step_on_every_rank(nonfinite, kind):
     """torch: the torch backend's scaler; ds0/ds3: DeepSpeed's own fp16 engine at ZeRO 0/3."""
-    (a, b), = [pair for pair in nonfinite if pair[0]["stage"] == f"fp16-{kind}"]
+    ((a, b),) = [pair for pair in nonfinite if pair[0]["stage"] == f"fp16-{kind}"]
     assert a["finite"] and b["finite"] and a["same_on_every_rank"]
     assert a["outcome"] == b["outcome"] == "finished" and a["global_step"] == 4
     # the weight net skipped one step on both ranks; the model's scale dropped once for it and once per

@@ -449,8 +449,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--near-duplicate-originals", type=int, default=defaults.near_duplicate_originals)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    settings = {"corruption_rate": args.corruption_rate, "corrupted_sources": args.corrupted_sources,
-                "char_noise_rate": args.char_noise_rate, "near_duplicate_originals": args.near_duplicate_originals}
+    settings = {
+        "corruption_rate": args.corruption_rate,
+        "corrupted_sources": args.corrupted_sources,
+        "char_noise_rate": args.char_noise_rate,
+        "near_duplicate_originals": args.near_duplicate_originals,
+    }
     info = build_corpus(args.out, seed=args.seed, **settings)
     for name, split in info["splits"].items():
         share, tokens = 100 * split["corrupted_share"], split["tokens"]

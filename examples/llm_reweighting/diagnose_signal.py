@@ -106,16 +106,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--corpus_seed", type=int, default=0)
     parser.add_argument("--work_dir", default="runs/llm_reweighting_signal", help="corpus and Trainer output")
-    parser.add_argument("--pretrain_steps", type=int, default=rr.default_flags().get("pretrain_steps", 0),
-                        help="start from the default run's pre-trained model (0: from scratch)")
+    parser.add_argument(
+        "--pretrain_steps",
+        type=int,
+        default=rr.default_flags().get("pretrain_steps", 0),
+        help="start from the default run's pre-trained model (0: from scratch)",
+    )
     parser.add_argument("--pretrain_cache", default=rr.default_flags().get("pretrain_cache", "runs/pretrained"))
     parser.add_argument("--out", default=None, help="write the measurements here (JSON)")
     options = parser.parse_args(argv)
     ensure_distributed()
     if world_size() > 1:
         raise SystemExit("diagnose_signal.py measures one model in one process: start it with python, not a launcher")
-    argv = [f"--output_dir={options.work_dir}", f"--corpus_seed={options.corpus_seed}",
-            f"--pretrain_steps={options.pretrain_steps}", f"--pretrain_cache={options.pretrain_cache}"]
+    argv = [
+        f"--output_dir={options.work_dir}",
+        f"--corpus_seed={options.corpus_seed}",
+        f"--pretrain_steps={options.pretrain_steps}",
+        f"--pretrain_cache={options.pretrain_cache}",
+    ]
     argv = rr.default_run_argv(argv) + argv
     argv += [f"--learning_rate={options.learning_rate}", f"--max_steps={options.steps}"]
     model_args, data, _, args, _ = rr.parse(argv)

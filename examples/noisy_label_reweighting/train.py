@@ -294,9 +294,7 @@ class Classifier(Level):
     ``shared_forward`` can also take its step inside of.
     """
 
-    def __init__(
-        self, *args, normalize: str, test: tuple, meta: tuple, link: str = "sigmoid", **kwargs
-    ):
+    def __init__(self, *args, normalize: str, test: tuple, meta: tuple, link: str = "sigmoid", **kwargs):
         super().__init__(*args, **kwargs)
         self.normalize, self.link = normalize, link
         self.test, self.meta = test, meta

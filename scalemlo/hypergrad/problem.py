@@ -44,9 +44,7 @@ from scalemlo.rng import RandomState
 
 
 @contextlib.contextmanager
-def replayed_and_frozen(
-    rng_state: RandomState | torch.Tensor, all_levels: Sequence[Level], trainable: Sequence[Level]
-):
+def replayed_and_frozen(rng_state: RandomState | torch.Tensor, all_levels: Sequence[Level], trainable: Sequence[Level]):
     """Replay a random state (CPU and CUDA generators) and freeze every level but ``trainable`` for one evaluation.
 
     Every evaluation within one hypergradient starts from the same generator

@@ -111,8 +111,12 @@ def fp16_case(kind: str) -> dict:
     if kind == "torch":
         config = LevelConfig(backend="torch", fp16_loss_scaling={"hysteresis": 1})
     else:
-        config = LevelConfig(deepspeed_config={"zero_optimization": {"stage": int(kind[-1])},
-                                               "fp16": {"enabled": True, "initial_scale_power": 8, "hysteresis": 1}})
+        config = LevelConfig(
+            deepspeed_config={
+                "zero_optimization": {"stage": int(kind[-1])},
+                "fp16": {"enabled": True, "initial_scale_power": 8, "hysteresis": 1},
+            }
+        )
     model = suite.Model("model", lm, torch.optim.Adam(lm.parameters(), lr=1e-3), suite.batches("train", [rank()], 6),
                         config=config)  # fmt: skip
     weights = InfOnRank1("weights", net, torch.optim.SGD(net.parameters(), lr=1.0), suite.batches("meta", [rank()], 6))
@@ -124,10 +128,15 @@ def fp16_case(kind: str) -> dict:
     other = flat.clone()
     dist.broadcast(other, src=0)
     return {
-        "stage": f"fp16-{kind}", "fault": "meta-overflow", "nonfinite": "raise", "outcome": "finished",
-        "global_step": engine.global_step, "initial_scale": 2.0 ** (16 if kind == "torch" else 8),
+        "stage": f"fp16-{kind}",
+        "fault": "meta-overflow",
+        "nonfinite": "raise",
+        "outcome": "finished",
+        "global_step": engine.global_step,
+        "initial_scale": 2.0 ** (16 if kind == "torch" else 8),
         "skipped": [model.overflow_steps, weights.skipped_steps, model.backend.loss_scale],
-        "finite": bool(torch.isfinite(flat).all()), "same_on_every_rank": bool(torch.equal(flat, other)),
+        "finite": bool(torch.isfinite(flat).all()),
+        "same_on_every_rank": bool(torch.equal(flat, other)),
     }
 
 
