@@ -17,3 +17,38 @@ def pytest_runtest_protocol(item, nextitem):
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+# Test tiers: `python -m pytest -m "not slow and not distributed"` is the quick tier (the library's own
+# checks, one process); the README's full command runs everything.
+DISTRIBUTED = {  # files that launch several ranks themselves (deepspeed, torchrun, accelerate launch)
+    "test_accelerate_launch.py",
+    "test_distributed_zero.py",
+    "test_example_two_ranks.py",
+    "test_failing_rank.py",
+}
+SLOW = {  # files of one process whose tests take minutes together: examples, benchmarks, matrices
+    "test_cli_reweight.py",
+    "test_gpu_check.py",
+    "test_hf_resume_matrix.py",
+    "test_hf_trainer_peft_zero2_resume.py",
+    "test_kill_and_resume.py",
+    "test_llm_corpus.py",
+    "test_reweighting_quality_benchmark.py",
+    "test_trainer_overhead_benchmark.py",
+    "test_unroll_interleaved_benchmark.py",
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "distributed: launches several ranks (deepspeed, torchrun, accelerate launch)")
+    config.addinivalue_line("markers", "slow: minutes of one process (examples, benchmarks, resume matrices)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        if name in DISTRIBUTED:
+            item.add_marker(pytest.mark.distributed)
+        if name in SLOW or name.startswith("test_example_"):
+            item.add_marker(pytest.mark.slow)
