@@ -400,12 +400,12 @@ class Engine:
 
     def _step_inside(self, upper: str, lower: str, others: list[Level], metrics: dict, this_iteration: dict | None,
                      batch: Any) -> torch.Tensor:  # fmt: skip
-        """``upper``'s step on the forward of ``lower``'s coming step on ``batch``; that forward's per-example
-        losses (graph kept) for ``lower`` to finish its step with."""
-        shared = shared_forward.SharedForward(self.levels[lower], batch)
-        metrics.update(self.step_level(upper, {**(this_iteration or {}), **metrics}, shared=shared))
-        shared.keep_buffers()
-        return shared.forward(others)
+        """``upper``'s step on the forward of ``lower``'s coming step on ``batch`` (shared_forward.step_inside)."""
+
+        def upper_step(shared: shared_forward.SharedForward) -> None:
+            metrics.update(self.step_level(upper, {**(this_iteration or {}), **metrics}, shared=shared))
+
+        return shared_forward.step_inside(self.levels[lower], batch, upper_step, others)
 
     def hypergradient(self, name: str) -> list[torch.Tensor]:
         """The current hypergradient of ``name``'s trainable parameters.

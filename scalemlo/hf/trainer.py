@@ -74,7 +74,7 @@ from scalemlo.hf.model_card import ModelCards
 from scalemlo.hf.reweighting import CollapseMonitor, ExampleWeights, Reweighter, build_reweighter, weight_stats
 from scalemlo.hf.selection import SELECTION_FLOOR, Selector, with_floor
 from scalemlo.hf.state import isolate, one_process_view, reset_trainer_state  # noqa: F401 (re-exported)
-from scalemlo.hypergrad.shared_forward import SharedForward
+from scalemlo.hypergrad.shared_forward import SharedForward, step_inside
 from scalemlo.level import FED, Level, frozen
 from scalemlo.methods import METHODS, Method, get_method
 
@@ -349,10 +349,8 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         if self._meta_due:
             self._meta_due = False
             losses_of = lambda batch: per_example_losses(model, batch)[0]  # noqa: E731
-            shared = SharedForward(self._model_level, inputs, losses_of=losses_of)
-            self._meta_step(shared)
-            shared.keep_buffers()
-            losses = shared.forward(list(self.mlo.levels.values()))
+            levels = list(self.mlo.levels.values())
+            losses = step_inside(self._model_level, inputs, self._meta_step, levels, losses_of=losses_of)
         with frozen([self._meta_level]):
             if losses is None:
                 losses = per_example_losses(model, inputs)[0]

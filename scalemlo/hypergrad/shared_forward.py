@@ -111,6 +111,18 @@ class SharedForward:
         self._buffers = None
 
 
+def step_inside(lower: Level, batch: Any, upper_step: Callable[[SharedForward], None], levels: Sequence[Level],
+                losses_of: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+    """The protocol, once for the Engine and the Trainer: ``upper_step(shared)`` takes the upper level's step on
+    the forward of ``lower``'s coming step on ``batch``; returns that forward's per-example losses, graph kept,
+    for ``lower`` to finish its step with (the forward's buffer updates kept; ``levels``: every level, held
+    fixed in the forward)."""
+    shared = SharedForward(lower, batch, losses_of=losses_of)
+    upper_step(shared)
+    shared.keep_buffers()
+    return shared.forward(levels)
+
+
 def check_program(upper: Level, below: Sequence[Level]) -> None:
     """Refuse, before anything is built, a program whose structure the estimator does not have.
 
