@@ -7,6 +7,7 @@ methods.
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from dataclasses import dataclass
@@ -30,6 +31,19 @@ def deepspeed_command(*script_and_args, ranks: int = 2, port: int | None = None)
     port = free_port() if port is None else port
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(port),
             *map(str, script_and_args)]  # fmt: skip
+
+
+def end_launched_rank() -> None:
+    """End a launched test rank whose work is done and written (call it after a final barrier).
+
+    The rank leaves without the interpreter's finalisation: gloo's and DeepSpeed's worker threads can
+    otherwise outlive it and abort the rank at exit ("terminate called without an active exception", exit
+    code -6) after its work is done, failing a launch that succeeded; ``scalemlo.distributed`` destroys the
+    process group at exit against this, which leaves it rare but not absent on a 2-rank CPU launch.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def allow_deepspeed_fp16_on_cpu() -> bool:

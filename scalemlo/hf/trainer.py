@@ -456,7 +456,7 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         config = EngineConfig(max_steps=0, log_every=0, progress_bar=False, nonfinite=args.nonfinite)
         self.mlo = Engine([model_level, meta_level], {"meta": ["model"]}, config)
         if self._method.reads_last_step:
-            self._keep_step_gradients(model_level.backend)
+            self._keep_step_gradients(model_level.backend, self._method.name)
         if self._resume_dir is not None:
             with scalemlo_checkpoint.allowing(BATCH_TYPES):
                 scalemlo_checkpoint.load(self.mlo, self._resume_dir / SCALEMLO_DIR, levels=["meta"])
@@ -467,7 +467,8 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
             if self._meta_due and self._method.reads_last_step:
                 self._load_sama_last_step(self._resume_dir)
 
-    def _keep_step_gradients(self, backend) -> None:
+    @staticmethod
+    def _keep_step_gradients(backend, method: str = "sama") -> None:
         """sama reads the gradients of the model's last optimizer step, which the Trainer's step
         (DeepSpeed's included) clears: a pre-step hook on the torch optimizer records the step
         (``backend.last_step``: its lrs, and a copy of each gradient, one parameter-sized buffer).
@@ -479,7 +480,7 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         optimizer = backend.torch_optimizer
         if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)):
             raise ValueError(
-                f"hypergradient_method={self._method.name!r} supports the model's optimizer Adam, AdamW or SGD, not "
+                f"hypergradient_method={method!r} supports the model's optimizer Adam, AdamW or SGD, not "
                 f"{type(optimizer).__name__}; choose --optim adamw_torch (or sgd) or another method"
             )
 

@@ -27,7 +27,7 @@ import zero_suite as suite
 
 from scalemlo import Engine, EngineConfig, LevelConfig
 from scalemlo.distributed import add_launcher_arguments, ensure_distributed, rank
-from scalemlo.testing import allow_deepspeed_fp16_on_cpu
+from scalemlo.testing import allow_deepspeed_fp16_on_cpu, end_launched_rank
 
 FAULTY = suite.batches("train", [1], 6)[2]  # rank 1's 3rd batch
 
@@ -170,3 +170,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_launched_rank()

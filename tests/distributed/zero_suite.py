@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import trainer_resume  # beside this file (on the path when run as a script or imported by the test)
 
 from scalemlo import Engine, EngineConfig, Level, LevelConfig
-from scalemlo.testing import RidgeData, allow_deepspeed_fp16_on_cpu, ridge_engine
+from scalemlo.testing import RidgeData, allow_deepspeed_fp16_on_cpu, end_launched_rank, ridge_engine
 
 VOCAB, SEQ, BATCH, STEPS, ACCUMULATION = 64, 8, 4, 2, 2
 WEIGHT_DECAY = 1e-4  # the upper objective reads its own parameters (small: the mixed term dominates)
@@ -570,7 +570,9 @@ def main() -> None:
         name = trainer_resume.case_name(method, shared, scheme)
         measure = functools.partial(trainer_resume.resume_record, Path(work) / name, method, shared, scheme)
         case("trainer_resume", method, {"reweighting": scheme, "shared_forward": shared}, (0, 3), measure)
+    dist.barrier()  # every rank done before any leaves
 
 
 if __name__ == "__main__":
     main()
+    end_launched_rank()
