@@ -121,7 +121,7 @@ def test_zero_stage_a_role_cannot_use_is_refused_before_compute(upper, lower, me
 def test_zero_auto_bucket_sizes_come_from_the_hidden_size():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from scalemlo.backend import _fill_zero_auto
+    from scalemlo.backend.deepspeed_config import _fill_zero_auto
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8))
     zero = {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",

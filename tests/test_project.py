@@ -27,8 +27,8 @@ def test_ci_runs_the_readme_test_command():
 def test_the_docs_site_lists_every_page_and_every_link_resolves():
     """mkdocs.yml's nav names every page of docs/ (and only those), the site's home is the README, and every
     relative link of the README and the docs pages points at a file that exists."""
-    nav = re.findall(r"^  - [^:]+: (\S+\.md)$", (ROOT / "mkdocs.yml").read_text(), re.M)
-    pages = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
+    nav = re.findall(r"^ +- [^:]+: (\S+\.md)$", (ROOT / "mkdocs.yml").read_text(), re.M)
+    pages = sorted(p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md"))
     assert sorted(nav) == pages
     readme = (ROOT / "README.md").read_text()
     home = (ROOT / "docs" / "index.md").read_text().split("\n", 1)[1]
@@ -36,7 +36,7 @@ def test_the_docs_site_lists_every_page_and_every_link_resolves():
         "docs/index.md (the site's home) must be the README with 'docs/' dropped from its links, under its first "
         "line: copy README.md there again after changing it"
     )
-    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+    for page in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]:
         prose = re.sub(r"`[^`\n]*`", "", re.sub(r"```.*?```", "", page.read_text(), flags=re.S))
         for target in re.findall(r"\[[^\]\n]*\]\(([^)#\s]+)(?:#[^)]*)?\)", prose):
             if "://" in target:

@@ -177,8 +177,8 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         peft_config: a ``peft`` config (e.g. ``LoraConfig``): the model is wrapped by ``peft.get_peft_model``
             and only the adapter trains, as in TRL's trainers (``--use_peft`` builds one from the ``lora_*``
             flags; :mod:`scalemlo.hf.adapters`).
-        Everything else is ``transformers.Trainer``'s.
 
+    Every other argument is ``transformers.Trainer``'s.
     The training set (a ``datasets.Dataset``) needs no reweighting columns of its own: the Trainer numbers
     its rows in an ``id`` column where it has none, maps a string ``source`` column to indices, drops text
     columns from it and the meta set, and collates one batch of each at construction

@@ -410,7 +410,7 @@ def groups_record(lower_stage: int) -> dict:
     data-parallel group does not hold every rank is refused with an error naming the fix."""
     import torch.distributed as dist
 
-    import scalemlo.backend as backend_module
+    import scalemlo.backend.base as backend_module
     import scalemlo.distributed as distributed_module
     import scalemlo.engine as engine_module
 
