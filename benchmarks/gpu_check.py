@@ -1,4 +1,4 @@
-"""The GPU check of issue 11 (bf16 MLO on one GPU), prepared to run within ~8 minutes on one H100.
+"""The GPU check (bf16 MLO on one GPU), prepared to run within ~8 minutes on one H100.
 
     bash benchmarks/gpu_check.sh                     # on a GPU machine; writes benchmarks/results/gpu_check.json
     python benchmarks/gpu_check.py --smoke           # the same code on the CPU with tiny models (a test runs it)

@@ -66,8 +66,11 @@ class LevelConfig:
         penalty_steps: auxiliary-copy update steps per hypergradient.
         penalty_lr: learning rate of the auxiliary copy (None: the lower level's lr).
         second_order: how neumann/cg form Hessian- and mixed-vector products:
-            "autograd" (double backward) or "finite_difference" (differences of
-            first-order gradients).
+            "autograd" (double backward: exact, the default for a program's own
+            modules) or "finite_difference" (differences of first-order
+            gradients: no double backward, so any module and ZeRO-3; the
+            default of ``ReweightingArguments``, whose model is any Hugging Face
+            model, often with attention kernels that have no double backward).
         exact_max_params: the exact method refuses levels larger than this.
         shared_forward: take this level's steps inside the step of the level
             below it and share that level's forward (the 7-unit reweighting

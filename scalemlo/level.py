@@ -22,6 +22,7 @@ from scalemlo.backend import (
 from scalemlo.config import LevelConfig
 from scalemlo.data import DataCursor
 from scalemlo.distributed import finite_on_every_rank
+from scalemlo.held import HeldInputs
 from scalemlo.precision import is_low_precision
 
 log = logging.getLogger(__name__)
@@ -97,12 +98,8 @@ class Level:
         self.skipped_batches = 0  # non-finite losses left out (EngineConfig.nonfinite="skip")
         self.skipped_steps = 0  # optimizer steps not taken for non-finite gradients
         self.overflow_steps = 0  # an fp16 level's steps skipped for an overflow (its loss scale was lowered)
-        # Values held fixed across the evaluations of one hypergradient (see held()): None outside one.
-        self._held: dict[tuple[int, int], torch.Tensor] | None = None
-        # Whether training_step calls held(): True from its first call; None until a hypergradient
-        # has evaluated this level once (the coordinator then evaluates held values first, see held()).
-        self.uses_held: bool | None = None
-        self._held_key: list[int] = [0, 0]  # (objective batch being evaluated, calls of held() on it so far)
+        # Values the step holds fixed across the evaluations of one hypergradient (see held()).
+        self.held_inputs = HeldInputs(name)
 
     # ---- what the user writes -------------------------------------------------
     def training_step(self, batch: Any) -> torch.Tensor:
@@ -183,66 +180,43 @@ class Level:
     def held(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` detached, and held fixed across the evaluations of one hypergradient.
 
-        Call it in ``training_step`` on anything the step treats as a constant
-        although it is computed from this level's parameters; the usual case
-        is the input of a weighting model, the per-example losses sᵢ = ℓᵢ of
-        Meta-Weight-Net: ``w = self.uppers["meta"](self.held(losses.detach()))``.
-        The step never differentiates through such a value, so neither does the
-        training dynamics' hypergradient; but a method that evaluates this
-        level's loss at moved parameters (the central difference of
-        ``finite_difference`` and ``sama``, and of ``neumann``/``cg``/``penalty``
-        with ``second_order='finite_difference'``) would recompute a merely
-        detached value there and add a term the dynamics do not have,
-        Σᵢ ∂²m/∂λ∂sᵢ (∇ℓᵢ·w) ℓᵢ, weighted by the loss (in the noisy-label
-        example it flipped ``sama``'s weights toward the noisy labels on some
-        seeds). Inside a hypergradient
-        the first evaluation of each batch stores the value (at
-        the current parameters: the coordinator evaluates the loss once, without
-        gradient, before the method runs) and every later one reuses it; outside
-        (the level's own steps, validation) this is ``value.detach()``. Call it
-        the same number of times, in the same order, on every evaluation of a
-        batch.
+        Call it in ``training_step`` on anything the step treats as a constant although it is computed
+        from this level's parameters; the usual case is the input of a weighting model, the per-example
+        losses sᵢ = ℓᵢ of a Meta-Weight-Net: ``w = self.uppers["meta"](self.held(losses.detach()))``.
+        A method that evaluates this level's loss at moved parameters then sees the value the step saw
+        instead of one recomputed there (:mod:`scalemlo.held` says why that matters). Inside a
+        hypergradient the first evaluation of each batch stores the value (at the current parameters: the
+        coordinator evaluates the loss once, without gradient, before the method runs) and every later
+        one reuses it; outside (the level's own steps, validation) this is ``value.detach()``. Call it the
+        same number of times, in the same order, on every evaluation of a batch.
         """
-        self.uses_held = True
-        value = value.detach()
-        if self._held is None:
-            return value
-        key = (self._held_key[0], self._held_key[1])
-        self._held_key[1] += 1
-        stored = self._held.setdefault(key, value)
-        if stored.shape != value.shape or stored.dtype != value.dtype:
-            raise RuntimeError(
-                f"level {self.name!r}: held() call {key[1]} on a batch received {tuple(value.shape)} "
-                f"{value.dtype} where the first evaluation held {tuple(stored.shape)} {stored.dtype}; "
-                "training_step must call held() the same number of times, in the same order and on "
-                "values of the same shape, every time it evaluates a batch"
-            )
-        return stored
+        return self.held_inputs.hold(value)
 
-    @contextlib.contextmanager
     def holding(self):
         """The scope of one hypergradient: values passed to :meth:`held` are stored, then reused.
 
         Within it, :meth:`evaluating_batch` says which of the objective batches the next
         :meth:`loss` evaluates (values are held per batch and per call).
         """
-        previous, self._held = self._held, {}
-        try:
-            yield
-        finally:
-            self._held = previous
-            self._held_key[0] = 0
+        return self.held_inputs.holding()
 
     def prime_held(self, index: int, values: list[torch.Tensor]) -> None:
         """Inside :meth:`holding`: hold ``values`` as the :meth:`held` calls of objective batch
         ``index`` would (in call order), without evaluating the batch."""
-        for call, value in enumerate(values):
-            self._held[(index, call)] = value.detach()
-        self.uses_held = True
+        self.held_inputs.prime(index, values)
 
     def evaluating_batch(self, index: int) -> None:
         """The next :meth:`loss` evaluates objective batch ``index`` (``objective_batches()[index]``)."""
-        self._held_key[0] = index
+        self.held_inputs.evaluating_batch(index)
+
+    @property
+    def uses_held(self) -> bool | None:
+        """Whether ``training_step`` calls :meth:`held` (None until a hypergradient evaluated the level)."""
+        return self.held_inputs.uses_held
+
+    @uses_held.setter
+    def uses_held(self, value: bool | None) -> None:
+        self.held_inputs.uses_held = value
 
     # ---- reaching other levels ----------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -391,7 +365,7 @@ class Level:
         ``require_grad``: also check that the loss depends on some trainable
         parameter (the engine's first look at every level, before any step).
         """
-        self._held_key[1] = 0
+        self.held_inputs.start_evaluation()
         loss = self.training_step(batch)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ValueError(
@@ -434,7 +408,7 @@ class Level:
             if upper_step is None:
                 loss = self.loss(batch)
             else:
-                self._held_key[1] = 0
+                self.held_inputs.start_evaluation()
                 loss = self.weighted_loss(batch, losses)
             if not finite_on_every_rank([loss.detach()], self.backend.process_group):
                 if nonfinite == "raise":

@@ -7,14 +7,14 @@ scaler and overflow checks) runs here. The program is ``test_low_precision``'s: 
 DeepSpeed fp16, under a float32 Meta-Weight-Net at ZeRO-0, against the float32 run of the same program
 from the same (fp16-representable) weights.
 
-Found by this file (2026-12-05) and fixed:
+What it guards:
 
 - ZeRO-0: DeepSpeed 0.19's ``engine.backward`` does not scale the loss of an fp16 ZeRO-0 engine while its
-  step divides the gradients by the scale (DeepSpeed pull request 8393), so Adam's moments held the
-  gradients over 256 (the scale here) and sama's hypergradients were 35-1000x too large (cosine 0.66
+  step divides the gradients by the scale (DeepSpeed pull request 8393): without a fix Adam's moments hold
+  the gradients over 256 (the scale here) and sama's hypergradients are 35-1000x too large (cosine 0.66
   against float32); ``scalemlo.backend.scale_fp16_zero0_loss`` scales them.
-- ZeRO-3: every hypergradient raised "Loss scaling is required for this configuration, but backward()
-  was called directly": the level's own backward now goes through ``engine.scale``.
+- ZeRO-3: DeepSpeed refuses a backward called directly on a loss-scaled engine ("Loss scaling is required
+  for this configuration"): the level's own backward goes through ``engine.scale``.
 """
 
 import logging

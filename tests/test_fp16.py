@@ -12,7 +12,7 @@ GPT-2 (here fp16, torch backend) under a float32 Meta-Weight-Net at ZeRO-0. What
   parameters and optimizer state untouched), lowers the fp16 level's scale, is logged and raises nothing
   even with ``nonfinite="raise"``; the 2-rank launch of ``tests/test_failing_rank.py`` checks that an
   overflow on one rank skips on every rank;
-- DeepSpeed fp16 levels are configured (no longer refused), and both fp16 and bf16 at once is refused.
+- DeepSpeed fp16 levels are configured, and both fp16 and bf16 at once is refused.
 """
 
 import logging

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py (the prepared GPU check of issue 11) runs end to end on the CPU with tiny models."""
+"""benchmarks/gpu_check.py (the prepared GPU check: bf16 MLO on one GPU) runs end to end on the CPU with tiny models."""
 
 import json
 import os

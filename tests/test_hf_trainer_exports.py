@@ -49,7 +49,7 @@ def test_example_weights_after_a_resume_are_every_examples_final_weight(tmp_path
     first.train()
     resumed = trainer(tmp_path / "run", **kw)
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
-    assert len(resumed.weight_table.weights) == 16  # what the old export held: 2 steps of 8
+    assert len(resumed.weight_table.weights) == 16  # the last-trained record: only the 2 steps of 8 since the resume
     resumed.export_weights(tmp_path / "export")
     data = read_json(tmp_path / "export")
     assert data == read_json(tmp_path / "uninterrupted_export") and data["scale"] == "mean 1 over the training set"

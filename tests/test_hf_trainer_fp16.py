@@ -97,8 +97,8 @@ def test_an_fp16_zero0_model_steps_on_its_true_gradients(tmp_path, accumulation)
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "unshared"])
 def test_deepspeed_overflows_skip_model_steps_and_sama_keeps_the_last_step_taken(tmp_path, shared):
     """Scale 2^40, hysteresis 1: DeepSpeed skips the first steps (its optimizer is not stepped, so sama's
-    pre-step hook does not fire). The meta steps due then read the last step taken (before the fix the
-    separate meta step found no kept gradient and raised); the run ends with finite parameters everywhere."""
+    pre-step hook does not fire). The meta steps due then read the last step taken (a separate meta step
+    must not find its kept gradient missing and raise); the run ends with finite parameters everywhere."""
     config = ds_config(tmp_path, 0, initial_scale_power=40, hysteresis=1)
     t = trainer(tmp_path, deepspeed=config, fp16=True, reweighting="example", hypergradient_method="sama",
                 shared_forward=shared, max_steps=40)  # fmt: skip

@@ -1,4 +1,4 @@
-"""A ZeRO-3 level with levels below it (issue 11 item 10): it steps on its hypergradient through its engine.
+"""A ZeRO-3 level with levels below it (a partitioned upper level): it steps on its hypergradient through its engine.
 
 One process here (``tests/test_distributed_zero.py`` runs the reweighting program with a ZeRO-3 weight net
 on 2 ranks against the float64 reference). The three-level quadratic chain of ``tests/test_chain.py`` in

@@ -216,8 +216,8 @@ def test_penalty_response_matches_closed_form_at_the_optimum():
 
 
 def test_cg_stops_at_convergence_instead_of_dividing_by_an_underflowed_curvature():
-    """float32, tiny curvature and a tiny upper gradient: iterating past convergence
-    used to give <d, Ad> = 0 and a NaN hypergradient (found by the hpo example)."""
+    """float32, tiny curvature and a tiny upper gradient: iterating past convergence would give
+    <d, Ad> = 0 and a NaN hypergradient; CG stops at convergence instead."""
     import math
 
     from scalemlo import Engine, EngineConfig, Level

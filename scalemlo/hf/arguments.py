@@ -73,7 +73,11 @@ class ReweightingArguments(TrainingArguments):
     penalty_steps: int = field(default=1, metadata=_help("Auxiliary-copy updates per meta step (penalty)"))
     second_order: str = field(
         default="finite_difference",
-        metadata=_help("How neumann/cg form second-order products: finite_difference or autograd (not at ZeRO-3)"),
+        metadata=_help(
+            "How neumann/cg form second-order products: finite_difference (differences of gradients: any model, "
+            "any ZeRO stage) or autograd (double backward: exact, not at ZeRO-3, needs kernels with a double "
+            "backward; scalemlo.LevelConfig's default)"
+        ),
     )
     shared_forward: bool | None = field(
         default=None,

@@ -144,7 +144,7 @@ class ResponseProblem:
     def _held_from_shared_forward(self) -> None:
         """With a shared forward, before the first product that evaluates X's objective (called at an
         unmoved point): run the step's forward and hold its losses, as ``training_step`` would."""
-        if self.shared is not None and not self.lower._held:
+        if self.shared is not None and self.lower.held_inputs.empty:
             self.lower.prime_held(0, [self.shared.forward(self.all_levels)])
 
     def upper_grads(self) -> dict[str, vectors.Vector]:

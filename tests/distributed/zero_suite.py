@@ -7,7 +7,7 @@ every case runs inside that one launch. Two programs:
   Meta-Weight-Net (upper level, reading the losses through ``Level.held``,
   whose objective also holds a small L2 term on
   its own parameters, so the owner's loss reaches the owner: the case where a
-  ZeRO-3 lower level's backward used to fire a ZeRO-1/2 upper engine's hooks).
+  ZeRO-3 lower level's backward must not fire a ZeRO-1/2 upper engine's hooks).
   For each (method, upper stage, lower stage) the script trains a few MLO
   steps, takes one more hypergradient and records, on rank 0, the relative
   error of the final parameters and of the rank-averaged hypergradient
@@ -294,7 +294,7 @@ REWEIGHTING_CASES = [
     ("sama", {"shared_forward": True, "shared_forward_radius": 1e-2}, [0]),
 ]
 UPPER_STAGES = [0, 1, 2]
-# A ZeRO-3 upper level (partitioned, with a level below it: issue 11 item 10): the methods whose products
+# A ZeRO-3 upper level (partitioned, with a level below it): the methods whose products
 # reach the upper through gradients only (no double backward into it, no shared forward).
 # decay 0: the weight-decay term reads the parameters outside the module's forward, which a ZeRO-3
 # level cannot (they are released there), as for any ZeRO-3 model; the float64 reference drops it too.
