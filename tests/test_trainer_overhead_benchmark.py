@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -21,7 +23,19 @@ def test_the_overhead_benchmark_measures_three_rows(tmp_path):
     # default): the one due after step t inside step t + 1, so 11 (due after steps 1-12, the last one
     # never taken) and 1 (due after step 10, taken in step 11)
     assert [r["meta_steps"] for r in rows.values()] == [0, 11, 1]
+    plain = rows["plain"]
     for r in rows.values():
         assert r["seconds_per_step"] > 0 and r["peak_rss_mib"] > 0 and len(r["step_seconds"]) == 12
-    assert rows["plain"]["time_ratio"] == 1.0 and "targets" in result
-    assert "Targets (issue) at unroll_steps=10" in proc.stdout
+        # every figure is the one recomputed from the recorded times and memory (skip 2: steps 3-12 timed)
+        assert r["seconds_per_step"] == pytest.approx(sum(r["step_seconds"][2:]) / 10, rel=1e-9)
+        assert r["time_ratio"] == pytest.approx(r["seconds_per_step"] / plain["seconds_per_step"], rel=1e-12)
+        assert r["peak_rss_mib"] == pytest.approx(r["peak_rss_kib"] / 1024, rel=1e-12)
+        assert r["peak_rss_ratio"] == pytest.approx(r["peak_rss_kib"] / plain["peak_rss_kib"], rel=1e-12)
+        printed = f"{r['row']:<16} {r['seconds_per_step']:>8.3f} {r['time_ratio']:>8.2f}"
+        assert printed in proc.stdout, f"the table does not print {printed!r}"
+    assert plain["time_ratio"] == 1.0
+    # the targets' verdicts follow from the unroll_steps=10 row's ratios and the stated limits
+    record, row = result["targets"], rows["unroll_steps=10"]
+    assert record["time_pass"] == (row["time_ratio"] <= record["time_max_ratio"])
+    assert record["peak_rss_pass"] == (row["peak_rss_ratio"] <= record["peak_memory_max_ratio"])
+    assert f"time {row['time_ratio']:.2f}x: {'PASS' if record['time_pass'] else 'FAIL'}" in proc.stdout
