@@ -19,8 +19,8 @@ def pytest_runtest_protocol(item, nextitem):
     os.environ.update(saved)
 
 
-# Test tiers: `python -m pytest -m "not slow and not distributed"` is the quick tier (the library's own
-# checks, one process); the README's full command runs everything.
+# Test tiers: `python -m pytest -m "not slow"` is the quick tier (the library's own checks, one process:
+# every distributed test is slow too); the README's full command runs everything.
 DISTRIBUTED = {  # files that launch several ranks themselves (deepspeed, torchrun, accelerate launch)
     "test_accelerate_launch.py",
     "test_distributed_zero.py",
@@ -50,5 +50,6 @@ def pytest_collection_modifyitems(config, items):
         name = item.path.name
         if name in DISTRIBUTED:
             item.add_marker(pytest.mark.distributed)
+            item.add_marker(pytest.mark.slow)
         if name in SLOW or name.startswith("test_example_"):
             item.add_marker(pytest.mark.slow)
