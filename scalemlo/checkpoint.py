@@ -328,12 +328,18 @@ def save(engine: Engine, path: str | os.PathLike, levels: Iterable[str] | None =
          write_latest: bool = True) -> Path:  # fmt: skip
     """Write ``engine``'s whole state to the checkpoint directory ``path`` (all ranks call this).
 
-    The directory appears complete or not at all; ``latest`` in its parent
-    names it afterwards (``write_latest``). An existing checkpoint at ``path``
-    is replaced only once the new one is complete. ``levels``: whose
-    parameters and optimizer state to save (default: all); a driver that
-    saves a level's engine itself (the Trainer, its model) leaves it out. Every
-    level's progress (data position, last batches, counters) is saved anyway.
+    The directory appears complete or not at all. An existing checkpoint at ``path`` is replaced only
+    once the new one is complete. Every level's progress (data position, last batches, counters) is saved.
+
+    Args:
+        engine: the program.
+        path: the checkpoint's directory.
+        levels: whose parameters and optimizer state to save (default: all); a driver that saves a level's
+            engine itself (the Trainer, its model) leaves it out.
+        write_latest: afterwards, ``latest`` in the parent directory names this checkpoint.
+
+    Returns:
+        The checkpoint's directory.
     """
     backends = list(engine.levels) if levels is None else list(levels)
     final = Path(path)

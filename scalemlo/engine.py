@@ -209,12 +209,17 @@ class Engine:
         return self.history
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
-        """Save the whole program (every rank must call this); returns the checkpoint's directory.
+        """Save the whole program (every rank must call this).
 
-        ``path`` defaults to ``<checkpoint_dir>/checkpoint-<global step>``. See
-        :mod:`scalemlo.checkpoint` for what is saved and how a crash mid-save is
-        kept from looking complete. ``keep_last`` prunes older checkpoints of
-        ``checkpoint_dir`` afterwards.
+        See :mod:`scalemlo.checkpoint` for what is saved and how a crash mid-save is kept from looking
+        complete. With ``EngineConfig.keep_last``, only that many newest checkpoints of ``checkpoint_dir``
+        are kept afterwards.
+
+        Args:
+            path: the checkpoint's directory; default ``<checkpoint_dir>/checkpoint-<global step>``.
+
+        Returns:
+            The checkpoint's directory.
         """
         if path is None:
             if self.config.checkpoint_dir is None:
@@ -226,12 +231,17 @@ class Engine:
         return saved
 
     def load_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
-        """Restore the whole program from a checkpoint (every rank must call this); returns its directory.
+        """Restore the whole program from a checkpoint (every rank must call this).
 
-        ``path`` is a checkpoint directory, or a directory of them (its
-        ``latest`` is loaded); default ``checkpoint_dir``. ``run()`` then
-        continues up to ``max_steps``, drawing exactly the batches and random
-        numbers the saved run would have drawn next.
+        ``run()`` then continues up to ``max_steps``, drawing exactly the batches and random numbers the
+        saved run would have drawn next.
+
+        Args:
+            path: a checkpoint directory, or a directory of them (its ``latest`` is loaded); default
+                ``checkpoint_dir``.
+
+        Returns:
+            The checkpoint directory loaded.
 
         Raises:
             scalemlo.checkpoint.CheckpointError: missing, incomplete or corrupt (naming the last
@@ -321,11 +331,14 @@ class Engine:
         hypergradient. Afterwards the levels directly below it restart their
         inner loops (``on_inner_loop_start``). ``step()`` calls this for every
         level whose turn it is; a driver with its own loop for the lower
-        levels (the Trainer) calls it for the upper ones. ``this_iteration``:
-        the metrics of the levels that stepped before it (named in errors).
-        ``shared_upper``: for a leaf, the upper level that steps inside its first
-        micro-step on the same forward (``LevelConfig.shared_forward``); ``shared``: for
-        that upper level, the forward it shares (a ``SharedForward``).
+        levels (the Trainer) calls it for the upper ones.
+
+        Args:
+            name: the level.
+            this_iteration: the metrics of the levels that stepped before it (named in errors).
+            shared_upper: for a leaf, the upper level that steps inside its first micro-step on the same
+                forward (``LevelConfig.shared_forward``).
+            shared: for that upper level, the forward it shares (a ``SharedForward``).
         """
         lv = self.levels[name]
         lowers = self.graph.lowers(name)
@@ -408,7 +421,7 @@ class Engine:
         return shared_forward.step_inside(self.levels[lower], batch, upper_step, others)
 
     def hypergradient(self, name: str) -> list[torch.Tensor]:
-        """The current hypergradient of ``name``'s trainable parameters.
+        """The current hypergradient of level ``name``'s trainable parameters, one tensor per parameter.
 
         Steps nothing: every level's parameters, buffers and optimizer state
         are left bit-identical (the penalty method advances its own auxiliary
