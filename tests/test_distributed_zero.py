@@ -147,7 +147,7 @@ def test_a_lower_level_built_partitioned_runs_the_same_program(launch, upper):
 
 @pytest.mark.parametrize("lower", suite.GROUP_STAGES)
 def test_reductions_run_over_each_levels_data_parallel_group(launch, lower):
-    """Issue 11 item 7: scalemlo's own collectives (gradient averages, dot products, norms) use the
+    """scalemlo's own collectives (gradient averages, dot products, norms) use the
     process group DeepSpeed reduces over (a clone of the world group here), never the default group;
     a data-parallel group short of the world (an mpu) is refused before anything runs."""
     r = record_of(launch, f"groups/cg/{{}}/upper2/lower{lower}")
@@ -168,7 +168,7 @@ def test_the_balanced_selection_keeps_one_state_over_the_ranks(launch):
 @pytest.mark.parametrize("method, shared, scheme", suite.trainer_resume.CASES,
                          ids=[suite.trainer_resume.case_name(*c) for c in suite.trainer_resume.CASES])  # fmt: skip
 def test_a_trainer_at_zero3_on_two_ranks_resumes_bit_for_bit(launch, method, shared, scheme):
-    """Issue 23 item 2: a ReweightingTrainer with its model at ZeRO-3, stopped after a random step and resumed
+    """A ReweightingTrainer with its model at ZeRO-3, stopped after a random step and resumed
     by a fresh trainer, ends with the model's full fp32 parameters, the weighting model's (every rank) and
     the exports bit-identical to its uninterrupted run: every method x shared forward on/off, every scheme
     (one process at ZeRO-0, their full product: tests/test_hf_resume_matrix.py). sama is refused at ZeRO 1-3

@@ -411,6 +411,7 @@ def groups_record(lower_stage: int) -> dict:
     import torch.distributed as dist
 
     import scalemlo.backend.base as backend_module
+    import scalemlo.backend.deepspeed as deepspeed_backend_module
     import scalemlo.distributed as distributed_module
     import scalemlo.engine as engine_module
 
@@ -444,7 +445,7 @@ def groups_record(lower_stage: int) -> dict:
         seq_data_parallel_group = [dist.new_group([r]) for r in range(dist.get_world_size())][dist.get_rank()]
 
     try:
-        backend_module._data_parallel_group(OneRankGroupEngine(), "model")
+        deepspeed_backend_module._data_parallel_group(OneRankGroupEngine(), "model")
         refused = ""
     except ValueError as exc:
         refused = str(exc)
