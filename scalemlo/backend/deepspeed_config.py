@@ -102,19 +102,23 @@ class _RecordedKeys(dict):
         return super().__contains__(key)
 
     def keys(self):
-        outer = self
+        return _RecordedKeysView(self)
 
-        class Keys:
-            def __contains__(self, key) -> bool:
-                return key in outer
 
-            def __iter__(self):
-                return iter(dict.keys(outer))
+class _RecordedKeysView:
+    """``d.keys()`` of a :class:`_RecordedKeys`: ``key in d.keys()`` is noted as ``key in d``."""
 
-            def __len__(self) -> int:
-                return len(outer)
+    def __init__(self, recorded: _RecordedKeys) -> None:
+        self.recorded = recorded
 
-        return Keys()
+    def __contains__(self, key) -> bool:
+        return key in self.recorded
+
+    def __iter__(self):
+        return iter(dict.keys(self.recorded))
+
+    def __len__(self) -> int:
+        return len(self.recorded)
 
 
 @functools.lru_cache(maxsize=1)

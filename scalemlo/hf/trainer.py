@@ -179,6 +179,7 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
             flags; :mod:`scalemlo.hf.adapters`).
 
     Every other argument is ``transformers.Trainer``'s.
+
     The training set (a ``datasets.Dataset``) needs no reweighting columns of its own: the Trainer numbers
     its rows in an ``id`` column where it has none, maps a string ``source`` column to indices, drops text
     columns from it and the meta set, and collates one batch of each at construction
