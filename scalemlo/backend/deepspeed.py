@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from scalemlo import upstream
 from scalemlo.backend.base import (
     ACCUMULATING,
     CHECKPOINT_TAG,
@@ -36,6 +37,7 @@ class DeepSpeedBackend(_Backend):
                  group_index):  # fmt: skip
         """``ds_config``: the level's resolved DeepSpeed config (:func:`deepspeed_config_for`)."""
         deepspeed = import_deepspeed()
+        upstream.require("deepspeed")
         ensure_distributed()
         user_optimizer = optimizer
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -86,6 +88,7 @@ class DeepSpeedBackend(_Backend):
         optimizer parameter group of each (as the optimizer was built, before
         DeepSpeed flattened the groups).
         """
+        upstream.require("deepspeed")
         self = cls.__new__(cls)
         self.engine, self.optimizer, self.scheduler = engine, engine.optimizer, engine.lr_scheduler
         base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer

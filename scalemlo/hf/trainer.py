@@ -45,6 +45,7 @@ import torch
 from transformers import BatchEncoding, TrainerCallback
 
 from scalemlo import checkpoint as scalemlo_checkpoint
+from scalemlo import upstream
 from scalemlo.backend import (
     DeepSpeedBackend,
     LastStep,
@@ -189,6 +190,8 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
     def __init__(self, *args, meta_dataset=None, reweighter: Reweighter | None = None,
                  reweighter_kwargs: dict | None = None, example_names=None, source_names=None,
                  model_card_metrics: Mapping[str, float] | None = None, peft_config=None, **kwargs):  # fmt: skip
+        upstream.require("transformers")  # the private Trainer hooks it overrides, before anything is built
+        upstream.require("accelerate")
         args, kwargs = with_peft(args, kwargs, peft_config)
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, ReweightingArguments):
