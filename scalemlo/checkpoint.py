@@ -57,8 +57,10 @@ PREFIX = "checkpoint-"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, incomplete, corrupt, of another program, or holding objects
-    other than tensors and plain data."""
+    """A checkpoint that cannot be used.
+
+    It is missing, incomplete, corrupt, of another program, or holds objects other than tensors and plain data.
+    """
 
 
 # ---- reading files without running code from them -----------------------------------
@@ -123,8 +125,13 @@ def _refusal(file: Path, names: Sequence[str], how: str) -> CheckpointError:
 
 @contextlib.contextmanager
 def allowing(safe_globals: Sequence[Any]):
-    """``torch.serialization.safe_globals(safe_globals)`` that leaves entries the user added beforehand in place
-    on exit (torch's context removes every entry it was given)."""
+    """``torch.serialization.safe_globals(safe_globals)`` that leaves the user's own entries in place on exit.
+
+    Entries the user added beforehand stay registered (torch's context removes every entry it was given).
+
+    Args:
+        safe_globals: the globals to allow for a while.
+    """
     already = _names(torch.serialization.get_safe_globals())
     missing = [g for g in safe_globals if not _names([g]) <= already]
     with torch.serialization.safe_globals(missing):
@@ -132,11 +139,10 @@ def allowing(safe_globals: Sequence[Any]):
 
 
 def read_plain(file: str | os.PathLike, map_location: Any = None) -> Any:
-    """``torch.load`` a file of tensors and plain data (dicts, lists, tuples, numbers, strings; numpy's RNG
-    state), running no code from it.
+    """``torch.load`` a file of tensors and plain data, running no code from it.
 
-    Types a user registered with ``torch.serialization.add_safe_globals`` (a batch class of their own, say)
-    are read too.
+    Plain data: dicts, lists, tuples, numbers, strings; numpy's RNG state. Types a user registered with
+    ``torch.serialization.add_safe_globals`` (a batch class of their own, say) are read too.
 
     Args:
         file: a file written by ``torch.save``.
@@ -161,10 +167,15 @@ def read_plain(file: str | os.PathLike, map_location: Any = None) -> Any:
 
 
 def check_files(directory: str | os.PathLike, allowed: Iterable[str] = DEEPSPEED_GLOBALS) -> None:
-    """Refuse the ``torch.save`` files under ``directory`` (``*.pt``, at any depth) whose pickles name callables
-    other than tensors, plain data and ``allowed``; nothing is unpickled.
+    """Refuse the ``torch.save`` files under ``directory`` whose pickles name other callables than those allowed.
 
-    For files another library unpickles with ``weights_only=False`` (DeepSpeed's checkpoints), before it does.
+    Allowed are tensors, plain data and ``allowed``; nothing is unpickled. For files another library unpickles
+    with ``weights_only=False`` (DeepSpeed's checkpoints), before it does.
+
+    Args:
+        directory: where to look (``*.pt`` files, at any depth).
+        allowed: the qualified names of the further callables the pickles may name (default: the few
+            classes DeepSpeed saves).
 
     Raises:
         CheckpointError: naming the first such file and what it names.
@@ -411,6 +422,15 @@ def prune(root: str | os.PathLike, keep_last: int) -> None:
 
 def load(engine: Engine, path: str | os.PathLike, levels: Iterable[str] | None = None) -> Path:
     """Restore ``engine`` from a checkpoint (or the latest one in a directory of them); all ranks call this.
+
+    Args:
+        engine: the program.
+        path: a checkpoint directory, or a directory of them (its ``latest`` is loaded).
+        levels: whose parameters and optimizer state to load (default: those the checkpoint saved); a
+            driver that loads a level's engine itself (the Trainer, its model) leaves it out.
+
+    Returns:
+        The checkpoint directory loaded.
 
     Raises:
         CheckpointError: the checkpoint is missing, incomplete or corrupt (naming the last complete

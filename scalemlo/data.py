@@ -57,7 +57,12 @@ def _set_epoch(data: Any, epoch: int) -> None:
 
 
 class DataCursor:
-    """Cycles ``data`` and knows where it is (epoch, batches drawn in it)."""
+    """Cycles ``data`` and knows where it is (epoch, batches drawn in it).
+
+    Args:
+        data: any iterable or DataLoader of batches.
+        owner: the name of the level it feeds (named in errors).
+    """
 
     def __init__(self, data: Iterable, owner: str):
         self.data = data

@@ -147,8 +147,13 @@ def is_main_process() -> bool:
 
 
 def mean_over_ranks_(tensors: Sequence[torch.Tensor], group=None) -> None:
-    """Average tensors over the ranks of ``group`` (None: all ranks) in place (each rank's own tensors,
-    whole, on the device the group's backend needs: where the parameters are); one process: nothing."""
+    """Average tensors over the ranks of ``group`` in place; one process: nothing.
+
+    Args:
+        tensors: each rank's own tensors, whole, on the device the group's backend needs (where the
+            parameters are).
+        group: the process group (None: all ranks).
+    """
     if world_size() == 1:
         return
     import torch.distributed as dist
@@ -160,8 +165,11 @@ def mean_over_ranks_(tensors: Sequence[torch.Tensor], group=None) -> None:
 
 
 def collective_device() -> torch.device:
-    """Where a scalar that scalemlo reduces over ranks must live: the current GPU under NCCL (which refuses
-    CPU tensors), else the CPU (gloo). Vectors are reduced where they already are (the parameters' device)."""
+    """Where a scalar that scalemlo reduces over ranks must live.
+
+    The current GPU under NCCL (which refuses CPU tensors), else the CPU (gloo). Vectors are reduced where
+    they already are (the parameters' device).
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
@@ -170,9 +178,16 @@ def collective_device() -> torch.device:
 
 
 def reduced_scalar_(value: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
-    """All-reduce a 0-d tensor over the ranks of ``group`` (None: all ranks; ``op``: "sum", "min" or
-    "max") on :func:`collective_device`; the result, on the value's own device, is written into
-    ``value`` and returned."""
+    """All-reduce a 0-d tensor over the ranks of ``group`` on :func:`collective_device`.
+
+    Args:
+        value: the 0-d tensor; the result, on the value's own device, is written into it.
+        op: "sum", "min" or "max".
+        group: the process group (None: all ranks).
+
+    Returns:
+        ``value``.
+    """
     import torch.distributed as dist
 
     ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
@@ -184,8 +199,13 @@ def reduced_scalar_(value: torch.Tensor, op: str = "sum", group=None) -> torch.T
 
 
 def finite_on_every_rank(tensors: Sequence[torch.Tensor], group=None) -> bool:
-    """True when every tensor is finite on every rank of ``group`` (None: all ranks; a level's
-    data-parallel group holds every rank, see ``scalemlo.backend``): all ranks branch alike."""
+    """True when every tensor is finite on every rank of ``group``: all ranks branch alike.
+
+    Args:
+        tensors: this rank's tensors.
+        group: the process group (None: all ranks; a level's data-parallel group holds every rank, see
+            ``scalemlo.backend``).
+    """
     finite = all(bool(torch.isfinite(t.sum())) for t in tensors)  # one pass; inf/NaN survive the sum
     if world_size() > 1:
         finite = bool(reduced_scalar_(torch.tensor(1.0 if finite else 0.0), "min", group).item() == 1.0)
@@ -199,6 +219,9 @@ def add_launcher_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     arguments (torch.distributed.launch ``--local-rank=K``); a parser that does
     not know it stops with "unrecognized arguments". The value is also in
     ``LOCAL_RANK``, which is what scalemlo reads.
+
+    Returns:
+        ``parser``.
     """
     parser.add_argument(
         "--local_rank",
@@ -214,13 +237,16 @@ def add_launcher_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 def rank_share(batch: Any, what: str = "batch") -> Any:
     """This rank's contiguous share of a global batch.
 
-    ``batch`` is a tensor, or a tuple / list / dict of tensors with the same
-    first dimension B (other values are passed through). Rank r of N gets rows
-    ``[r B/N, (r+1) B/N)``. One process gets the batch itself.
+    Rank r of N gets rows ``[r B/N, (r+1) B/N)``. One process gets the batch itself.
+
+    Args:
+        batch: a tensor, or a tuple / list / dict of tensors with the same
+            first dimension B (other values are passed through).
+        what: what the batch is (named in the errors).
 
     Raises:
-        ValueError: B is not a multiple of the number of ranks (the shares would
-            differ in size, and the ranks' averaged gradient would no longer be
+        ValueError: the tensors differ in their first dimension, or B is not a multiple of the number of
+            ranks (the shares would differ in size, and the ranks' averaged gradient would no longer be
             the gradient of the whole batch).
     """
     n = world_size()

@@ -185,8 +185,13 @@ class Engine:
 
     # ---- the loop -----------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
-        """Run global iterations until ``config.max_steps`` (counted from 0, so a resumed
-        engine runs the rest); returns the logged metrics, those before a resume included."""
+        """Run global iterations until ``config.max_steps``.
+
+        Steps are counted from 0, so a resumed engine runs the rest.
+
+        Returns:
+            The logged metrics, those before a resume included.
+        """
         logger = self.metric_logger
         every = self.config.save_every
         saved_at = None
@@ -325,7 +330,7 @@ class Engine:
         shared_upper: str | None = None,
         shared=None,
     ) -> dict[str, float]:
-        """One optimizer step of level ``name`` (``gradient_accumulation`` micro-steps); returns its metrics.
+        """One optimizer step of level ``name`` (``gradient_accumulation`` micro-steps).
 
         A leaf steps on its own loss; a level with levels below it on its
         hypergradient. Afterwards the levels directly below it restart their
@@ -339,6 +344,9 @@ class Engine:
             shared_upper: for a leaf, the upper level that steps inside its first micro-step on the same
                 forward (``LevelConfig.shared_forward``).
             shared: for that upper level, the forward it shares (a ``SharedForward``).
+
+        Returns:
+            The level's metrics.
         """
         lv = self.levels[name]
         lowers = self.graph.lowers(name)

@@ -21,10 +21,14 @@ import torch
 
 
 class HeldInputs:
-    """The held values of one level (``name`` for messages).
+    """The held values of one level.
 
-    ``uses_held``: whether the level's step calls :meth:`hold` (True from its first call; None until a
-    hypergradient has evaluated the level once, when the coordinator evaluates the held values first).
+    Args:
+        name: the level's name (for messages).
+
+    Attributes:
+        uses_held: whether the level's step calls :meth:`hold` (True from its first call; None until a
+            hypergradient has evaluated the level once, when the coordinator evaluates the held values first).
     """
 
     def __init__(self, name: str) -> None:
@@ -48,8 +52,14 @@ class HeldInputs:
         self._batch = index
 
     def hold(self, value: torch.Tensor) -> torch.Tensor:
-        """``value`` detached; inside :meth:`holding`, the value the first evaluation of this batch held at
-        this call (stored now if this is the first)."""
+        """``value`` detached; inside :meth:`holding`, the value held at this call of this batch.
+
+        That is the value the first evaluation of this batch held at this call (stored now if this is the
+        first).
+
+        Raises:
+            RuntimeError: the value differs in shape or dtype from the one held at this call.
+        """
         self.uses_held = True
         value = value.detach()
         if self._values is None:
@@ -77,8 +87,14 @@ class HeldInputs:
             self._batch = 0
 
     def prime(self, index: int, values: list[torch.Tensor]) -> None:
-        """Inside :meth:`holding`: hold ``values`` as the :meth:`hold` calls of objective batch ``index``
-        would (in call order), without evaluating the batch."""
+        """Hold values as the :meth:`hold` calls of an objective batch would, without evaluating the batch.
+
+        Call it inside :meth:`holding`.
+
+        Args:
+            index: the objective batch.
+            values: the values its :meth:`hold` calls would hold, in call order.
+        """
         for call, value in enumerate(values):
             self._values[(index, call)] = value.detach()
         self.uses_held = True

@@ -130,9 +130,15 @@ class Level:
     def example_weights(self, batch: Any, losses: torch.Tensor) -> torch.Tensor:
         """A reweighted level's weights m_λ of a batch's examples, shape [B], from the upper levels.
 
-        ``losses`` are the per-example losses, detached and held fixed (the Meta-Weight-Net input);
-        ignore them for weights that depend on the example only (per-source, per-example tables).
         Fold any normalisation into the weights: the objective is ``mean(weights * losses)``.
+
+        Args:
+            batch: the batch whose examples are weighted.
+            losses: the per-example losses, detached and held fixed (the Meta-Weight-Net input);
+                ignore them for weights that depend on the example only (per-source, per-example tables).
+
+        Returns:
+            The weights, shape [B].
         """
         raise NotImplementedError(f"level {self.name!r} does not define example_weights(self, batch, losses)")
 
@@ -201,8 +207,14 @@ class Level:
         return self.held_inputs.holding()
 
     def prime_held(self, index: int, values: list[torch.Tensor]) -> None:
-        """Inside :meth:`holding`: hold ``values`` as the :meth:`held` calls of objective batch
-        ``index`` would (in call order), without evaluating the batch."""
+        """Hold values as the :meth:`held` calls of an objective batch would, without evaluating the batch.
+
+        Call it inside :meth:`holding`.
+
+        Args:
+            index: the objective batch (``objective_batches()[index]``).
+            values: the values its :meth:`held` calls would hold, in call order.
+        """
         self.held_inputs.prime(index, values)
 
     def evaluating_batch(self, index: int) -> None:
@@ -362,8 +374,17 @@ class Level:
     def loss(self, batch: Any, require_grad: bool = False) -> torch.Tensor:
         """``training_step`` with a check that it returned a floating-point scalar tensor.
 
-        ``require_grad``: also check that the loss depends on some trainable
-        parameter (the engine's first look at every level, before any step).
+        Args:
+            batch: the batch ``training_step`` evaluates.
+            require_grad: also check that the loss depends on some trainable
+                parameter (the engine's first look at every level, before any step).
+
+        Returns:
+            The loss.
+
+        Raises:
+            ValueError: the loss is not a floating-point scalar tensor, or (with ``require_grad``) does
+                not require grad.
         """
         self.held_inputs.start_evaluation()
         loss = self.training_step(batch)
@@ -390,15 +411,24 @@ class Level:
     ) -> float:
         """One micro-step on this level's own loss; other levels are held fixed.
 
-        A non-finite loss (on any rank) raises FloatingPointError before the
-        backward (``nonfinite="raise"``), or is left out of the step and
-        counted in ``skipped_batches`` (``"skip"``); returns the loss value.
+        Args:
+            others: the other levels, held fixed (``requires_grad`` off) during the forward and backward.
+            nonfinite: what a non-finite loss (on any rank) does: ``"raise"`` raises FloatingPointError
+                before the backward; ``"skip"`` leaves it out of the step and counts it in
+                ``skipped_batches``. Non-finite gradients at the step's boundary likewise raise, or
+                are counted in ``skipped_steps``.
+            upper_step: ``upper_step(batch)``: for a reweighted level, an upper level's step taken inside
+                this one, after the forward and before the backward (``LevelConfig.shared_forward``): it
+                runs this level's forward on ``batch`` (a
+                :class:`~scalemlo.hypergrad.shared_forward.SharedForward`), steps the upper level, and
+                returns that forward's per-example losses, graph kept; the weights then come from the
+                upper level's new parameters.
 
-        ``upper_step(batch)``: for a reweighted level, an upper level's step taken inside this
-        one, after the forward and before the backward (``LevelConfig.shared_forward``): it runs
-        this level's forward on ``batch`` (a :class:`~scalemlo.hypergrad.shared_forward.SharedForward`),
-        steps the upper level, and returns that forward's per-example losses, graph kept; the
-        weights then come from the upper level's new parameters.
+        Returns:
+            The loss value.
+
+        Raises:
+            FloatingPointError: with ``nonfinite="raise"``, a non-finite loss or non-finite gradients.
         """
         batch = self.next_batch()
         others = list(others)
@@ -427,16 +457,27 @@ class Level:
         return float(loss.detach())
 
     def step_on_gradient(self, grads: list[torch.Tensor], batch: Any, nonfinite: str = "raise") -> None:
-        """One micro-step on a gradient computed elsewhere (a hypergradient) from ``batch``."""
+        """One micro-step on a gradient computed elsewhere (a hypergradient) from ``batch``.
+
+        Args:
+            grads: the gradient, one tensor per trainable parameter (layout of ``backend.local_shards``).
+            batch: the batch it was computed from (recorded as a micro-batch of the step).
+            nonfinite: ``"raise"`` (FloatingPointError) or ``"skip"`` (counted in ``skipped_steps``) when
+                the step's gradients are not finite.
+        """
         self.backend.backward_from_grads(grads)
         self._micro_step(batch, nonfinite)
 
     def fed_micro_step(self, batch: Any, stepped: bool) -> None:
-        """Record a micro-step its driver took on ``batch`` (``stepped``: it ended an optimizer step).
+        """Record a micro-step its driver took on ``batch``.
 
         For a level whose optimizer steps outside the engine (``data=FED``,
         an adopted DeepSpeed engine): the hypergradients of the levels above
         it then differentiate the objective of its last step, as for any level.
+
+        Args:
+            batch: the micro-step's batch.
+            stepped: whether it ended an optimizer step.
         """
         self.batch = batch
         self._pending_batches.append(batch)
@@ -481,7 +522,7 @@ class Level:
         self._pending_batches = list(state["pending_batches"])
         self.backend.load_progress_state(state["backend"])
         self.skipped_batches, self.skipped_steps = state["skipped"]
-        self.overflow_steps = state.get("overflow_steps", 0)  # absent from checkpoints before fp16 levels
+        self.overflow_steps = state.get("overflow_steps", 0)  # absent from a checkpoint without an overflow count
 
     @contextlib.contextmanager
     def preserved_buffers(self):

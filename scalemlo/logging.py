@@ -94,15 +94,18 @@ class MetricLogger:
                 self.sinks.append(_SINK_CLASSES[name](Path(directory)))
 
     def wants(self, step: int) -> bool:
+        """Whether ``step`` is one to log (every ``every``-th)."""
         return self.every > 0 and step % self.every == 0
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Log ``metrics`` of global iteration ``step`` to ``logging`` and every sink."""
         text = " ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items()))
         log.info("step %d %s", step, text)
         for sink in self.sinks:
             sink.write(step, metrics)
 
     def close(self) -> None:
+        """Close every sink."""
         for sink in self.sinks:
             sink.close()
 

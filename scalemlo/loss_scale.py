@@ -28,7 +28,17 @@ FP16_KEYS = ("enabled", "auto_cast", "loss_scale", "initial_scale_power", "loss_
 
 
 class DynamicLossScale:
-    """DeepSpeed's ``DynamicLossScaler`` (``deepspeed.runtime.fp16.loss_scaler``), step for step."""
+    """DeepSpeed's ``DynamicLossScaler`` (``deepspeed.runtime.fp16.loss_scaler``), step for step.
+
+    Args:
+        fp16: the loss-scaling settings, with the keys of DeepSpeed's ``"fp16"`` section (``loss_scale``: 0
+            for dynamic, ``initial_scale_power``, ``loss_scale_window``, ``hysteresis``, ``min_loss_scale``,
+            ...); None: DeepSpeed's defaults.
+        name: the level's name (for messages).
+
+    Raises:
+        ValueError: an unknown key or an invalid value.
+    """
 
     def __init__(self, fp16: dict | None = None, name: str = "level"):
         cfg = dict(fp16 or {})
@@ -60,7 +70,14 @@ class DynamicLossScale:
         self.overflows = 0
 
     def update(self, overflow: bool) -> None:
-        """After a step (``overflow``: it was skipped): lower, keep or raise the scale, as DeepSpeed does."""
+        """After a step: lower, keep or raise the scale, as DeepSpeed does.
+
+        Args:
+            overflow: whether the step was skipped for an overflow.
+
+        Raises:
+            FloatingPointError: an overflow at the minimum loss scale (the level has diverged).
+        """
         if overflow:
             self.overflows += 1
             if self.dynamic:

@@ -76,7 +76,22 @@ METHODS: Mapping[str, Method] = MappingProxyType(_REGISTRY)
 
 def register(name: str, *, shared_forward: bool = True, reads_last_step: bool = False,
              double_backward: str = "never") -> Callable[[Callable], Callable]:  # fmt: skip
-    """Decorator: make ``fn`` the method called ``name``, with what it needs (see :class:`Method`)."""
+    """Decorator: make ``fn`` the method called ``name``, with what it needs (see :class:`Method`).
+
+    Args:
+        name: the name ``LevelConfig.method`` takes.
+        shared_forward: whether it can take its step on the lower level's next forward
+            (:attr:`Method.shared_forward`).
+        reads_last_step: whether it reads each lower level's last optimizer step
+            (:attr:`Method.reads_last_step`).
+        double_backward: ``"always"``, ``"second_order"`` or ``"never"`` (:attr:`Method.double_backward`).
+
+    Returns:
+        The decorator; it returns ``fn`` unchanged.
+
+    Raises:
+        ValueError: (when decorating) a method called ``name`` is registered already.
+    """
 
     def add(fn: Callable) -> Callable:
         if name in _REGISTRY:
@@ -88,14 +103,22 @@ def register(name: str, *, shared_forward: bool = True, reads_last_step: bool = 
 
 
 def unregister(name: str) -> None:
-    """Remove the method called ``name`` (a method registered for a while, by a test say)."""
+    """Remove the method called ``name`` (a method registered for a while, by a test say).
+
+    Raises:
+        ValueError: no method is called ``name``.
+    """
     if name not in _REGISTRY:
         raise ValueError(f"unknown hypergradient method {name!r}; known: {sorted(_REGISTRY)}")
     del _REGISTRY[name]
 
 
 def get_method(name: str) -> Method:
-    """The method called ``name``; an unknown name is a ``ValueError`` listing the known ones."""
+    """The method called ``name``.
+
+    Raises:
+        ValueError: an unknown name (listing the known ones).
+    """
     try:
         return _REGISTRY[name]
     except KeyError:

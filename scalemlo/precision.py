@@ -69,9 +69,15 @@ def _switched(state, on: bool, forwards) -> Iterator[None]:
 
 @contextlib.contextmanager
 def without_autocast(modules: Sequence[torch.nn.Module] = ()) -> Iterator[None]:
-    """Autocast off for a while (the hypergradient's evaluations: autocast would round every matmul to
-    bf16, the precision the rule above avoids), also inside ``modules`` whose forward Accelerate wrapped
-    in autocast (their plain forward is used meanwhile)."""
+    """Autocast off for a while, also inside ``modules`` whose forward Accelerate wrapped in autocast.
+
+    For the hypergradient's evaluations: autocast would round every matmul to bf16, the precision the rule
+    above avoids.
+
+    Args:
+        modules: modules whose forward Accelerate may have wrapped in autocast (their plain forward is used
+            meanwhile).
+    """
     state = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _autocast_devices()]
     wrapped = [(m, vars(m)["forward"]) for m in modules if _autocast_wrapped(m)]
     _outside.append((state, wrapped))
@@ -83,8 +89,11 @@ def without_autocast(modules: Sequence[torch.nn.Module] = ()) -> Iterator[None]:
 
 
 def autocast_outside() -> bool:
-    """Whether autocast was on outside the innermost :func:`without_autocast` (a training forward taken
-    inside the hypergradient runs in bf16 then, and cannot be differenced against a float32 one)."""
+    """Whether autocast was on outside the innermost :func:`without_autocast`.
+
+    A training forward taken inside the hypergradient runs in bf16 then, and cannot be differenced against a
+    float32 one.
+    """
     return bool(_outside) and (any(enabled for _, enabled, _ in _outside[-1][0]) or bool(_outside[-1][1]))
 
 
@@ -97,21 +106,24 @@ def native_autocast() -> Iterator[None]:
 
 
 def is_low_precision(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is a low precision (bf16 or fp16)."""
     return dtype in LOW_PRECISION
 
 
 class Float32Evaluation:
     """Swaps one module's low-precision parameters for float32 tensors, and back (exactly).
 
-    ``partitioned``: the module's parameters are ZeRO-3 partitioned; their
-    partitions (``p.ds_tensor``) are swapped, so DeepSpeed gathers float32
-    layers (it gathers in the partition's dtype). ``release`` re-partitions
-    whatever ZeRO-3 keeps gathered (called before each swap, so no gathered
-    low-precision copy outlives it). ``master``: for a parameter, the
-    optimizer's float32 master of what is swapped (the whole parameter, or at
-    ZeRO-3 this rank's partition), or None; where there is one it is used in
-    place (no memory; perturbations move it and are restored exactly, as they
-    would move the parameter), else a float32 copy of the parameter is made.
+    Args:
+        module: the module whose parameters are swapped.
+        partitioned: the module's parameters are ZeRO-3 partitioned; their
+            partitions (``p.ds_tensor``) are swapped, so DeepSpeed gathers float32
+            layers (it gathers in the partition's dtype).
+        release: re-partitions whatever ZeRO-3 keeps gathered (called before each swap, so no gathered
+            low-precision copy outlives it).
+        master: for a parameter, the optimizer's float32 master of what is swapped (the whole parameter,
+            or at ZeRO-3 this rank's partition), or None; where there is one it is used in place (no memory;
+            perturbations move it and are restored exactly, as they would move the parameter), else a
+            float32 copy of the parameter is made.
     """
 
     def __init__(self, module: torch.nn.Module, partitioned: bool, release=lambda: None, master=lambda p: None):
@@ -124,10 +136,12 @@ class Float32Evaluation:
 
     @property
     def low_precision(self) -> bool:
+        """Whether any tensor to swap is of a low precision."""
         return any(is_low_precision(t.dtype) for _, t in self._targets())
 
     @property
     def active(self) -> bool:
+        """Whether the float32 tensors are swapped in now."""
         return self._saved is not None
 
     def _targets(self) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
@@ -189,8 +203,10 @@ class Float32Evaluation:
 
     @contextlib.contextmanager
     def native(self) -> Iterator[None]:
-        """Inside :meth:`float32`: the module's own low-precision parameters for a while (a training
-        forward); the float32 copies come back afterwards, as they were."""
+        """Inside :meth:`float32`: the module's own low-precision parameters for a while (a training forward).
+
+        The float32 copies come back afterwards, as they were.
+        """
         if not self.active:
             yield
             return

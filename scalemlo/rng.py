@@ -44,6 +44,13 @@ def _cuda_in_use() -> bool:
 
 @dataclass(frozen=True, eq=False)
 class RandomState:
+    """The state of torch's CPU and CUDA generators.
+
+    Attributes:
+        cpu: the CPU generator's state.
+        cuda: every CUDA device's generator state (None when CUDA was not initialized).
+    """
+
     cpu: torch.Tensor
     cuda: tuple[torch.Tensor, ...] | None = None
 

@@ -54,7 +54,8 @@ def max_abs(a: Sequence[torch.Tensor]) -> float:
     """Largest absolute entry of the whole vector (NaN if an entry is NaN).
 
     From each tensor's smallest and largest entry (one pass, no temporary:
-    abs() allocated a parameter-sized copy, 15x slower)."""
+    abs() would allocate a parameter-sized copy, 15x slower).
+    """
     top = 0.0
     for x in a:
         if x.numel():
@@ -110,6 +111,11 @@ class AcrossRanks:
     leave the others waiting in the next collective, and a vector that was
     wrongly left unequal across ranks shows up as a wrong number instead of a
     hang.
+
+    Args:
+        world_size: the size of ``group``.
+        sharded: whether the vectors are ZeRO-3 shards (summed over ranks) rather than whole (averaged).
+        group: the level's data-parallel process group (None: all ranks).
     """
 
     def __init__(self, world_size: int = 1, sharded: bool = False, group=None):
@@ -214,6 +220,14 @@ def moved_(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], ep
     Writes through ``p.data``: the writes do not bump the parameters' version counters, so a graph that
     saved them before the move (the shared forward's) stays usable after the exact restore. Afterwards
     ``direction`` holds the parameters' values, not the direction.
+
+    Args:
+        params: the parameters (or their partitions) to move.
+        direction: the direction, in the parameters' dtype or wider; its storage is consumed.
+        eps: the step size.
+
+    Raises:
+        ValueError: a direction narrower than its parameter's dtype (it could not keep the values exactly).
     """
     params = [p.data for p in params]
     for p, d in zip(params, direction):
@@ -242,8 +256,10 @@ def moved_(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], ep
 
 @contextlib.contextmanager
 def mirrored_(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], eps: float):
-    """Central-difference points: ``params`` at ``p+ = fl(p + eps * direction)``, then (on the yielded
-    call) at the mirror point ``fl(p - (p+ - p))``, then back to ``p`` bit for bit; consumes ``direction``.
+    """Central-difference points: ``params`` at ``p+``, then at its mirror point, then back bit for bit.
+
+    ``params`` move to ``p+ = fl(p + eps * direction)``, then (on the yielded call) to the mirror point
+    ``fl(p - (p+ - p))``, then back to ``p`` bit for bit; consumes ``direction``.
 
     The two points are p ± r with r = p+ - p the realized step (r is exact where p and p+ are within a
     factor 2, and the mirror point is rounded once), at about three passes over the parameters in all
@@ -251,6 +267,14 @@ def mirrored_(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor],
     the restore one copy) where recording r and patching the restore takes about twelve.
     Writes through ``p.data`` (no version-counter change). Afterwards ``direction`` holds the
     parameters' values, not the direction.
+
+    Args:
+        params: the parameters (or their partitions) to move.
+        direction: the direction, in the parameters' dtype or wider; its storage is consumed.
+        eps: the step size.
+
+    Yields:
+        A function that moves the parameters to the mirror point.
     """
     with moved_(params, direction, eps):
 

@@ -68,9 +68,17 @@ def _without_auto(value: Any) -> Any:
 def zero_init(config: LevelConfig | Mapping | str | None) -> Iterator[bool]:
     """Modules built inside are partitioned over the ranks when ``config`` is ZeRO-3 (yields True then).
 
-    ``config``: the level's ``LevelConfig`` (its ``deepspeed_config``), a
-    DeepSpeed config dict, or a path to a JSON one. Starts the process group
-    if none exists (as a level would).
+    Starts the process group if none exists (as a level would).
+
+    Args:
+        config: the level's ``LevelConfig`` (its ``deepspeed_config``), a
+            DeepSpeed config dict, or a path to a JSON one.
+
+    Yields:
+        Whether the modules built inside are partitioned (ZeRO-3).
+
+    Raises:
+        ValueError: a ZeRO stage other than 0, 1, 2 or 3.
     """
     cfg = _config_dict(config)
     zero = cfg.get("zero_optimization", {})

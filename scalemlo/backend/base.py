@@ -50,8 +50,10 @@ class _Backend:
     """Whether the level is fp16 with dynamic loss scaling (its gradients are scaled until its step)."""
 
     process_group = None
-    """The level's data-parallel process group, for every collective scalemlo issues on its vectors
-    (None: all ranks; a DeepSpeed level: the group its engine reduces and partitions gradients over)."""
+    """The level's data-parallel process group, for every collective scalemlo issues on its vectors.
+
+    None: all ranks; a DeepSpeed level: the group its engine reduces and partitions gradients over.
+    """
 
     def _init_common(self, params, optimizer, group_index: Sequence[int]) -> None:
         self.params = list(params)
@@ -85,8 +87,10 @@ class _Backend:
         return 1.0
 
     def lower_loss_scale(self) -> None:
-        """An overflow in a pass of this level outside its own step (a hypergradient's): lower the scale
-        as its own overflow would (nothing unless fp16)."""
+        """Lower the loss scale for an overflow in a pass of this level outside its own step (a hypergradient's).
+
+        The scale is lowered as the level's own overflow would lower it (nothing unless fp16).
+        """
 
     def current_lrs(self) -> list[float]:
         """Per trainable parameter, the learning rate its parameter group has now."""
@@ -106,9 +110,12 @@ class _Backend:
         self._record_step(keep_grads)
 
     def stepped_tensor(self, p: torch.Tensor) -> torch.Tensor:
-        """The tensor the torch optimizer steps for trainable parameter ``p``: ``p`` itself, or under
-        DeepSpeed's bf16 optimizer at ZeRO-0 its float32 copy (``fp32_groups``, one per ``fp16_groups``
-        entry), which holds the optimizer state and, during the step, the gradient stepped on."""
+        """The tensor the torch optimizer steps for trainable parameter ``p``.
+
+        That is ``p`` itself, or under DeepSpeed's bf16 optimizer at ZeRO-0 its float32 copy (``fp32_groups``,
+        one per ``fp16_groups`` entry), which holds the optimizer state and, during the step, the gradient
+        stepped on.
+        """
         wrapper = self._low_precision_wrapper()
         if wrapper is None:
             return p
@@ -155,6 +162,7 @@ class _Backend:
         }
 
     def load_progress_state(self, state: dict) -> None:
+        """Restore what :meth:`progress_state` saved (the last step's gradients are not saved)."""
         self.steps = state["steps"]
         if hasattr(self, "_micro"):
             self._micro = state["micro"]

@@ -31,11 +31,20 @@ from scalemlo.vectors import AcrossRanks
 
 
 class DeepSpeedBackend(_Backend):
-    """The level's module wrapped in its own DeepSpeed engine."""
+    """The level's module wrapped in its own DeepSpeed engine.
+
+    Args:
+        module: the level's module.
+        params: the module's trainable parameters.
+        optimizer: the torch optimizer over them (or what ``deepspeed.initialize`` takes as one).
+        scheduler: an LR scheduler, or None.
+        ds_config: the level's resolved DeepSpeed config (:func:`deepspeed_config_for`).
+        name: the level's name (for messages).
+        group_index: the optimizer parameter group of each trainable parameter.
+    """
 
     def __init__(self, module: torch.nn.Module, params, optimizer, scheduler, ds_config: dict, name: str,
                  group_index):  # fmt: skip
-        """``ds_config``: the level's resolved DeepSpeed config (:func:`deepspeed_config_for`)."""
         deepspeed = import_deepspeed()
         upstream.require("deepspeed")
         ensure_distributed()
@@ -84,9 +93,11 @@ class DeepSpeedBackend(_Backend):
     def adopt(cls, engine, params, group_index: Sequence[int]) -> DeepSpeedBackend:
         """A backend over a DeepSpeed engine someone else built and steps (the Trainer's).
 
-        ``params``: the module's trainable parameters; ``group_index``: the
-        optimizer parameter group of each (as the optimizer was built, before
-        DeepSpeed flattened the groups).
+        Args:
+            engine: the DeepSpeed engine.
+            params: the module's trainable parameters.
+            group_index: the optimizer parameter group of each (as the optimizer was built, before
+                DeepSpeed flattened the groups).
         """
         upstream.require("deepspeed")
         self = cls.__new__(cls)
@@ -108,8 +119,10 @@ class DeepSpeedBackend(_Backend):
         return float(self.engine.optimizer.loss_scale) if self.fp16 else 1.0
 
     def lower_loss_scale(self) -> None:
-        """DeepSpeed's scaler told of an overflow, as its own step's overflow check would tell it
-        (every fp16 optimizer of DeepSpeed 0.19, ZeRO 0-3, has ``_update_scale(overflow)``)."""
+        """Tell DeepSpeed's scaler of an overflow, as its own step's overflow check would tell it.
+
+        Every fp16 optimizer of DeepSpeed 0.19, ZeRO 0-3, has ``_update_scale(overflow)``.
+        """
         if self.fp16:
             self.engine.optimizer._update_scale(True)
 
@@ -224,8 +237,15 @@ class DeepSpeedBackend(_Backend):
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={}, save_latest=False)
 
     def load(self, directory: Path) -> None:
-        """DeepSpeed's own checkpoint, once its files are seen to hold only tensors, plain data and the few
-        DeepSpeed classes it saves (DeepSpeed unpickles them with ``weights_only=False``)."""
+        """Load DeepSpeed's own checkpoint from ``directory``, once its files are seen to be safe.
+
+        Safe: they hold only tensors, plain data and the few DeepSpeed classes it saves (DeepSpeed unpickles
+        them with ``weights_only=False``).
+
+        Raises:
+            scalemlo.checkpoint.CheckpointError: a file holds other objects.
+            ValueError: DeepSpeed could not load the checkpoint.
+        """
         check_files(directory)
         loaded, _ = self.engine.load_checkpoint(
             str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
@@ -281,6 +301,12 @@ class DeepSpeedBackend(_Backend):
         boundary's all-reduce) and dropped, so the optimizer skips every
         parameter (its lr scheduler still moves on); at ZeRO 1-3 DeepSpeed's
         own overflow check skips the step on every rank.
+
+        Args:
+            keep_grads: keep references to the gradients of the step in ``last_step`` (for sama).
+
+        Returns:
+            ``ACCUMULATING``, ``STEPPED``, ``NONFINITE``, or for an fp16 level ``OVERFLOW``.
         """
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()
@@ -320,7 +346,7 @@ def scale_fp16_zero0_loss(engine, loss: torch.Tensor) -> None:
     DeepSpeed 0.19's ``engine.backward`` scales the loss for ZeRO 1-3 optimizers only: at ZeRO-0
     (``FP16_Optimizer`` / ``FP16_UnfusedOptimizer``) the loss goes back unscaled while the optimizer's
     step divides the gradients by the loss scale, so every update is the scale (2^16 at first) times too
-    small and small fp16 gradients flush to zero (DeepSpeed pull request 8393, open). A hook on ``loss``
+    small and small fp16 gradients flush to zero (DeepSpeed pull request 8393). A hook on ``loss``
     multiplies the gradient arriving there by the current scale when it arrives unscaled (1/accumulation)
     and leaves it alone when DeepSpeed scaled it (a DeepSpeed with the fix): exact, as both are powers
     of two apart. Nothing for anything else (other engines, a model that is not a DeepSpeed engine, a

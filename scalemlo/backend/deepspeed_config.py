@@ -15,7 +15,15 @@ from scalemlo.distributed import (
 
 
 def zero_stage_of(cfg: dict, name: str) -> int:
-    """The ZeRO stage of a DeepSpeed config dict, checked."""
+    """The ZeRO stage of a DeepSpeed config dict, checked.
+
+    Args:
+        cfg: the DeepSpeed config dict.
+        name: the level's name (for messages).
+
+    Raises:
+        ValueError: a stage other than 0, 1, 2 or 3.
+    """
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"level {name!r}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
@@ -151,6 +159,19 @@ def deepspeed_config_for(config, name: str, module: torch.nn.Module | None = Non
     DeepSpeed 0.19 clips gradients at norm 1.0 when the config says nothing,
     which would silently change every level's update: the clipping always
     comes from ``LevelConfig.gradient_clipping`` unless the config sets it.
+
+    Args:
+        config: the level's :class:`~scalemlo.config.LevelConfig`.
+        name: the level's name (for messages).
+        module: the level's module, if at hand: float64 parameters are refused, and its
+            ``config.hidden_size`` fills the ZeRO bucket sizes given as ``"auto"``.
+
+    Returns:
+        The config dict.
+
+    Raises:
+        ValueError: keys DeepSpeed does not know, float64 parameters, gradient accumulation or clipping that
+            disagree with the ``LevelConfig``, or settings scalemlo does not support.
     """
     cfg = config.resolved_deepspeed_config()
     unknown = [key for key in cfg if key not in known_deepspeed_keys()]

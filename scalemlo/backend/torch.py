@@ -28,7 +28,18 @@ from scalemlo.vectors import AcrossRanks
 
 
 class TorchBackend(_Backend):
-    """A plain torch optimizer with manual gradient accumulation, rank averaging and clipping."""
+    """A plain torch optimizer with manual gradient accumulation, rank averaging and clipping.
+
+    Args:
+        module: the level's module.
+        params: the module's trainable parameters.
+        optimizer: the torch optimizer over them (an fp16 level's must not have stepped yet).
+        scheduler: an LR scheduler, or None.
+        config: the level's :class:`~scalemlo.config.LevelConfig` (``gradient_accumulation``,
+            ``gradient_clipping``, ``fp16_loss_scaling``).
+        group_index: the optimizer parameter group of each trainable parameter.
+        name: the level's name (for messages).
+    """
 
     partitioned = False
 
@@ -71,7 +82,14 @@ class TorchBackend(_Backend):
 
     @classmethod
     def adopt(cls, module: torch.nn.Module, params, optimizer, group_index: Sequence[int]) -> TorchBackend:
-        """A backend over a module and optimizer someone else steps (the Trainer without DeepSpeed)."""
+        """A backend over a module and optimizer someone else steps (the Trainer without DeepSpeed).
+
+        Args:
+            module: the module.
+            params: the module's trainable parameters.
+            optimizer: the optimizer that steps them.
+            group_index: the optimizer parameter group of each trainable parameter.
+        """
         self = cls.__new__(cls)
         self.module, self.optimizer, self.scheduler = module, optimizer, None
         self.accumulation, self.clipping, self._micro = 1, 0.0, 0
@@ -112,8 +130,10 @@ class TorchBackend(_Backend):
 
     # ---- checkpoints -----------------------------------------------------------------
     def save(self, directory: Path) -> None:
-        """Module (parameters, buffers), optimizer and scheduler state (an fp16 level's float32 masters and
-        loss scale too), written by rank 0 (ranks agree)."""
+        """Write the module (parameters, buffers), optimizer and scheduler state to ``directory``.
+
+        An fp16 level's float32 masters and loss scale too; written by rank 0 (ranks agree).
+        """
         if rank() == 0:
             directory.mkdir(parents=True, exist_ok=True)
             state = {
@@ -156,11 +176,14 @@ class TorchBackend(_Backend):
     def step(self, keep_grads: bool = False) -> str:
         """One micro-step; the optimizer steps at the accumulation boundary.
 
-        Returns ``ACCUMULATING`` (not a boundary), ``STEPPED``, or ``NONFINITE``
-        (a boundary whose gradients are not finite on some rank: they are
-        dropped and nothing is stepped, on every rank). ``keep_grads`` keeps
-        references to the gradients of the step in ``last_step`` (for sama)
-        instead of letting them be freed; it copies nothing.
+        Args:
+            keep_grads: keep references to the gradients of the step in ``last_step`` (for sama)
+                instead of letting them be freed; it copies nothing.
+
+        Returns:
+            ``ACCUMULATING`` (not a boundary), ``STEPPED``, or ``NONFINITE`` (a boundary whose gradients
+            are not finite on some rank: they are dropped and nothing is stepped, on every rank); for an
+            fp16 level ``OVERFLOW`` instead of ``NONFINITE`` (the loss scale is lowered).
         """
         self._micro += 1
         if self._micro % self.accumulation:

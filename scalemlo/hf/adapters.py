@@ -18,7 +18,14 @@ PEFT_INSTALL_HINT = "pip install peft (or pip install 'scalemlo[peft]')"
 
 
 def require_peft(reason: str):
-    """The ``peft`` module, or an ImportError that says how to install it."""
+    """The ``peft`` module, or an ImportError that says how to install it.
+
+    Args:
+        reason: what needs peft (named in the error).
+
+    Raises:
+        ImportError: peft is not installed.
+    """
     try:
         import peft
     except ImportError:
@@ -41,9 +48,15 @@ def base_model(model: Any) -> Any:
 
 
 def lora_config(args: Any):
-    """The ``peft.LoraConfig`` of ``--use_peft`` (TRL's ``get_peft_config``): a causal-LM LoRA of rank
-    ``lora_r``, scale ``lora_alpha / lora_r``, dropout ``lora_dropout`` on ``lora_target_modules`` (None: peft's
-    default for the architecture; ``"all-linear"``: every linear layer but the output head), no bias."""
+    """The ``peft.LoraConfig`` of ``--use_peft`` (TRL's ``get_peft_config``).
+
+    A causal-LM LoRA of rank ``lora_r``, scale ``lora_alpha / lora_r``, dropout ``lora_dropout`` on
+    ``lora_target_modules`` (None: peft's default for the architecture; ``"all-linear"``: every linear layer
+    but the output head), no bias.
+
+    Args:
+        args: the training arguments holding the ``lora_*`` fields.
+    """
     peft = require_peft("--use_peft")
     return peft.LoraConfig(
         task_type="CAUSAL_LM",
@@ -56,8 +69,11 @@ def lora_config(args: Any):
 
 
 def with_adapter(model: Any, peft_config: Any) -> Any:
-    """``model`` wrapped by ``peft.get_peft_model(model, peft_config)``; a model that already is a PeftModel is
-    refused (its adapter would be wrapped in a second one)."""
+    """``model`` wrapped by ``peft.get_peft_model(model, peft_config)``.
+
+    Raises:
+        ValueError: the model already is a PeftModel (its adapter would be wrapped in a second one).
+    """
     peft = require_peft("peft_config")
     if is_peft_model(model):
         raise ValueError(
@@ -68,8 +84,19 @@ def with_adapter(model: Any, peft_config: Any) -> Any:
 
 
 def with_peft(args: tuple, kwargs: dict, peft_config: Any) -> tuple[tuple, dict]:
-    """The Trainer's positional and keyword arguments with its model wrapped in an adapter when ``peft_config``
-    is given or the arguments say ``use_peft`` (:func:`lora_config`); unchanged otherwise."""
+    """The Trainer's positional and keyword arguments with its model wrapped in an adapter.
+
+    The model is wrapped when ``peft_config`` is given or the arguments say ``use_peft`` (:func:`lora_config`);
+    the arguments are unchanged otherwise.
+
+    Args:
+        args: the Trainer's positional arguments (the model first, the training arguments second).
+        kwargs: the Trainer's keyword arguments.
+        peft_config: a ``peft`` config, or None.
+
+    Raises:
+        ValueError: an adapter is asked for and no model is given.
+    """
     training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
     if peft_config is None and getattr(training_args, "use_peft", False):
         peft_config = lora_config(training_args)

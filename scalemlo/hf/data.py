@@ -67,6 +67,15 @@ def scheme_arguments(scheme: str, dataset: Any, given: Mapping[str, Any] | None,
     ``source``: ``sources`` = the names of a string ``source`` column, else ``source_names``' number, else
     the largest integer index + 1. ``example``: ``n_examples`` = the number of rows. Given values win.
 
+    Args:
+        scheme: the reweighting scheme's name.
+        dataset: the training set.
+        given: the keyword arguments the user gave (``reweighter_kwargs``).
+        source_names: the names of the indices of an integer ``source`` column, if the user gave them.
+
+    Returns:
+        The keyword arguments, the given ones included.
+
     Raises:
         ValueError: the ``source`` scheme and a training set without a ``source`` column.
     """
@@ -92,9 +101,16 @@ def scheme_arguments(scheme: str, dataset: Any, given: Mapping[str, Any] | None,
 
 
 def source_mapping(reweighter: Any, dataset: Any, source_names: Sequence[str] | None) -> dict[str, int] | None:
-    """name -> index for a string ``source`` column: the reweighter's own (``SourceWeights.index``) when its
-    names are the data's, else the order of ``source_names``, else the sorted distinct names (None: no
-    string column)."""
+    """name -> index for a string ``source`` column (None: no string column).
+
+    The reweighter's own (``SourceWeights.index``) when its names are the data's, else the order of
+    ``source_names``, else the sorted distinct names.
+
+    Args:
+        reweighter: the reweighting module.
+        dataset: the training set.
+        source_names: the names of the source indices, if the user gave them.
+    """
     names = data_source_names(dataset)
     if names is None:
         return None
@@ -155,8 +171,15 @@ def prepare_training_set(dataset: Any, mapping: Mapping[str, int] | None, exampl
 
 
 def prepare_meta_set(dataset: Any, mapping: Mapping[str, int] | None) -> Any:
-    """The meta set without its text columns; a string ``source`` column whose names the training set has is
-    mapped like the training set's (the meta loss reads neither, but the user's collator may)."""
+    """The meta set without its text columns.
+
+    A string ``source`` column whose names the training set has is mapped like the training set's (the meta
+    loss reads neither, but the user's collator may).
+
+    Args:
+        dataset: the meta set (or any set prepared like it).
+        mapping: name -> index of the training set's string ``source`` column (:func:`source_mapping`).
+    """
     if mapping is not None and column_kind(dataset, SOURCE_COLUMN) == "text":
         values = dataset[SOURCE_COLUMN]
         if set(values) <= set(mapping):
@@ -199,14 +222,20 @@ def _columns(dataset: Any, rows: Sequence[Any]) -> list[str]:
 
 def check_batch(name: str, dataset: Any, collate, size: int, reweighter: Any = None,
                 columns: Sequence[str] | None = None) -> None:  # fmt: skip
-    """Collate the first ``size`` rows of ``dataset`` (``name``: how the user passed it) and check the batch.
-
-    ``columns``: the set's columns as the user gave it (before text columns were dropped), for the messages.
+    """Collate the first ``size`` rows of ``dataset`` and check the batch.
 
     The batch must hold ``input_ids`` and ``labels`` as [B, T] tensors (and ``attention_mask`` of the same
     shape, if any); with ``reweighter``, its weights of the batch must be computable (the columns it
     reads, indices in range). Torch's, Python's and NumPy's random states are restored afterwards, so a
     collator that draws (masking) leaves the run's randomness as it was.
+
+    Args:
+        name: how the user passed the set (named in the messages).
+        dataset: the set.
+        collate: the data collator.
+        size: how many rows to collate.
+        reweighter: the reweighting module whose weights of the batch must be computable, if any.
+        columns: the set's columns as the user gave it (before text columns were dropped), for the messages.
 
     Raises:
         ValueError: naming the set's columns, what is wrong and the fix.

@@ -74,9 +74,14 @@ class TokenMeanEvaluation(Trainer):
         return dataset.remove_columns(text) if text else dataset
 
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
-        """One evaluation batch: its token-mean loss (0-d), and its logits and labels unless
-        ``prediction_loss_only``; its loss sums and token counts, gathered over ranks (padding rows of the
-        last batch dropped), add to the running evaluation's total."""
+        """One evaluation batch: its token-mean loss (0-d), and its logits and labels unless ``prediction_loss_only``.
+
+        Its loss sums and token counts, gathered over ranks (padding rows of the last batch dropped), add to
+        the running evaluation's total.
+
+        Raises:
+            ValueError: the batch has no ``labels``.
+        """
         inputs = self._prepare_inputs(inputs)
         if "labels" not in inputs:
             raise ValueError(
@@ -95,8 +100,10 @@ class TokenMeanEvaluation(Trainer):
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix: str = "eval"):  # fmt: skip
-        """``Trainer.evaluation_loop`` with ``{prefix}_loss`` the token mean over the whole set and
-        ``{prefix}_perplexity`` its exponential.
+        """``Trainer.evaluation_loop`` on the token-mean loss over the whole set.
+
+        ``{prefix}_loss`` is the token mean over the whole set and ``{prefix}_perplexity`` its exponential
+        (``prefix``: ``metric_key_prefix``).
 
         Raises:
             ValueError: the set has no counted target (every label -100 or masked).

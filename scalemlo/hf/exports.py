@@ -56,9 +56,10 @@ def source_weights(weights: torch.Tensor, sources: Sequence[int], names: Sequenc
 def write_weights(directory: str | Path, weights: torch.Tensor, example_names: Sequence[str],
                   sources: Sequence[int] | None = None, source_names: Sequence[str] | None = None,
                   source_softmax: Mapping[str, float] | None = None) -> dict[str, Any]:  # fmt: skip
-    """``weights.json``, ``example_weights.csv`` and ``source_weights.csv`` in ``directory``.
+    """Write ``weights.json``, ``example_weights.csv`` and ``source_weights.csv`` in ``directory``.
 
     Args:
+        directory: where to write them (created if missing).
         weights: float [N] the final weight of every training example, mean 1 over the set.
         example_names: [N] each example's name (id).
         sources: [N] int source index of each example, or None (no source files' rows).
@@ -66,7 +67,10 @@ def write_weights(directory: str | Path, weights: torch.Tensor, example_names: S
         source_softmax: the ``source`` scheme's α by name (written as ``source_softmax``).
 
     Returns:
-        what ``weights.json`` holds.
+        What ``weights.json`` holds.
+
+    Raises:
+        ValueError: ``example_names`` or ``sources`` not one per weight.
     """
     if len(example_names) != len(weights) or (sources is not None and len(sources) != len(weights)):
         got = None if sources is None else len(sources)
@@ -96,14 +100,20 @@ def write_weights(directory: str | Path, weights: torch.Tensor, example_names: S
 
 def weighted_dataset(dataset, weights, mode: str, threshold: float = 0.5, seed: int = 0,
                      column: str = "scalemlo_weight"):  # fmt: skip
-    """The training set with its learned weights: ``mode`` ``"column"`` (every row, the weight as a column),
-    ``"filter"`` (the rows of weight >= ``threshold``, the weights mean 1 over the whole set) or
-    ``"resample"`` (as many rows as the set, drawn with replacement with probabilities proportional to the
-    weights, seeded by ``seed``); every mode keeps the column.
+    """The training set with its learned weights; every mode keeps the weight column.
 
     Args:
         dataset: a ``datasets.Dataset``, rows in the order of ``weights``.
         weights: float [N] (a tensor or a sequence).
+        mode: ``"column"`` (every row, the weight as a column), ``"filter"`` (the rows of weight >=
+            ``threshold``, the weights mean 1 over the whole set) or ``"resample"`` (as many rows as the set,
+            drawn with replacement with probabilities proportional to the weights, seeded by ``seed``).
+        threshold: the least weight a row keeps with ``"filter"``.
+        seed: seeds the draw of ``"resample"``.
+        column: the weight column's name.
+
+    Raises:
+        ValueError: an unknown mode.
     """
     if mode not in WEIGHTED_DATASET_MODES[1:]:
         raise ValueError(
@@ -121,8 +131,14 @@ def weighted_dataset(dataset, weights, mode: str, threshold: float = 0.5, seed: 
 
 
 class WeightTable:
-    """The last weight each training example trained with (normalised within its batch), with its source: filled
-    during training, for the examples seen (not the exported weights: see the module docstring)."""
+    """The last weight each training example trained with (normalised within its batch), with its source.
+
+    Filled during training, for the examples seen (not the exported weights: see the module docstring).
+
+    Args:
+        example_names: the training examples' names, by row (None: the row numbers).
+        source_names: the names of the source indices (None: the indices).
+    """
 
     def __init__(self, example_names: Sequence[str] | None = None, source_names: Sequence[str] | None = None):
         self.example_names = list(example_names) if example_names is not None else None
@@ -131,7 +147,13 @@ class WeightTable:
         self.sources: dict[int, int] = {}
 
     def update(self, ids: torch.Tensor | None, weights: torch.Tensor, sources: torch.Tensor | None) -> None:
-        """Record one micro-batch: ``ids`` [B] int64 row indices, ``weights`` [B], ``sources`` [B] int64."""
+        """Record one micro-batch.
+
+        Args:
+            ids: [B] int64 row indices (None: nothing is recorded).
+            weights: [B] the weights the examples trained with.
+            sources: [B] int64 source indices, or None.
+        """
         if ids is None:
             return
         for i, w in zip(ids.tolist(), weights.tolist()):
@@ -149,14 +171,19 @@ class WeightTable:
         return out
 
     def name(self, index: int) -> str:
+        """The name of the example of row ``index`` (the row number without names)."""
         return self.example_names[index] if self.example_names is not None else str(index)
 
     def source_name(self, index: int) -> str:
+        """The name of source ``index`` (the index without names)."""
         return self.source_names[index] if self.source_names is not None else str(index)
 
     def write(self, directory: str | Path) -> None:
-        """``last_trained_weights.csv`` (id, source, last_trained_weight): the weight each example last trained
-        with, normalised within its batch; only the examples this run (since its last resume) has seen."""
+        """Write ``last_trained_weights.csv`` (id, source, last_trained_weight) in ``directory``.
+
+        The weight each example last trained with, normalised within its batch; only the examples this run
+        (since its last resume) has seen.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with open(directory / "last_trained_weights.csv", "w", newline="") as fh:

@@ -98,8 +98,15 @@ def per_example_causal_lm_loss(
 
 
 def counted_targets(labels: Tensor, attention_mask: Tensor | None = None, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """[B, T-1] bool: which targets :func:`per_example_causal_lm_loss` counts (its ``token_counts``
-    are the row sums): ``labels[:, t + 1]`` is not ignored and positions t and t + 1 are attended."""
+    """[B, T-1] bool: which targets :func:`per_example_causal_lm_loss` counts (its ``token_counts`` are the row sums).
+
+    Target t counts when ``labels[:, t + 1]`` is not ignored and positions t and t + 1 are attended.
+
+    Args:
+        labels: [B, T] integer token ids, ``ignore_index`` on positions not to predict.
+        attention_mask: optional [B, T], 0/1 (any dtype); positions with 0 never count.
+        ignore_index: the label of positions that are not predicted.
+    """
     counted = labels[:, 1:] != ignore_index
     if attention_mask is not None:
         attended = attention_mask.to(labels.device) != 0

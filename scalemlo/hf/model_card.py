@@ -102,7 +102,11 @@ def render_model_card(facts: CardFacts) -> str:
 
 
 def write_model_card(directory: str | os.PathLike, text: str) -> Path:
-    """``directory/README.md``, replaced whole (written under another name, then renamed)."""
+    """Write ``text`` to ``directory/README.md``, replaced whole (written under another name, then renamed).
+
+    Returns:
+        The card's path.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / CARD_NAME
@@ -127,9 +131,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 # ---- facts from a trainer ---------------------------------------------------------------------------------
 def base_model_of(model: Any) -> tuple[str | None, str]:
-    """(the Hub id the model was loaded from, or None; a sentence on where its weights started).
+    """Where the model's weights started.
 
-    A local folder is no Hub id (TRL's rule); a model built from a config has no ``name_or_path``."""
+    A local folder is no Hub id (TRL's rule); a model built from a config has no ``name_or_path``.
+
+    Returns:
+        (the Hub id the model was loaded from, or None; a sentence on where its weights started).
+    """
     from scalemlo.hf.adapters import base_model
 
     base = base_model(model)
@@ -155,7 +163,14 @@ def dataset_text(dataset: Any) -> str:
 
 def source_rows(weights, sources: Sequence[int], names: Sequence[str] | None,
                 softmax: Mapping[str, float] | None) -> list[SourceRow]:  # fmt: skip
-    """The card's source table from the training set's final weights [N] and source indices [N]."""
+    """The card's source table from the training set's final weights [N] and source indices [N].
+
+    Args:
+        weights: [N] the training set's final weights.
+        sources: [N] int source index of each example.
+        names: index -> source name (None: the index as a string).
+        softmax: the ``source`` scheme's α by name, if any.
+    """
     from scalemlo.hf.exports import source_weights
 
     means, counts = source_weights(weights, sources, names)
@@ -164,6 +179,7 @@ def source_rows(weights, sources: Sequence[int], names: Sequence[str] | None,
 
 
 def framework_versions(adapter: bool) -> dict[str, str]:
+    """The installed versions of scalemlo, transformers, torch, datasets (and peft with ``adapter``), by package."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
@@ -249,18 +265,22 @@ def trainer_facts(trainer: Any, weights=None, model_name: str | None = None, dat
 
 
 class ModelCards:
-    """``save_model`` and ``create_model_card`` of ``ReweightingTrainer`` (a base before ``transformers.Trainer``):
-    the card beside every saved model. Reads the trainer's ``_final_weights`` / ``_scored`` / ``_score_key``
-    (the training set's scores, computed once per step) and what :func:`trainer_facts` reads."""
+    """``save_model`` and ``create_model_card`` of ``ReweightingTrainer``: the card beside every saved model.
+
+    A base before ``transformers.Trainer``. Reads the trainer's ``_final_weights`` / ``_scored`` /
+    ``_score_key`` (the training set's scores, computed once per step) and what :func:`trainer_facts` reads.
+    """
 
     def _card_needs_weights(self) -> bool:
         return "source" in (getattr(self.train_dataset, "column_names", None) or [])
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """``Trainer.save_model``, then the model card ``README.md`` beside the model (:meth:`create_model_card`),
-        in checkpoints too. Every rank must call it, as the Trainer's: the card's per-source weights are the
-        final weights of the training set (``score()``: a forward over it when the data have sources, shared
-        with a checkpoint's weight exports)."""
+        """``Trainer.save_model``, then the model card ``README.md`` beside the model, in checkpoints too.
+
+        The card is written by :meth:`create_model_card`. Every rank must call it, as the Trainer's: the card's
+        per-source weights are the final weights of the training set (``score()``: a forward over it when the
+        data have sources, shared with a checkpoint's weight exports).
+        """
         super().save_model(output_dir, _internal_call=_internal_call)
         weights = self._final_weights() if self._card_needs_weights() else None
         self.create_model_card(output_dir=output_dir, weights=weights)
@@ -275,9 +295,10 @@ class ModelCards:
         weights: torch.Tensor | None = None,
         **kwargs,
     ) -> None:
-        """Write the model card ``README.md`` to ``output_dir`` (default output_dir) on the main process, as TRL's
-        trainers do (replacing the Trainer's draft, which knows nothing of the weighting): base model, data,
-        reweighting scheme, method and unroll steps, the learned per-source weights and held-out results
+        """Write the model card ``README.md`` to ``output_dir`` on the main process, as TRL's trainers do.
+
+        It replaces the Trainer's draft, which knows nothing of the weighting: base model, data, reweighting
+        scheme, method and unroll steps, the learned per-source weights and held-out results
         (:mod:`scalemlo.hf.model_card`). ``push_to_hub`` calls it after ``save_model``, before the upload.
 
         Args:
@@ -286,7 +307,7 @@ class ModelCards:
                 the Trainer's ``dataset`` keyword.
             tags: tags beside ``scalemlo`` and ``data-reweighting``.
             metrics: held-out results beside :attr:`model_card_metrics` (e.g. the baselines' losses).
-            output_dir: where to write it.
+            output_dir: where to write it (default output_dir).
             weights: float [N] the training set's final weights (default: those of this step, if computed on
                 every rank, or computed here in a one-process run).
             kwargs: the Trainer's other card arguments (``language``, ``license``, ``finetuned_from``, ...):

@@ -56,6 +56,9 @@ class Reweighter(nn.Module):
     `raw_weights(losses, batch) -> Tensor[B]` returning positive unnormalised
     weights; override `normalise(raw)` if batch-mean-1 (the default) is not
     your normalisation, and `describe()` for what a user should export.
+
+    Args:
+        eps: floor of the normalising mean (> 0).
     """
 
     requires: tuple[str, ...] = ()
@@ -75,9 +78,19 @@ class Reweighter(nn.Module):
     def weights(self, losses: Tensor, batch: Mapping[str, Any]) -> Tensor:
         """Normalised weights [B] (parameter dtype), differentiable with respect to the parameters only.
 
-        `losses` [B] floating are the per-example losses ℓᵢ, detached here whatever
-        the caller passes (they are fixed inputs sᵢ); `batch` holds the columns
-        named by `requires`. Also sets `last_raw` (detached, unnormalised).
+        Also sets `last_raw` (detached, unnormalised).
+
+        Args:
+            losses: [B] floating, the per-example losses ℓᵢ, detached here whatever
+                the caller passes (they are fixed inputs sᵢ).
+            batch: holds the columns named by `requires`.
+
+        Returns:
+            The normalised weights [B].
+
+        Raises:
+            ValueError: `losses` is not a 1-D floating tensor, the batch lacks a column of `requires`, or
+                `raw_weights` gave another shape.
         """
         if not isinstance(losses, Tensor) or losses.dim() != 1 or not losses.is_floating_point():
             got = f"shape {tuple(losses.shape)}, dtype {losses.dtype}" if isinstance(losses, Tensor) else type(losses)
@@ -123,18 +136,9 @@ class Reweighter(nn.Module):
 class MetaWeightNet(Reweighter):
     """Meta-Weight-Net: sigmoid(MLP([loss, features]) - c) normalised to batch mean 1.
 
-    ``centered`` (default): c is the batch median of the MLP's outputs, so half
-    of every batch sits at or below 1/2 and half at or above: the sigmoids can
-    never all saturate (where the hypergradient, ~e^-|z|, vanishes and the run
-    silently becomes uniform training), and no example gets more than 4x the
-    batch's average weight. The output bias, invisible after centring, is
-    left out. ``uniform_start`` (default): the output layer starts at zero, so
-    every example starts at weight 1 and the hypergradient, not the random
-    initialisation, sets the direction. Both were found on the noisy-label
-    example (``examples/noisy_label_reweighting/README.md``: with a plain
-    sigmoid, Adam's steps on the unidentified overall level overshoot into an
-    inverted or saturated state on some seeds). ``centered=False``,
-    ``uniform_start=False`` give the original Meta-Weight-Net.
+    ``centered=False``, ``uniform_start=False`` give the original Meta-Weight-Net. Both defaults matter on
+    the noisy-label example (``examples/noisy_label_reweighting/README.md``: with a plain sigmoid, Adam's
+    steps on the unidentified overall level overshoot into an inverted or saturated state on some seeds).
 
     Args:
         hidden_size: width of the single hidden layer (Meta-Weight-Net: 100).
@@ -142,8 +146,13 @@ class MetaWeightNet(Reweighter):
             ([B, n_features] floating, detached); 0 for loss only.
         feature_column: the batch column holding the extra features.
         eps: floor of the normalising mean.
-        centered: subtract the batch median before the sigmoid (see above).
-        uniform_start: zero the output layer at construction (see above).
+        centered: subtract the batch median before the sigmoid (default): c is the batch median of the
+            MLP's outputs, so half of every batch sits at or below 1/2 and half at or above: the sigmoids
+            can never all saturate (where the hypergradient, ~e^-|z|, vanishes and the run silently
+            becomes uniform training), and no example gets more than 4x the batch's average weight. The
+            output bias, invisible after centring, is left out.
+        uniform_start: zero the output layer at construction (default), so every example starts at
+            weight 1 and the hypergradient, not the random initialisation, sets the direction.
     """
 
     def __init__(
@@ -315,7 +324,15 @@ REWEIGHTERS: dict[str, type[Reweighter]] = {
 
 
 def build_reweighter(name: str, **kwargs: Any) -> Reweighter:
-    """The reweighter registered as `name`, built from keyword arguments (checked first)."""
+    """The reweighter registered as `name`, built from keyword arguments (checked first).
+
+    Args:
+        name: a key of ``REWEIGHTERS`` (``"meta_weight_net"``, ``"source"``, ``"example"``, ...).
+        kwargs: the reweighter's constructor arguments.
+
+    Raises:
+        ValueError: an unknown name, an argument the reweighter does not take, or a required one missing.
+    """
     if name not in REWEIGHTERS:
         raise ValueError(f"unknown reweighter {name!r}; choose one of {sorted(REWEIGHTERS)}.")
     cls = REWEIGHTERS[name]
@@ -340,11 +357,20 @@ def weight_stats(
     With pᵢ = wᵢ / Σw: "weight/entropy" H = -Σ pᵢ log pᵢ, "weight/entropy_normalized"
     H / log B (1 for B = 1), "weight/ess" (Σw)² / Σw² and "weight/ess_ratio" ESS / B,
     "weight/max_share" max pᵢ, "weight/min|mean|max", "weight/count" B. All-zero
-    weights carry no mass: entropy, ESS and shares are 0. With `sources` (int64 [B])
-    also "weight/source/<name>" (mean weight of that source's examples in the batch;
-    names default to the indices), "weight/max_source_share" and
-    "weight/sources_present"; with `raw` ([B], see `Reweighter.last_raw`)
-    "weight/raw_min" and "weight/raw_max".
+    weights carry no mass: entropy, ESS and shares are 0.
+
+    Args:
+        weights: [B] the non-negative weights.
+        sources: int64 [B] source indices; adds "weight/source/<name>" (mean weight of that source's
+            examples in the batch), "weight/max_source_share" and "weight/sources_present".
+        names: index -> source name (default: the indices).
+        raw: [B] unnormalised weights (see `Reweighter.last_raw`); adds "weight/raw_min" and "weight/raw_max".
+
+    Returns:
+        The statistics, floats keyed by name.
+
+    Raises:
+        ValueError: no weights, a negative weight, or `sources` of another length.
     """
     w = weights.detach().double().reshape(-1)
     count = w.numel()
@@ -389,14 +415,17 @@ def weight_stats(
 class CollapseMonitor:
     """Warns once (through `logging`) when the weights collapse; `update` says whether they are collapsed now.
 
-    Collapsed means any of: near one-hot over examples ("weight/ess_ratio" below
-    `threshold_ess`, or one example holding more than `threshold_max_share` of
-    the mass, checked only when B >= 2 / threshold_max_share so that uniform
-    weights are far below it); one source holding more than
-    `threshold_source_share` of the mass while at least two are present (off
-    by default, 1: dropping a noisy source is often the goal); all raw values
-    ("weight/raw_max", e.g. sigmoid outputs before normalisation) below
-    `raw_epsilon`. `threshold_max_share=1` switches the example share check off.
+    Collapsed means any of: near one-hot over examples; one source holding most of the mass while at least
+    two are present; all raw values ("weight/raw_max", e.g. sigmoid outputs before normalisation) near 0.
+
+    Args:
+        threshold_ess: collapsed when "weight/ess_ratio" is below it (in (0, 1)).
+        threshold_max_share: collapsed when one example holds more than it of the mass, checked only when
+            B >= 2 / threshold_max_share so that uniform weights are far below it; 1 switches the example
+            share check off.
+        raw_epsilon: collapsed when all raw values are below it.
+        threshold_source_share: collapsed when one source holds more than it of the mass while at least two
+            are present (off by default, 1: dropping a noisy source is often the goal).
     """
 
     def __init__(self, threshold_ess: float = 0.1, threshold_max_share: float = 0.9, raw_epsilon: float = 1e-3,
@@ -416,7 +445,14 @@ class CollapseMonitor:
         self.reasons: list[str] = []
 
     def update(self, stats: Mapping[str, float]) -> bool:
-        """Check one batch's `weight_stats`; log a warning the first time they show a collapse."""
+        """Check one batch's `weight_stats`; log a warning the first time they show a collapse.
+
+        Args:
+            stats: the batch's `weight_stats`.
+
+        Returns:
+            Whether the weights are collapsed now (the reasons are in `reasons`).
+        """
         count = stats.get("weight/count", 0.0)
         reasons = []
         if count >= 2 and stats.get("weight/ess_ratio", 1.0) < self.threshold_ess:

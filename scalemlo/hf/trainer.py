@@ -112,8 +112,15 @@ def valid_examples(batch: Mapping[str, Any], device: torch.device) -> torch.Tens
 
 
 def valid_weights(weights: torch.Tensor, batch: Mapping[str, Any], valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Weights that make mean_i w_i l_i the mean over the examples with a counted target (the others have
-    loss 0, and get weight 0); ``valid``: :func:`valid_examples`, if already at hand."""
+    """Weights that make mean_i w_i l_i the mean over the examples with a counted target.
+
+    The other examples have loss 0, and get weight 0.
+
+    Args:
+        weights: [B] the examples' weights.
+        batch: the tokenized batch (its ``labels`` and ``attention_mask`` say which targets count).
+        valid: :func:`valid_examples` of the batch, if already at hand.
+    """
     valid = valid_examples(batch, weights.device) if valid is None else valid
     return weights * valid * (len(valid) / valid.sum().clamp_min(1))
 
@@ -260,8 +267,10 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         self._check_data(meta_dataset)
 
     def create_accelerator_and_postprocess(self) -> None:
-        """The Trainer's accelerator, built after an earlier Trainer's process-wide state is forgotten, and for
-        a one-process run without DDP (:mod:`scalemlo.hf.state`)."""
+        """Build the Trainer's accelerator after an earlier Trainer's process-wide state is forgotten.
+
+        A one-process run gets one without DDP (:mod:`scalemlo.hf.state`).
+        """
         with one_process_view(self.args.deepspeed):
             isolate(self.args)
             super().create_accelerator_and_postprocess()
@@ -344,7 +353,8 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
 
         With a shared forward and a meta step due, the meta step is taken here, between this
         micro-batch's forward and the weights that multiply its losses. A model in eval mode gets the
-        unweighted token-mean loss (and its logits as the outputs), as evaluation reports it."""
+        unweighted token-mean loss (and its logits as the outputs), as evaluation reports it.
+        """
         if not model.training:
             sums, counts, logits = token_mean_loss(model, inputs)
             loss = (sums.sum() / counts.sum().clamp_min(1)).float()
@@ -614,11 +624,14 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         scalemlo_checkpoint.barrier()
 
     def export_weights(self, directory: str | os.PathLike | None = None, last_trained: bool = False) -> torch.Tensor:
-        """Write the final weighting model's weight of every training example, mean 1 over the training set,
-        and the per-source means (:mod:`scalemlo.hf.exports`) to ``directory`` (default output_dir).
+        """Write the final weighting model's weight of every training example and the per-source means.
 
-        Every rank must call it (a ZeRO-3 model's forward is collective); rank 0 writes. With
-        ``last_trained``, also ``last_trained_weights.csv`` (the weight each example last trained with).
+        The weights are mean 1 over the training set (:mod:`scalemlo.hf.exports`). Every rank must call it
+        (a ZeRO-3 model's forward is collective); rank 0 writes.
+
+        Args:
+            directory: where to write them (default output_dir).
+            last_trained: also write ``last_trained_weights.csv`` (the weight each example last trained with).
 
         Returns:
             float32 [N] the weights, by row of the training set.
@@ -658,9 +671,18 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         return self.state.global_step, self._meta_level.steps if self.mlo is not None else 0
 
     def save_weighted_dataset(self, directory: str | os.PathLike | None = None, weights=None):
-        """The training set as given (text columns kept) with its learned weights, as ``--save_weighted_dataset``
-        says (:func:`scalemlo.hf.exports.weighted_dataset`), saved with ``save_to_disk`` to ``directory``
-        (default output_dir/weighted_dataset) on rank 0. Every rank must call it. Returns the dataset."""
+        """Save the training set as given (text columns kept) with its learned weights.
+
+        As ``--save_weighted_dataset`` says (:func:`scalemlo.hf.exports.weighted_dataset`), saved with
+        ``save_to_disk`` on rank 0. Every rank must call it.
+
+        Args:
+            directory: where to save it (default output_dir/weighted_dataset).
+            weights: the training set's weights, by row (default: :meth:`score` of the training set).
+
+        Returns:
+            The dataset.
+        """
         from scalemlo.hf.exports import weighted_dataset
 
         mode = self.args.save_weighted_dataset if self.args.save_weighted_dataset != "no" else "column"
@@ -684,6 +706,9 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
             dataset: rows the Trainer's data collator takes (``input_ids``, ``attention_mask``, ``labels``, ...);
                 default the training set.
             batch_size: rows per forward (default ``per_device_eval_batch_size``).
+
+        Returns:
+            float32 [N] the weights, mean 1 over the dataset.
         """
         from scalemlo.hf.scorer import dataset_weights
 
@@ -693,8 +718,21 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
                                    batch_size or self.args.per_device_eval_batch_size)  # fmt: skip
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """``Trainer.train``; ``resume_from_checkpoint`` (a path, or True for the latest in output_dir) must be
-        a complete checkpoint of this trainer, checked before anything is loaded."""
+        """``Trainer.train``, resuming only from a complete checkpoint of this trainer.
+
+        Args:
+            resume_from_checkpoint: a path, or True for the latest in output_dir (default
+                ``args.resume_from_checkpoint``); it must be a complete checkpoint of this trainer, checked
+                before anything is loaded.
+            kwargs: passed on to ``Trainer.train``.
+
+        Returns:
+            What ``Trainer.train`` returns.
+
+        Raises:
+            ValueError: no checkpoint to resume from, or not a complete checkpoint of a ``ReweightingTrainer``
+                run.
+        """
         resume_from_checkpoint = resume_from_checkpoint or self.args.resume_from_checkpoint or None
         if resume_from_checkpoint is True or resume_from_checkpoint == "True":
             from transformers.trainer_utils import get_last_checkpoint

@@ -52,6 +52,11 @@ def replayed_and_frozen(rng_state: RandomState | torch.Tensor, all_levels: Seque
     difference of two different masks is noise); the caller's generator is
     left as it was. Levels outside ``trainable`` get ``requires_grad=False``,
     so no backward writes into them or builds a graph for them.
+
+    Args:
+        rng_state: the state to replay (a bare tensor is a CPU generator state).
+        all_levels: every level of the program.
+        trainable: the levels left trainable.
     """
     others = [lv for lv in all_levels if all(lv is not t for t in trainable)]
     with RandomState.of(rng_state).replayed(), frozen(others):
@@ -99,8 +104,10 @@ class ResponseProblem:
         return self.lower.backend.local_shards
 
     def step_lrs(self) -> list[float]:
-        """Per parameter of X, the learning rate of the step the hypergradient differentiates: the last
-        one, or with a shared forward the one in progress."""
+        """Per parameter of X, the learning rate of the step the hypergradient differentiates.
+
+        That step is the last one, or with a shared forward the one in progress.
+        """
         backend = self.lower.backend
         return backend.current_lrs() if self.shared is not None else backend.step_lrs()
 
@@ -133,9 +140,11 @@ class ResponseProblem:
         return total
 
     def evaluate_held(self) -> None:
-        """X's loss on its objective batches at the current point, without gradient, so that the
-        values its ``training_step`` passes to ``Level.held`` are held from here (the coordinator
-        calls it inside ``lower.holding()`` before the method, for a level that uses ``held``)."""
+        """X's loss on its objective batches at the current point, without gradient.
+
+        The values its ``training_step`` passes to ``Level.held`` are then held from here (the coordinator
+        calls it inside ``lower.holding()`` before the method, for a level that uses ``held``).
+        """
         with self._evaluating([]), torch.no_grad():
             for i, batch in enumerate(self.objective_batches()):
                 self.lower.evaluating_batch(i)
@@ -199,6 +208,14 @@ class ResponseProblem:
             )
 
     def require_autograd(self, what: str) -> None:
+        """Refuse double backward on a ZeRO-3 partitioned X.
+
+        Args:
+            what: what needs double backward (named in the error).
+
+        Raises:
+            ValueError: X is ZeRO-3 partitioned.
+        """
         if self.lower.backend.partitioned:
             raise ValueError(
                 f"level {self.lower.name!r} is ZeRO-3 partitioned, where autograd cannot differentiate twice; "
@@ -249,6 +266,10 @@ class ResponseProblem:
         moved to p_X +- eps w (eps = radius / ||w||): for data reweighting that
         backward never enters X's model. With a shared forward: the one-sided
         estimator (:func:`shared_mixed_`, the protocol in :mod:`scalemlo.hypergrad.shared_forward`) instead.
+
+        Args:
+            w: the vector, in the layout of ``local_shards``; its storage is taken.
+            radius: how far X's parameters move (eps = radius / ||w||); a shared forward uses its own.
         """
         if self.shared is not None:
             return shared_mixed_(self, w)  # its own radius (LevelConfig.shared_forward_radius)
@@ -256,8 +277,10 @@ class ResponseProblem:
         return self._split(grads)
 
     def mixed_(self, w: vectors.Vector) -> dict[str, vectors.Vector]:
-        """The mixed product by ``config.second_order`` (a shared forward's estimator when there is one);
-        may take ``w``'s storage."""
+        """The mixed product by ``config.second_order`` (a shared forward's estimator when there is one).
+
+        May take ``w``'s storage.
+        """
         if self.config.second_order == "finite_difference" or self.shared is not None:
             return self.mixed_difference_(w, self.config.fd_radius)
         return self.mixed_autograd(w)
@@ -272,6 +295,14 @@ class ResponseProblem:
         values meanwhile (no second parameter-sized buffer), nothing useful
         afterwards. The two points are p ± r, r = fl(p + eps d) - p
         (``vectors.mirrored_``).
+
+        Args:
+            direction: d, in the layout of ``local_shards``; its storage is taken.
+            radius: how far the parameters move.
+            evaluate: the function differenced, returning a list of vectors.
+
+        Returns:
+            The differences, one per vector ``evaluate`` returns.
         """
         size = float(self.across_ranks.norm(direction))
         if size == 0.0:
@@ -308,9 +339,11 @@ FALLBACK_RADIUS = 1e-3
 
 
 def is_central(problem: ResponseProblem) -> bool:
-    """Whether the difference is central: when asked for, and always for a low-precision lower level
-    (or one trained under autocast), whose step's forward (bf16) cannot be differenced against a
-    float32 moved forward."""
+    """Whether the shared forward's difference is central.
+
+    It is when asked for, and always for a low-precision lower level (or one trained under autocast),
+    whose step's forward (bf16) cannot be differenced against a float32 moved forward.
+    """
     return (
         problem.config.shared_forward_difference == "central"
         or problem.lower.backend.precision.active
@@ -319,8 +352,11 @@ def is_central(problem: ResponseProblem) -> bool:
 
 
 def radius_for(problem: ResponseProblem) -> float:
-    """The radius of the difference: ``fd_radius`` for the central one; for the one-sided one
-    ``shared_forward_radius``, or the default for the lower level's parameter dtype."""
+    """The radius of the shared forward's difference.
+
+    ``fd_radius`` for the central one; for the one-sided one ``shared_forward_radius``, or the default for
+    the lower level's parameter dtype.
+    """
     config = problem.config
     if is_central(problem):
         return config.fd_radius
@@ -330,12 +366,13 @@ def radius_for(problem: ResponseProblem) -> float:
 
 
 def shared_mixed_(problem: ResponseProblem, w: vectors.Vector) -> dict[str, vectors.Vector]:
-    """(d²f / dλ dθ) w for every upper, from the shared forward and one moved forward (two with
-    ``shared_forward_difference="central"``); takes ``w``'s storage and frees it.
+    """(d²f / dλ dθ) w for every upper, from the shared forward and one moved forward.
 
+    Two moved forwards with ``shared_forward_difference="central"``. Takes ``w``'s storage and frees it.
     The moved forward runs first, while the step's forward has not built its graph yet (unless
     a product of the method needed it already), and ``w`` is freed before that graph is built:
-    the parameter-sized w and the kept activations are never held together."""
+    the parameter-sized w and the kept activations are never held together.
+    """
     shared = problem.shared
     params = [p for y in problem.uppers for p in y.params]
     size = float(problem.across_ranks.norm(w))

@@ -78,7 +78,14 @@ class SharedForward:
         self._buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, others: Sequence[Level]) -> torch.Tensor:
-        """ℓ_i(θ) on the batch, graph kept for the lower level's backward (computed once)."""
+        """ℓ_i(θ) on the batch, graph kept for the lower level's backward (computed once).
+
+        Args:
+            others: every level of the program; all but the lower one are held fixed in the forward.
+
+        Raises:
+            RuntimeError: the random state moved between the moved forward and the step's forward.
+        """
         if self.losses is None:
             if self.rng_state is None:
                 self.rng_state = RandomState.capture()
@@ -113,10 +120,20 @@ class SharedForward:
 
 def step_inside(lower: Level, batch: Any, upper_step: Callable[[SharedForward], None], levels: Sequence[Level],
                 losses_of: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
-    """The protocol, once for the Engine and the Trainer: ``upper_step(shared)`` takes the upper level's step on
-    the forward of ``lower``'s coming step on ``batch``; returns that forward's per-example losses, graph kept,
-    for ``lower`` to finish its step with (the forward's buffer updates kept; ``levels``: every level, held
-    fixed in the forward)."""
+    """The protocol, once for the Engine and the Trainer: an upper level's step on the forward of ``lower``'s.
+
+    Args:
+        lower: the reweighted level whose step is coming.
+        batch: that step's batch.
+        upper_step: ``upper_step(shared)`` takes the upper level's step on the forward of ``lower``'s coming
+            step on ``batch`` (a :class:`SharedForward`).
+        levels: every level, held fixed in the forward.
+        losses_of: the forward of the step (default ``lower.per_example_losses``; see :class:`SharedForward`).
+
+    Returns:
+        That forward's per-example losses, graph kept, for ``lower`` to finish its step with (the forward's
+        buffer updates kept).
+    """
     shared = SharedForward(lower, batch, losses_of=losses_of)
     upper_step(shared)
     shared.keep_buffers()
@@ -126,7 +143,13 @@ def step_inside(lower: Level, batch: Any, upper_step: Callable[[SharedForward], 
 def check_program(upper: Level, below: Sequence[Level]) -> None:
     """Refuse, before anything is built, a program whose structure the estimator does not have.
 
-    ``below``: every level below ``upper``.
+    Args:
+        upper: the level with ``LevelConfig.shared_forward``.
+        below: every level below ``upper``.
+
+    Raises:
+        ValueError: ``upper`` has other than exactly one level below it, or that level is not reweighted,
+            defines its own ``training_step`` or restarts its inner loop (``on_inner_loop_start``).
     """
     where = f"level {upper.name!r} has LevelConfig.shared_forward=True"
     if len(below) != 1:
