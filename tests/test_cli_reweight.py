@@ -222,3 +222,44 @@ def test_the_padded_heldout_loss_is_each_text_alone(user_data, user_run):
     lengths = {len(r["body"].split()) for r in user_data["rows"]["heldout"]}
     assert len(lengths) > 1  # texts of different lengths: the batch pads
     assert report["heldout_loss_learned"] == pytest.approx(total / tokens, rel=1e-5)
+
+
+def test_a_proxy_run_hands_its_weighting_to_the_learned_run(user_data, tmp_path, monkeypatch):
+    """--proxy_steps K: a learned run of K steps from the same starting model, whose weighting the learned run
+    starts from (and goes on learning); the proxy's time counts in the learned run's."""
+    from scalemlo.hf import trainer as hf_trainer
+
+    def state(module):
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    starts, ends = [], []
+    start, train = hf_trainer.ReweightingTrainer._start_mlo, hf_trainer.ReweightingTrainer.train
+
+    def recording_start(self):
+        starts.append((self.args.max_steps, state(self.reweighter), state(self.model)))
+        start(self)
+
+    def recording_train(self, *args, **kwargs):
+        result = train(self, *args, **kwargs)
+        ends.append(state(self.reweighter))
+        return result
+
+    monkeypatch.setattr(hf_trainer.ReweightingTrainer, "_start_mlo", recording_start)
+    monkeypatch.setattr(hf_trainer.ReweightingTrainer, "train", recording_train)
+    config = write_config(tmp_path / "run.yaml", user_data, reweighting="scorer", hypergradient_method="sama",
+                          baselines="none", proxy_steps=3, max_steps=4)  # fmt: skip
+    report = main(["--config", config])
+    (proxy_steps, proxy_start, proxy_model), (steps, learned_start, learned_model) = starts
+    assert (proxy_steps, steps, report["steps"]) == (3, 4, 4)
+    assert all(torch.equal(proxy_model[k], learned_model[k]) for k in proxy_model)  # the same starting model
+    assert all(torch.equal(ends[0][k], learned_start[k]) for k in ends[0])  # the proxy's weighting, handed on
+    assert any(not torch.equal(proxy_start[k], learned_start[k]) for k in proxy_start)  # which the proxy moved
+    assert any(not torch.equal(ends[1][k], learned_start[k]) for k in ends[1])  # and which goes on learning
+    assert 0 < report["seconds_proxy"] < report["seconds_learned"]
+
+
+def test_a_negative_proxy_run_is_refused_before_anything_trains(user_data, tmp_path):
+    config = write_config(tmp_path / "run.yaml", user_data, proxy_steps=-1)
+    with pytest.raises(ValueError, match="--proxy_steps must be >= 0"):
+        main(["--config", config])
+    assert not (tmp_path / "out").exists()

@@ -82,6 +82,12 @@ class RunArguments:
     train_on_meta: bool = field(
         default=False, metadata={"help": "The learned run also trains on the meta set (as uniform_plus_meta does)"}
     )
+    proxy_steps: int = field(
+        default=0,
+        metadata={"help": "Learn the weighting first on a proxy run of this many steps from the same starting model "
+                  "(as DoReMi's proxy run), then train the model again from its start with that weighting, which "
+                  "keeps learning; the proxy's time counts in the learned run's. 0: no proxy run"},
+    )  # fmt: skip
     scorer_features: str = field(
         default="ngrams",
         metadata={"help": "--reweighting scorer: comma-separated features (ngrams, loss, near_copies)"},

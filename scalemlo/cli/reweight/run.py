@@ -71,6 +71,15 @@ def baseline_arguments(args: ReweightingArguments, name: str) -> ReweightingArgu
     return dataclasses.replace(args, output_dir=str(Path(args.output_dir) / name))
 
 
+def proxy_arguments(args: ReweightingArguments, steps: int) -> ReweightingArguments:
+    """The learned run's arguments for its proxy run: ``steps`` steps, its own output directory, nothing saved,
+    evaluated or reported."""
+    return dataclasses.replace(
+        args, output_dir=str(Path(args.output_dir) / "proxy"), max_steps=steps, save_strategy="no",
+        eval_strategy="no", load_best_model_at_end=False, report_to="none", resume_from_checkpoint=None,
+    )  # fmt: skip
+
+
 def run(model_args: ModelArguments, data: DataArguments, run_args: RunArguments, args: ReweightingArguments) -> dict:
     """Train the baselines and the learned run; write the model, its weight exports, ``report.json`` and
     ``weights.png`` to ``args.output_dir``; return the report.
@@ -96,6 +105,8 @@ def run(model_args: ModelArguments, data: DataArguments, run_args: RunArguments,
         unknown = set(list(meta[data.source_column])) - set(list(train[data.source_column]))
         if unknown:
             raise ValueError(f"the meta set has sources the training set has not: {sorted(unknown)}")
+    if run_args.proxy_steps < 0:
+        raise ValueError(f"--proxy_steps must be >= 0 (0: no proxy run); got {run_args.proxy_steps}")
     baselines = run_args.baseline_names()
     labelled = data.corrupted_column in train.column_names
     if "clean_only" in baselines and not labelled:
@@ -141,6 +152,8 @@ def run(model_args: ModelArguments, data: DataArguments, run_args: RunArguments,
     # same seed gives the same initialisation. Built after the first Trainer, a later run's model would
     # start from another draw (reset_trainer_state turns zero.Init off).
     learned_model = build_model(model_args, tokenizer)
+    proxy = run_args.proxy_steps > 0 and not args.resume_from_checkpoint  # a checkpoint holds the weighting
+    proxy_model = build_model(model_args, tokenizer) if proxy else None
     baseline_models = {name: build_model(model_args, tokenizer) for name in baselines}
     results: dict = {"train_on_meta": run_args.train_on_meta}
     for name, model in baseline_models.items():
@@ -154,14 +167,28 @@ def run(model_args: ModelArguments, data: DataArguments, run_args: RunArguments,
         reset_trainer_state()  # a second Trainer in this process
         del uniform, model
     baseline_models.clear()
-    trainer = ReweightingTrainer(
-        model=learned_model, args=args, train_dataset=tokenized["train"], eval_dataset=tokenized.get("validation"),
-        meta_dataset=tokenized["meta"], data_collator=collate, reweighter_kwargs=reweighter_kwargs,
-        example_names=example_names, source_names=names,
-    )  # fmt: skip
+
+    def learned_trainer(model, arguments):
+        return ReweightingTrainer(
+            model=model, args=arguments, train_dataset=tokenized["train"], eval_dataset=tokenized.get("validation"),
+            meta_dataset=tokenized["meta"], data_collator=collate, reweighter_kwargs=reweighter_kwargs,
+            example_names=example_names, source_names=names,
+        )  # fmt: skip
+
     t0 = time.perf_counter()
+    warm = None
+    if proxy:  # the weighting learned on a short run from the same start (see --proxy_steps)
+        proxy_trainer = learned_trainer(proxy_model, proxy_arguments(args, run_args.proxy_steps))
+        proxy_trainer.train()
+        warm = {k: v.detach().clone() for k, v in proxy_trainer.reweighter.state_dict().items()}
+        results["seconds_proxy"] = time.perf_counter() - t0
+        reset_trainer_state()
+        del proxy_trainer, proxy_model
+    trainer = learned_trainer(learned_model, args)
+    if warm is not None:
+        trainer.reweighter.load_state_dict(warm)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    results["seconds_learned"] = time.perf_counter() - t0
+    results["seconds_learned"] = time.perf_counter() - t0  # with the proxy run's
     weights = trainer.export_weights()  # the final weighting's weight of every training example, mean 1
     if "heldout" in tokenized:
         results["heldout_loss_learned"] = heldout_loss(trainer.model, tokenized["heldout"], collate)
