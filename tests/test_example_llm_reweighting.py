@@ -5,6 +5,7 @@ import math
 
 import examples_helper
 import pytest
+import torch
 
 SCRIPT = examples_helper.EXAMPLES / "llm_reweighting" / "run_reweighting.py"
 
@@ -34,7 +35,8 @@ def short_run(script, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     # the default run's pre-trained start, shortened: 4 steps, cached beside the run
     report = script.main([f"--output_dir={out}", "--max_steps=6", "--meta_warmup_steps=2", "--logging_steps=2",
-                          "--pretrain_steps=4", f"--pretrain_cache={out / 'pretrained'}"])  # fmt: skip
+                          "--pretrain_steps=4", f"--pretrain_cache={out / 'pretrained'}",
+                          "--proxy_steps=3"])  # fmt: skip
     return out, report
 
 
@@ -54,6 +56,7 @@ def test_the_default_run_reports_what_it_promises(short_run):
         )
     assert len({report[f"heldout_loss_{k}"] for k in ("uniform", "uniform_plus_meta", "clean_only")}) == 3
     assert report["steps"] == 6 and 0.0 <= report["weight_auc"] <= 1.0
+    assert 0 < report["seconds_proxy"] < report["seconds_learned"]  # the default's proxy run, counted in the learned
     assert set(report["source_weights"]) == {"builtin_types", "data_model", "expressions", "library", "statements"}
     assert json.loads((out / "report.json").read_text()) == report
     assert set(report["weight_auc_by_corruption"]) == {"char_noise", "near_duplicate", "other_script", "shuffled"}
@@ -104,6 +107,32 @@ def test_the_signal_diagnosis_runs_on_the_default_corpus(short_run):
     for signal in ("dot", "cos", "pdot", "votes_pdot", "neg_loss"):
         assert set(row[signal]) == kinds and all(0.0 <= v <= 1.0 for v in row[signal].values())
     assert json.loads((out / "signal.json").read_text())["rows"] == [row]
+
+
+def test_fixed_weights_choose_every_batch(short_run, tmp_path, monkeypatch):
+    """--truth 0: every batch is chosen by the ground truth's weights, the visible kinds at 0 (never chosen)."""
+    from scalemlo.hf import selection
+
+    out, _ = short_run
+    module = examples_helper.load_file(SCRIPT.parent / "fixed_weights.py", "fixed_weights")
+    pools = []
+    choose = selection.Selector.choose
+
+    def recording(self, raw, ids, size, generator):
+        chosen = choose(self, raw, ids, size, generator)
+        pools.append((raw.clone(), torch.as_tensor(ids)[chosen].tolist()))
+        return chosen
+
+    monkeypatch.setattr(selection.Selector, "choose", recording)
+    cache = f"--pretrain_cache={out / 'pretrained'}"
+    module.main([f"--output_dir={tmp_path}", "--truth", "0", "--max_steps=3", "--meta_warmup_steps=2",
+                 "--pretrain_steps=4", cache, "--baselines", "none", "--proxy_steps=0"])  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "corpus" / "train.jsonl").read_text().splitlines()]
+    visible = {i for i, row in enumerate(rows) if row["corruption"] in module.VISIBLE}
+    assert len(pools) == 3 and all(set(raw.tolist()) <= {0.0, 1.0} for raw, _ in pools)
+    assert all(not visible & set(chosen) for _, chosen in pools)
+    with pytest.raises(ValueError, match="give one of --truth"):
+        module.main([f"--output_dir={tmp_path}"])
 
 
 def test_dropping_kinds_trains_the_baseline_without_them(short_run, tmp_path):
