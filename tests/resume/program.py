@@ -104,3 +104,8 @@ def plain(value):
 
 if __name__ == "__main__":
     main()
+    from scalemlo.checkpoint import barrier
+    from scalemlo.testing import end_launched_rank
+
+    barrier()  # every rank done and written before any leaves
+    end_launched_rank()  # after a final barrier (see scalemlo.testing.end_launched_rank)
