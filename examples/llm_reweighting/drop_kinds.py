@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import corpus  # noqa: E402
 import run_reweighting  # noqa: E402
 
-VISIBLE = ("char_noise", "near_duplicate", "other_script")
+VISIBLE = run_reweighting.VISIBLE_KINDS  # the kinds a model can see at this budget
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -28,7 +28,7 @@ import run_reweighting  # noqa: E402
 
 from scalemlo.hf import selection  # noqa: E402
 
-VISIBLE = ("char_noise", "near_duplicate", "other_script")
+VISIBLE = run_reweighting.VISIBLE_KINDS  # the kinds a model can see at this budget
 
 
 def fixed_table(corpus: Path, truth: float | None, weights_from: str | None) -> torch.Tensor:
