@@ -55,8 +55,15 @@ def device() -> torch.device:
 def make_lm(size: str) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(**SIZES[size], n_positions=TOKENS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=0, eos_token_id=0)  # fmt: skip
+    config = GPT2Config(
+        **SIZES[size],
+        n_positions=TOKENS,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -66,8 +73,17 @@ def batches(size: str, count: int, seed: int) -> list[tuple[torch.Tensor]]:
     return [(torch.randint(0, vocab, (BATCH, TOKENS), generator=g).to(device()),) for _ in range(count)]
 
 
-def levels(size: str, method: str, precision: str, stage: int = 0, plain: bool = False, unroll: int = 1,
-           shared: bool = False, lm: torch.nn.Module | None = None, **method_kwargs):  # fmt: skip
+def levels(
+    size: str,
+    method: str,
+    precision: str,
+    stage: int = 0,
+    plain: bool = False,
+    unroll: int = 1,
+    shared: bool = False,
+    lm: torch.nn.Module | None = None,
+    **method_kwargs,
+):
     """An Engine of the reweighting task: the LM (DeepSpeed, ``stage``, ``precision``) under a Meta-Weight-Net
     (DeepSpeed ZeRO-0, float32). ``plain``: the LM level alone, its weights fixed."""
     from reweighting_worker import WeightNet, per_example_loss
@@ -91,15 +107,26 @@ def levels(size: str, method: str, precision: str, stage: int = 0, plain: bool =
             return per_example_loss(self.lowers["lm"].module, batch[0]).mean()
 
     lm = make_lm(size) if lm is None else lm
-    lower = LM("lm", lm, torch.optim.Adam(lm.parameters(), lr=1e-4), batches(size, 4, 0),
-               config=LevelConfig(deepspeed_config=ds))  # fmt: skip
+    lower = LM(
+        "lm",
+        lm,
+        torch.optim.Adam(lm.parameters(), lr=1e-4),
+        batches(size, 4, 0),
+        config=LevelConfig(deepspeed_config=ds),
+    )
     if plain:
         weigher.requires_grad_(False)
         return Engine([lower], {}, EngineConfig(max_steps=0, progress_bar=False))
-    meta_config = LevelConfig(method=method, unroll_steps=unroll, shared_forward=shared,
-                              deepspeed_config={"zero_optimization": {"stage": 0}}, **method_kwargs)  # fmt: skip
-    upper = Reweight("reweight", weigher, torch.optim.Adam(weigher.parameters(), lr=1e-3), batches(size, 4, 1),
-                     config=meta_config)  # fmt: skip
+    meta_config = LevelConfig(
+        method=method,
+        unroll_steps=unroll,
+        shared_forward=shared,
+        deepspeed_config={"zero_optimization": {"stage": 0}},
+        **method_kwargs,
+    )
+    upper = Reweight(
+        "reweight", weigher, torch.optim.Adam(weigher.parameters(), lr=1e-3), batches(size, 4, 1), config=meta_config
+    )
     return Engine([lower, upper], {"reweight": ["lm"]}, EngineConfig(max_steps=0, progress_bar=False))
 
 
@@ -142,18 +169,30 @@ def agreement(size: str) -> list[dict]:
         b = grads["fp32"]
         for precision in precisions[1:]:
             a = grads[precision]
-            out.append({"part": "agreement", "size": size, "method": method, "precision": precision,
-                        "steps_before": steps, "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
-                        "rel_err": float((a - b).norm() / b.norm().clamp_min(1e-300)),
-                        "overflow_steps": overflows[precision]})  # fmt: skip
+            out.append(
+                {
+                    "part": "agreement",
+                    "size": size,
+                    "method": method,
+                    "precision": precision,
+                    "steps_before": steps,
+                    "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
+                    "rel_err": float((a - b).norm() / b.norm().clamp_min(1e-300)),
+                    "overflow_steps": overflows[precision],
+                }
+            )
     return out
 
 
 def throughput(size: str, steps: int) -> list[dict]:
     """Tokens per second, plain vs MLO, bf16, ZeRO-0; each row built fresh, timed after one warm-up cycle."""
     rows = []
-    for name, kw in (("plain", dict(plain=True)), ("mlo fd unroll 1", {}), ("mlo fd unroll 10", dict(unroll=10)),
-                     ("mlo fd shared unroll 1", dict(shared=True))):  # fmt: skip
+    for name, kw in (
+        ("plain", dict(plain=True)),
+        ("mlo fd unroll 1", {}),
+        ("mlo fd unroll 10", dict(unroll=10)),
+        ("mlo fd shared unroll 1", dict(shared=True)),
+    ):
         torch.manual_seed(0)
         engine = levels(size, "finite_difference", "bf16", **kw)
         cycle = kw.get("unroll", 1)
@@ -166,8 +205,15 @@ def throughput(size: str, steps: int) -> list[dict]:
             engine.step()
         _sync()
         seconds = (time.perf_counter() - start) / n
-        rows.append({"part": "throughput", "size": size, "row": name, "s_per_step": seconds,
-                     "tokens_per_s": BATCH * TOKENS / seconds})  # fmt: skip
+        rows.append(
+            {
+                "part": "throughput",
+                "size": size,
+                "row": name,
+                "s_per_step": seconds,
+                "tokens_per_s": BATCH * TOKENS / seconds,
+            }
+        )
         del engine
     plain = rows[0]["tokens_per_s"]
     for r in rows:
@@ -193,8 +239,14 @@ def fit_one(size: str) -> dict:
     engine.step()
     _sync()
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
-    return {"part": "fit", "size": size, "params": params, "ok": True, "step_s": time.perf_counter() - start,
-            "peak_device_mb": peak}  # fmt: skip
+    return {
+        "part": "fit",
+        "size": size,
+        "params": params,
+        "ok": True,
+        "step_s": time.perf_counter() - start,
+        "peak_device_mb": peak,
+    }
 
 
 def fit(ladder: list[str], limit_s: float) -> list[dict]:
@@ -205,8 +257,11 @@ def fit(ladder: list[str], limit_s: float) -> list[dict]:
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit_s, env=os.environ.copy())
             found = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"part": "fit"')]
-            row = found[-1] if proc.returncode == 0 and found else {
-                "part": "fit", "size": size, "ok": False, "error": (proc.stderr or proc.stdout)[-400:]}  # fmt: skip
+            row = (
+                found[-1]
+                if proc.returncode == 0 and found
+                else {"part": "fit", "size": size, "ok": False, "error": (proc.stderr or proc.stdout)[-400:]}
+            )
         except subprocess.TimeoutExpired:
             row = {"part": "fit", "size": size, "ok": False, "error": f"over the {limit_s:.0f} s limit"}
         rows.append(row)
@@ -234,13 +289,18 @@ def main() -> None:
         return
     if args.smoke:
         args.size, args.steps, args.ladder = "tiny", 2, ["tiny", "4m"]
-    machine = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-               "torch": torch.__version__}  # fmt: skip
+    machine = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+    }
     rows: list[dict] = []
     started = time.time()
     for part in args.parts:
-        found = {"agreement": lambda: agreement(args.size), "throughput": lambda: throughput(args.size, args.steps),
-                 "fit": lambda: fit(args.ladder, args.fit_limit_s)}[part]()  # fmt: skip
+        found = {
+            "agreement": lambda: agreement(args.size),
+            "throughput": lambda: throughput(args.size, args.steps),
+            "fit": lambda: fit(args.ladder, args.fit_limit_s),
+        }[part]()
         for row in found:
             if part != "fit":
                 print(json.dumps(row), flush=True)

@@ -64,8 +64,17 @@ def command(config: str, checkpoint_dir: Path, out: Path, resume: bool) -> list[
         args = [str(TRAINER_PROGRAM), "--stage", str(stage), "--steps", str(STEPS), "--output_dir", str(checkpoint_dir)]
         args += ["--fp16"] if config.endswith("-fp16") else []
     else:
-        args = [str(ENGINE_PROGRAM), "--method", method, "--stage", str(stage), "--steps", str(STEPS),
-                "--checkpoint-dir", str(checkpoint_dir)]  # fmt: skip
+        args = [
+            str(ENGINE_PROGRAM),
+            "--method",
+            method,
+            "--stage",
+            str(stage),
+            "--steps",
+            str(STEPS),
+            "--checkpoint-dir",
+            str(checkpoint_dir),
+        ]
     args += ["--out", str(out)] + (["--resume"] if resume else [])
     if ranks == 1:
         return [sys.executable, *args]
@@ -106,8 +115,9 @@ def run_and_kill(cmd: list[str], at_step: int, delay: float) -> bool:
 
     Returns False when the run finished before the kill point.
     """
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True
+    )
     try:
         for line in proc.stdout:
             if line.strip() == f"step {at_step}":

@@ -249,8 +249,12 @@ def attach_accuracy(out: Path) -> None:
     by_key = {(a["system"], a["method"]): a for a in accuracy}
     for row in data["rows"]:
         a = by_key.get((row["system"], row["method"]))
-        for key in ("cosine_vs_float64", "rel_err_vs_float64", "cosine_vs_float64_undetached",
-                    "rel_err_vs_float64_undetached"):  # fmt: skip
+        for key in (
+            "cosine_vs_float64",
+            "rel_err_vs_float64",
+            "cosine_vs_float64_undetached",
+            "rel_err_vs_float64_undetached",
+        ):
             row[f"hypergradient_{key}"] = a[key] if a else None
     data["accuracy"] = accuracy
     out.with_suffix(".json").write_text(json.dumps(data, indent=1))

@@ -64,10 +64,24 @@ from scalemlo.hf import ReweightingArguments, ReweightingTrainer, reset_trainer_
 
 TASKS = ("instruction", "domain")
 # The main job's training settings (examples/llm_reweighting/config.yaml) for every run
-COMMON = {"per_device_train_batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 10, "lr_scheduler_type": "cosine",
-          "weight_decay": 0.0, "logging_steps": 50, "save_strategy": "no", "use_cpu": True, "report_to": "none",
-          "disable_tqdm": True, "per_device_meta_batch_size": 20, "meta_learning_rate": 5e-2, "meta_warmup_steps": 10,
-          "unroll_steps": 2, "hypergradient_method": "sama", "shared_forward": False}  # fmt: skip
+COMMON = {
+    "per_device_train_batch_size": 16,
+    "learning_rate": 3e-3,
+    "warmup_steps": 10,
+    "lr_scheduler_type": "cosine",
+    "weight_decay": 0.0,
+    "logging_steps": 50,
+    "save_strategy": "no",
+    "use_cpu": True,
+    "report_to": "none",
+    "disable_tqdm": True,
+    "per_device_meta_batch_size": 20,
+    "meta_learning_rate": 5e-2,
+    "meta_warmup_steps": 10,
+    "unroll_steps": 2,
+    "hypergradient_method": "sama",
+    "shared_forward": False,
+}
 # The learned run of each task (fixed before measuring): the instruction task's corruption is a prompt/response
 # mismatch, which no bag of n-grams can see, so its scorer also reads each pair's held loss (and then weights
 # the loss: a scheme that reads losses cannot draw batches); the domain task learns one weight per source and
@@ -153,12 +167,16 @@ def fresh_model(config, seed: int):
 def uniform_run(name, rows, tokenizer, config, args, heldout, collate, seed, sources=None) -> dict:
     run_args = dataclasses.replace(args, output_dir=str(Path(args.output_dir) / name))
     train = encode(rows, tokenizer, sources)
-    trainer = main_job.UniformTrainer(model=fresh_model(config, seed), args=run_args, train_dataset=train,
-                                      data_collator=collate)  # fmt: skip
+    trainer = main_job.UniformTrainer(
+        model=fresh_model(config, seed), args=run_args, train_dataset=train, data_collator=collate
+    )
     start = time.perf_counter()
     trainer.train()
-    result = {"heldout_loss": main_job.heldout_loss(trainer.model, heldout, collate), "examples": len(rows),
-              "seconds": time.perf_counter() - start}  # fmt: skip
+    result = {
+        "heldout_loss": main_job.heldout_loss(trainer.model, heldout, collate),
+        "examples": len(rows),
+        "seconds": time.perf_counter() - start,
+    }
     reset_trainer_state()
     return result
 
@@ -167,20 +185,33 @@ def learned_run(task, splits, tokenizer, config, args, heldout, collate, seed, s
     settings = LEARNED[task]
     names = sorted(sources, key=sources.get) if sources else None
     kwargs = {"source": {"sources": names}, "scorer": {"features": settings.get("features", ["ngrams"])}}
-    largs = dataclasses.replace(args, output_dir=str(Path(args.output_dir) / "learned"),
-                                reweighting=settings["reweighting"],
-                                selection_pool=settings["selection_pool"],
-                                selection_schedule=settings.get("selection_schedule", "balanced"))  # fmt: skip
+    largs = dataclasses.replace(
+        args,
+        output_dir=str(Path(args.output_dir) / "learned"),
+        reweighting=settings["reweighting"],
+        selection_pool=settings["selection_pool"],
+        selection_schedule=settings.get("selection_schedule", "balanced"),
+    )
     train = encode(splits["train"], tokenizer, sources)
-    trainer = ReweightingTrainer(model=fresh_model(config, seed), args=largs, train_dataset=train,
-                                 meta_dataset=encode(splits["meta"], tokenizer, sources), data_collator=collate,
-                                 reweighter_kwargs=kwargs[settings["reweighting"]], source_names=names)  # fmt: skip
+    trainer = ReweightingTrainer(
+        model=fresh_model(config, seed),
+        args=largs,
+        train_dataset=train,
+        meta_dataset=encode(splits["meta"], tokenizer, sources),
+        data_collator=collate,
+        reweighter_kwargs=kwargs[settings["reweighting"]],
+        source_names=names,
+    )
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     trainer.export_weights()
-    result = {"heldout_loss": main_job.heldout_loss(trainer.model, heldout, collate), "seconds": seconds,
-              "examples": len(train), "weights_file": str(Path(largs.output_dir) / "weights.json")}  # fmt: skip
+    result = {
+        "heldout_loss": main_job.heldout_loss(trainer.model, heldout, collate),
+        "seconds": seconds,
+        "examples": len(train),
+        "weights_file": str(Path(largs.output_dir) / "weights.json"),
+    }
     weights = trainer.score(train) if task == "instruction" else None
     reset_trainer_state()
     return result, weights
@@ -208,22 +239,33 @@ def run_task(task: str, seed: int, steps: int, work: Path) -> dict:
     heldout = encode(splits["heldout"], tokenizer)
     clean = [r for r in splits["train"] if not r.get("corrupted") and r.get("target", True)]
     runs = {}
-    for name, rows in (("uniform", splits["train"]), ("uniform_plus_meta", splits["train"] + splits["meta"]),
-                       ("clean_only", clean)):  # fmt: skip
+    for name, rows in (
+        ("uniform", splits["train"]),
+        ("uniform_plus_meta", splits["train"] + splits["meta"]),
+        ("clean_only", clean),
+    ):
         runs[name] = uniform_run(name, rows, tokenizer, config, args, heldout, collate, seed)
         print(f"  {task} seed {seed} {name}: {runs[name]['heldout_loss']:.4f}", flush=True)
     runs["learned"], weights = learned_run(task, splits, tokenizer, config, args, heldout, collate, seed, sources)
     print(f"  {task} seed {seed} learned: {runs['learned']['heldout_loss']:.4f}", flush=True)
-    row = {"task": task, "seed": seed, "steps": steps, "settings": LEARNED[task],
-           "splits": {k: len(v) for k, v in splits.items()}}  # fmt: skip
+    row = {
+        "task": task,
+        "seed": seed,
+        "steps": steps,
+        "settings": LEARNED[task],
+        "splits": {k: len(v) for k, v in splits.items()},
+    }
     if task == "instruction":
         corrupted = [bool(r["corrupted"]) for r in splits["train"]]
         w = weights.tolist()
         row["weight_auc"] = auc([x for x, c in zip(w, corrupted) if not c], [x for x, c in zip(w, corrupted) if c])
         row["weight_auc_by_corruption"] = {
-            kind: auc([x for x, c in zip(w, corrupted) if not c],
-                      [x for x, r in zip(w, splits["train"]) if r["corruption"] == kind])
-            for kind in data.INSTRUCTION_CORRUPTIONS}  # fmt: skip
+            kind: auc(
+                [x for x, c in zip(w, corrupted) if not c],
+                [x for x, r in zip(w, splits["train"]) if r["corruption"] == kind],
+            )
+            for kind in data.INSTRUCTION_CORRUPTIONS
+        }
         row["mean_weight_clean"] = statistics.fmean(x for x, c in zip(w, corrupted) if not c)
         row["mean_weight_corrupted"] = statistics.fmean(x for x, c in zip(w, corrupted) if c)
     else:
@@ -233,8 +275,9 @@ def run_task(task: str, seed: int, steps: int, work: Path) -> dict:
         row["target_mass"] = sum(learned[s] for s in data.TARGET_SOURCES)
         row["target_mass_uniform"] = len(data.TARGET_SOURCES) / len(learned)
         row["target_share_of_train"] = len(clean) / len(splits["train"])
-        row["source_auc"] = auc([learned[s] for s in data.TARGET_SOURCES],
-                                [v for s, v in learned.items() if s not in data.TARGET_SOURCES])  # fmt: skip
+        row["source_auc"] = auc(
+            [learned[s] for s in data.TARGET_SOURCES], [v for s, v in learned.items() if s not in data.TARGET_SOURCES]
+        )
         size = steps * COMMON["per_device_train_batch_size"]
         for name, weights_of in (("uniform_mixture", dict.fromkeys(learned, 1.0)), ("doremi_mixture", learned)):
             rows = mixture(splits["train"], weights_of, size, seed)
@@ -257,8 +300,12 @@ def columns(task: str) -> list[str]:
     extra = ["oracle_gap_recovered_learned"]
     if task == "instruction":
         return runs + extra + ["weight_auc", "auc_other_prompt", "auc_wrong_same_module"]
-    return runs + ["uniform_mixture", "doremi_mixture"] + extra + ["oracle_gap_recovered_doremi_mixture",
-                                                                   "target_mass", "source_auc"]  # fmt: skip
+    return (
+        runs
+        + ["uniform_mixture", "doremi_mixture"]
+        + extra
+        + ["oracle_gap_recovered_doremi_mixture", "target_mass", "source_auc"]
+    )
 
 
 def flat(row: dict) -> dict[str, float]:
@@ -304,10 +351,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     transformers.logging.set_verbosity_error()
     started = time.perf_counter()
-    report: dict = {"command": " ".join(["python", "benchmarks/reweighting_quality.py", *(argv or sys.argv[1:])]),
-                    "steps": args.steps, "seeds": args.seeds, "common": dict(COMMON), "learned": LEARNED,
-                    "target_sources": list(data.TARGET_SOURCES), "domain_sources": data.DOMAIN_SOURCES,
-                    "versions": main_job.versions(), "tasks": {}}  # fmt: skip
+    report: dict = {
+        "command": " ".join(["python", "benchmarks/reweighting_quality.py", *(argv or sys.argv[1:])]),
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "common": dict(COMMON),
+        "learned": LEARNED,
+        "target_sources": list(data.TARGET_SOURCES),
+        "domain_sources": data.DOMAIN_SOURCES,
+        "versions": main_job.versions(),
+        "tasks": {},
+    }
     with tempfile.TemporaryDirectory() as work:
         for task in args.tasks:
             rows = [run_task(task, seed, args.steps, Path(work)) for seed in args.seeds]

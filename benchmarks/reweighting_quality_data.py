@@ -93,8 +93,15 @@ def _instruction_pairs(max_response_words: int) -> tuple[dict, ...]:
             args = [a.arg for a in node.args.posonlyargs + node.args.args + node.args.kwonlyargs]
             args = args[1:] if method and args and args[0] in ("self", "cls") else args
             signature = f"{module}.{name}({', '.join(args)})"
-            pairs.append({"module": module, "name": name, "prompt": f"What does `{signature}` do?",
-                          "response": f"{signature}: {' '.join(words)}", "doc": " ".join(words)})  # fmt: skip
+            pairs.append(
+                {
+                    "module": module,
+                    "name": name,
+                    "prompt": f"What does `{signature}` do?",
+                    "response": f"{signature}: {' '.join(words)}",
+                    "doc": " ".join(words),
+                }
+            )
     counts: dict[str, int] = {}
     for pair in pairs:  # a docstring or a prompt that occurs twice (a function defined in both branches of an if)
         for key in (pair.pop("doc"), pair["prompt"]):

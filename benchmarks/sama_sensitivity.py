@@ -55,8 +55,10 @@ def main() -> None:
         print(f"  {value / total:8.4f} of ||w||^2  {name}")
     for bound in (1e-9, 1e-8, 1e-6, 1e-4):
         inside = roots < bound
-        print(f"  sqrt(s_hat) < {bound:g}: {float(inside.double().mean()):.4f} of the entries, "
-              f"{float((w[inside] ** 2).sum()) / total:.4f} of ||w||^2")  # fmt: skip
+        print(
+            f"  sqrt(s_hat) < {bound:g}: {float(inside.double().mean()):.4f} of the entries, "
+            f"{float((w[inside] ** 2).sum()) / total:.4f} of ||w||^2"
+        )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,18 @@ def gpt2(layers: int, width: int, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=width, n_layer=layers, n_head=4, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=32,
+        n_embd=width,
+        n_layer=layers,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     cfg._attn_implementation = "eager"  # CPU SDPA has no double backward (the reference needs one)
     return GPT2LMHeadModel(cfg).to(dtype)
 
@@ -91,8 +101,13 @@ def estimate(layers: int, width: int, dtype: torch.dtype, **config) -> torch.Ten
     lm, net = gpt2(layers, width, dtype), weight_net(dtype)
     train, meta = batches()
     model = Model("model", lm, lambda p: torch.optim.SGD(p, lr=LR), [train], config=LevelConfig(backend="torch"))
-    upper = Meta("meta", net, lambda p: torch.optim.SGD(p, lr=0.1), [meta],
-                 config=LevelConfig(backend="torch", shared_forward=True, **config))  # fmt: skip
+    upper = Meta(
+        "meta",
+        net,
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        [meta],
+        config=LevelConfig(backend="torch", shared_forward=True, **config),
+    )
     engine = Engine([model, upper], {"meta": ["model"]}, EngineConfig(max_steps=0, progress_bar=False))
     grads = engine.coordinator.hypergradient("meta", meta, shared=SharedForward(model, train))
     return torch.cat([g.flatten() for g in grads]).double()
@@ -113,15 +128,32 @@ def main() -> None:
             variants += [("one_sided", r, {"shared_forward_radius": r}) for r in SWEEP]
             variants += [("central", 1e-2, {"shared_forward_difference": "central", "fd_radius": 1e-2})]
             for difference, radius, config in variants:
-                row = {"layers": layers, "width": width, "params": params, "dtype": str(dtype).split(".")[1],
-                       "difference": difference, "radius": radius,
-                       **compare(estimate(layers, width, dtype, **config), ref)}  # fmt: skip
+                row = {
+                    "layers": layers,
+                    "width": width,
+                    "params": params,
+                    "dtype": str(dtype).split(".")[1],
+                    "difference": difference,
+                    "radius": radius,
+                    **compare(estimate(layers, width, dtype, **config), ref),
+                }
                 rows.append(row)
-                print(f"{params / 1e6:5.2f}M {row['dtype']:>7} {difference:>9} r={radius!s:>7}: "
-                      f"rel err {row['rel_err']:.2e}  cosine {row['cosine']:.7f}", flush=True)  # fmt: skip
+                print(
+                    f"{params / 1e6:5.2f}M {row['dtype']:>7} {difference:>9} r={radius!s:>7}: "
+                    f"rel err {row['rel_err']:.2e}  cosine {row['cosine']:.7f}",
+                    flush=True,
+                )
     out = Path(__file__).resolve().parent / "results" / "shared_forward_accuracy.json"
-    out.write_text(json.dumps({"command": "python benchmarks/shared_forward_accuracy.py",
-                               "wall_s": round(time.time() - start, 1), "rows": rows}, indent=1))  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "command": "python benchmarks/shared_forward_accuracy.py",
+                "wall_s": round(time.time() - start, 1),
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -64,8 +64,15 @@ def run_row(trainer: str, unroll_steps: int | None, args) -> dict:
         env["OMP_NUM_THREADS"] = str(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "row.json"
-        flags = {"trainer": trainer, "size": args.size, "steps": args.steps, "seq_len": args.seq_len,
-                 "batch_size": args.batch_size, "unroll_steps": unroll_steps, "result": result}  # fmt: skip
+        flags = {
+            "trainer": trainer,
+            "size": args.size,
+            "steps": args.steps,
+            "seq_len": args.seq_len,
+            "batch_size": args.batch_size,
+            "unroll_steps": unroll_steps,
+            "result": result,
+        }
         cmd = [sys.executable, str(WORKER)] + [f"--{k}={v}" for k, v in flags.items() if v is not None]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0 or not result.is_file():
@@ -141,8 +148,10 @@ def main() -> None:
     rows = []
     for name, trainer, unroll_steps in ROWS:
         rows.append(summarize(name, run_row(trainer, unroll_steps, args), args.skip))
-        print(f"{name}: {rows[-1]['seconds_per_step']:.3f} s/step, peak RSS {rows[-1]['peak_rss_mib']:.0f} MiB",
-              flush=True)  # fmt: skip
+        print(
+            f"{name}: {rows[-1]['seconds_per_step']:.3f} s/step, peak RSS {rows[-1]['peak_rss_mib']:.0f} MiB",
+            flush=True,
+        )
     plain = rows[0]
     for r in rows:
         r["time_ratio"] = r["seconds_per_step"] / plain["seconds_per_step"]

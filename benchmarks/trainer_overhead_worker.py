@@ -105,19 +105,27 @@ def main() -> None:
     clock = StepClock()
     with tempfile.TemporaryDirectory() as output_dir:
         common = dict(
-            output_dir=output_dir, deepspeed=str(DEEPSPEED_CONFIG), use_cpu=True, max_steps=args.steps,
-            per_device_train_batch_size=args.batch_size, learning_rate=1e-4, seed=0, report_to="none",
-            save_strategy="no", logging_strategy="no", disable_tqdm=True,
-        )  # fmt: skip
+            output_dir=output_dir,
+            deepspeed=str(DEEPSPEED_CONFIG),
+            use_cpu=True,
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch_size,
+            learning_rate=1e-4,
+            seed=0,
+            report_to="none",
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+        )
         if args.trainer == "plain":
-            trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=train,
-                              data_collator=collate)  # fmt: skip
+            trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=train, data_collator=collate)
         else:
             reweighting_args = ReweightingArguments(
                 **common, **REWEIGHTING, unroll_steps=args.unroll_steps, per_device_meta_batch_size=args.batch_size
             )
-            trainer = ReweightingTrainer(model=model, args=reweighting_args, train_dataset=train,
-                                         meta_dataset=meta, data_collator=collate)  # fmt: skip
+            trainer = ReweightingTrainer(
+                model=model, args=reweighting_args, train_dataset=train, meta_dataset=meta, data_collator=collate
+            )
         trainer.add_callback(clock)  # after ReweightingTrainer's own callback: a step's stamp includes its meta step
         trainer.train()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux

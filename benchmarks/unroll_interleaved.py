@@ -60,21 +60,42 @@ def main() -> None:
             t = time.perf_counter()
             engine.step()
             mlo.append(time.perf_counter() - t)
-        row = {"round": r, "warmup": r == 0, "plain_s": plain, "scalemlo_s": mlo, "ratio": sum(mlo) / sum(plain),
-               "meta_steps_so_far": upper.steps,
-               "meta_extra_plain_steps": (mlo[-1] - statistics.median(plain)) / statistics.median(plain)}  # fmt: skip
+        row = {
+            "round": r,
+            "warmup": r == 0,
+            "plain_s": plain,
+            "scalemlo_s": mlo,
+            "ratio": sum(mlo) / sum(plain),
+            "meta_steps_so_far": upper.steps,
+            "meta_extra_plain_steps": (mlo[-1] - statistics.median(plain)) / statistics.median(plain),
+        }
         rounds.append(row)
         extra = 1 + row["meta_extra_plain_steps"]
-        print(f"round {r}{' (warm-up)' if r == 0 else ''}: plain {sum(plain):.1f}s, scalemlo {sum(mlo):.1f}s, "
-              f"ratio {row['ratio']:.3f}, meta step = {extra:.2f} plain steps", flush=True)  # fmt: skip
+        print(
+            f"round {r}{' (warm-up)' if r == 0 else ''}: plain {sum(plain):.1f}s, scalemlo {sum(mlo):.1f}s, "
+            f"ratio {row['ratio']:.3f}, meta step = {extra:.2f} plain steps",
+            flush=True,
+        )
     counted = [row["ratio"] for row in rounds if not row["warmup"]]
     summary = {"median_ratio": statistics.median(counted), "min": min(counted), "max": max(counted)}
-    print(f"time / plain at unroll_steps {args.unroll}: {summary['median_ratio']:.3f} "
-          f"[{summary['min']:.3f}-{summary['max']:.3f}] over {len(counted)} rounds")  # fmt: skip
+    print(
+        f"time / plain at unroll_steps {args.unroll}: {summary['median_ratio']:.3f} "
+        f"[{summary['min']:.3f}-{summary['max']:.3f}] over {len(counted)} rounds"
+    )
     out = Path(args.out) if args.out else HERE / "results" / f"unroll_interleaved_{args.size}_u{args.unroll}.json"
     command = "python benchmarks/unroll_interleaved.py " + " ".join(sys.argv[1:])
-    out.write_text(json.dumps({"command": command.strip(), "wall_s": round(time.time() - start, 1),
-                               "threads": args.threads, "summary": summary, "rounds": rounds}, indent=1))  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "command": command.strip(),
+                "wall_s": round(time.time() - start, 1),
+                "threads": args.threads,
+                "summary": summary,
+                "rounds": rounds,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -43,8 +43,21 @@ def records_in(text: str) -> list[dict]:
 
 
 def launch(size: str, stage: int, system: str, ranks: int, steps: int, warmup: int, flags: list[str]) -> list[dict]:
-    cmd = deepspeed_command(WORKER, "--size", size, "--stage", stage, "--system", system, "--steps", steps,
-                            "--warmup", warmup, *flags, ranks=ranks)  # fmt: skip
+    cmd = deepspeed_command(
+        WORKER,
+        "--size",
+        size,
+        "--stage",
+        stage,
+        "--system",
+        system,
+        "--steps",
+        steps,
+        "--warmup",
+        warmup,
+        *flags,
+        ranks=ranks,
+    )
     # glibc raises its mmap threshold after large frees and then keeps freed tensors'
     # pages in the heap: RSS would report memory freed long ago (2.8 GB RSS for
     # 1.7 GB live at 124M ZeRO-3). A fixed threshold returns large tensors to the

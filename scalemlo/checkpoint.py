@@ -335,8 +335,9 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine: Engine, path: str | os.PathLike, levels: Iterable[str] | None = None,
-         write_latest: bool = True) -> Path:  # fmt: skip
+def save(
+    engine: Engine, path: str | os.PathLike, levels: Iterable[str] | None = None, write_latest: bool = True
+) -> Path:
     """Write ``engine``'s whole state to the checkpoint directory ``path`` (all ranks call this).
 
     The directory appears complete or not at all. An existing checkpoint at ``path`` is replaced only

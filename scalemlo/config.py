@@ -241,8 +241,9 @@ class EngineConfig:
         _check_int("EngineConfig.log_every", self.log_every, 0)
         if self.seed is not None:
             _check_int("EngineConfig.seed", self.seed, 0)
-        if self.checkpoint_dir is not None and (not isinstance(self.checkpoint_dir, (str, os.PathLike))
-                                                or not str(self.checkpoint_dir)):  # fmt: skip
+        if self.checkpoint_dir is not None and (
+            not isinstance(self.checkpoint_dir, (str, os.PathLike)) or not str(self.checkpoint_dir)
+        ):
             raise ValueError(f"EngineConfig.checkpoint_dir must be a directory path, got {self.checkpoint_dir!r}")
         _check_int("EngineConfig.save_every", self.save_every, 0)
         _check_int("EngineConfig.keep_last", self.keep_last, 0)

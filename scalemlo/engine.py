@@ -419,8 +419,9 @@ class Engine:
             )
         return True
 
-    def _step_inside(self, upper: str, lower: str, others: list[Level], metrics: dict, this_iteration: dict | None,
-                     batch: Any) -> torch.Tensor:  # fmt: skip
+    def _step_inside(
+        self, upper: str, lower: str, others: list[Level], metrics: dict, this_iteration: dict | None, batch: Any
+    ) -> torch.Tensor:
         """``upper``'s step on the forward of ``lower``'s coming step on ``batch`` (shared_forward.step_inside)."""
 
         def upper_step(shared: shared_forward.SharedForward) -> None:

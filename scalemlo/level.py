@@ -311,11 +311,13 @@ class Level:
             return
         optimizer, scheduler, group_index, ds_config = self._prepared
         if ds_config is not None:
-            self.backend = DeepSpeedBackend(self.module, self.params, optimizer, scheduler, ds_config, self.name,
-                                            group_index)  # fmt: skip
+            self.backend = DeepSpeedBackend(
+                self.module, self.params, optimizer, scheduler, ds_config, self.name, group_index
+            )
         else:
-            self.backend = TorchBackend(self.module, self.params, optimizer, scheduler, self.config, group_index,
-                                        self.name)  # fmt: skip
+            self.backend = TorchBackend(
+                self.module, self.params, optimizer, scheduler, self.config, group_index, self.name
+            )
         del self._prepared
 
     @property

@@ -23,8 +23,16 @@ from __future__ import annotations
 
 import math
 
-FP16_KEYS = ("enabled", "auto_cast", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
-             "consecutive_hysteresis", "min_loss_scale")  # fmt: skip
+FP16_KEYS = (
+    "enabled",
+    "auto_cast",
+    "loss_scale",
+    "initial_scale_power",
+    "loss_scale_window",
+    "hysteresis",
+    "consecutive_hysteresis",
+    "min_loss_scale",
+)
 
 
 class DynamicLossScale:
@@ -50,9 +58,11 @@ class DynamicLossScale:
             )
         static = float(cfg.get("loss_scale", 0))
         power = cfg.get("initial_scale_power", 16)
-        for key, value, minimum in (("initial_scale_power", power, 0),
-                                    ("loss_scale_window", cfg.get("loss_scale_window", 1000), 1),
-                                    ("hysteresis", cfg.get("hysteresis", 2), 1)):  # fmt: skip
+        for key, value, minimum in (
+            ("initial_scale_power", power, 0),
+            ("loss_scale_window", cfg.get("loss_scale_window", 1000), 1),
+            ("hysteresis", cfg.get("hysteresis", 2), 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"level {name!r}: fp16 {key} must be an integer >= {minimum}, got {value!r}")
         if static < 0 or not math.isfinite(static):

@@ -74,8 +74,9 @@ METHODS: Mapping[str, Method] = MappingProxyType(_REGISTRY)
 """Name -> :class:`Method`, read-only (``register`` adds to it)."""
 
 
-def register(name: str, *, shared_forward: bool = True, reads_last_step: bool = False,
-             double_backward: str = "never") -> Callable[[Callable], Callable]:  # fmt: skip
+def register(
+    name: str, *, shared_forward: bool = True, reads_last_step: bool = False, double_backward: str = "never"
+) -> Callable[[Callable], Callable]:
     """Decorator: make ``fn`` the method called ``name``, with what it needs (see :class:`Method`).
 
     Args:

@@ -29,8 +29,16 @@ def free_port() -> int:
 def deepspeed_command(*script_and_args, ranks: int = 2, port: int | None = None) -> list[str]:
     """The command that starts ``script args...`` on ``ranks`` local ranks under the deepspeed launcher."""
     port = free_port() if port is None else port
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(port),
-            *map(str, script_and_args)]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(port),
+        *map(str, script_and_args),
+    ]
 
 
 def end_launched_rank() -> None:
@@ -306,9 +314,13 @@ def reweighted_softmax_engine(
         problem=problem,
     )
     weights = ExampleWeights(
-        "weights", weights_module, torch.optim.SGD(weights_module.parameters(), lr=0.1), [None], config=weights_config,
+        "weights",
+        weights_module,
+        torch.optim.SGD(weights_module.parameters(), lr=0.1),
+        [None],
+        config=weights_config,
         problem=problem,
-    )  # fmt: skip
+    )
     return Engine([weights, model], {"weights": ["model"]}, EngineConfig(max_steps=0, progress_bar=False))
 
 

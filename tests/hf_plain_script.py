@@ -21,8 +21,16 @@ from scalemlo.hf import ReweightingArguments, ReweightingTrainer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hf_toy import T, V, collate, rows  # noqa: E402
 
-DEFAULTS = {"per_device_train_batch_size": 4, "per_device_meta_batch_size": 4, "max_steps": 2, "use_cpu": True,
-            "report_to": [], "save_strategy": "no", "reweighting": "source", "disable_tqdm": True}  # fmt: skip
+DEFAULTS = {
+    "per_device_train_batch_size": 4,
+    "per_device_meta_batch_size": 4,
+    "max_steps": 2,
+    "use_cpu": True,
+    "report_to": [],
+    "save_strategy": "no",
+    "reweighting": "source",
+    "disable_tqdm": True,
+}
 
 
 def main() -> None:
@@ -32,10 +40,13 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=V, n_positions=T))
     trainer = ReweightingTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(rows(32, True, 0)),
-        meta_dataset=Dataset.from_list(rows(16, False, 1)), data_collator=collate,
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows(32, True, 0)),
+        meta_dataset=Dataset.from_list(rows(16, False, 1)),
+        data_collator=collate,
         reweighter_kwargs={"sources": ["clean", "noisy"]},
-    )  # fmt: skip
+    )
     trainer.train()
     if trainer.is_world_process_zero():
         print(f"trained {trainer.state.global_step} steps on {args.world_size} ranks", flush=True)

@@ -57,8 +57,15 @@ def run(launcher: list[str], output_dir: Path, *script_args: str) -> subprocess.
 def launch(config: str, output_dir: Path, *script_args: str, processes: int | None = None):
     """``accelerate launch --config_file configs/accelerate/<config>.yaml`` the script."""
     config_file = ROOT / "configs" / "accelerate" / f"{config}.yaml"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-                "--main_process_port", str(free_port())]  # fmt: skip
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config_file),
+        "--main_process_port",
+        str(free_port()),
+    ]
     if processes is not None:
         launcher += ["--num_processes", str(processes)]
     return run(launcher, output_dir, *script_args)

@@ -56,8 +56,13 @@ class Program:
         upper_module = torch.nn.Linear(2, 1)
         optimizer = self.lower_optimizer or (lambda params: torch.optim.SGD(params, lr=0.1))
         lower = self.lower_cls(self.names[0], lower_module, optimizer, data, config=self.lower_config)
-        upper = self.upper_cls(self.names[1], upper_module, torch.optim.SGD(upper_module.parameters(), lr=0.1),
-                               [torch.ones(4, 3)], config=self.upper_config)  # fmt: skip
+        upper = self.upper_cls(
+            self.names[1],
+            upper_module,
+            torch.optim.SGD(upper_module.parameters(), lr=0.1),
+            [torch.ones(4, 3)],
+            config=self.upper_config,
+        )
         self.levels = [lower, upper, *self.extra_levels]
         self.before = {id(p): p.detach().clone() for lv in self.levels for p in lv.params}
         config = EngineConfig(**{"max_steps": 2, "progress_bar": False, **self.engine_config})
@@ -142,92 +147,216 @@ def conflicting_batch(tmp: Path) -> str:
 # Each row: id, what the row does (tmp, program) -> None, exception type, words the message must contain.
 CASES = [
     # the graph
-    ("cycle", lambda t, p: Program(t, edges={"upper": ["lower"], "lower": ["upper"]}).build(), ValueError,
-     "the level graph has a cycle: (upper -> lower -> upper|lower -> upper -> lower)"),
-    ("unknown level in edges", lambda t, p: Program(t, edges={"upper": ["lowr"]}).build(), ValueError,
-     "unknown level 'lowr'"),
+    (
+        "cycle",
+        lambda t, p: Program(t, edges={"upper": ["lower"], "lower": ["upper"]}).build(),
+        ValueError,
+        "the level graph has a cycle: (upper -> lower -> upper|lower -> upper -> lower)",
+    ),
+    (
+        "unknown level in edges",
+        lambda t, p: Program(t, edges={"upper": ["lowr"]}).build(),
+        ValueError,
+        "unknown level 'lowr'",
+    ),
     ("self-edge", lambda t, p: Program(t, edges={"upper": ["upper"]}).build(), ValueError, "self-edge"),
     ("duplicate names", lambda t, p: Program(t, names=("x", "x")).build(), ValueError, "unique; repeated"),
-    ("edges not a mapping", lambda t, p: Program(t, edges=["upper", "lower"]).build(), ValueError,
-     "edges must be a mapping"),
+    (
+        "edges not a mapping",
+        lambda t, p: Program(t, edges=["upper", "lower"]).build(),
+        ValueError,
+        "edges must be a mapping",
+    ),
     ("not a Level", lambda t, p: Engine([torch.nn.Linear(1, 1)], {}), ValueError, "must be scalemlo.Level objects"),
     ("parameter in two levels", None, ValueError, "trainable in both"),
     # data
     ("no data", lambda t, p: Program(t, lower_data=None).build(), ValueError, "'lower' has no data"),
     ("empty data", lambda t, p: Program(t, lower_data=[]).build(), ValueError, "'lower': its data is empty"),
     # LevelConfig / EngineConfig
-    ("unknown method", lambda t, p: LevelConfig(method="darts"), ValueError,
-     "method='darts' is not known; allowed values: cg, exact, finite_difference"),
+    (
+        "unknown method",
+        lambda t, p: LevelConfig(method="darts"),
+        ValueError,
+        "method='darts' is not known; allowed values: cg, exact, finite_difference",
+    ),
     ("negative fd_radius", lambda t, p: LevelConfig(fd_radius=-1e-2), ValueError, "fd_radius must be > 0"),
     ("unroll_steps=0", lambda t, p: LevelConfig(unroll_steps=0), ValueError, "unroll_steps must be >= 1"),
-    ("unknown second_order", lambda t, p: LevelConfig(second_order="forward"), ValueError,
-     "second_order='forward' is not known"),
-    ("unknown LevelConfig key", lambda t, p: LevelConfig.from_dict({"darts_alpha": 1.0}), ValueError,
-     "unknown LevelConfig keys \\['darts_alpha'\\]"),
-    ("missing deepspeed_config file", lambda t, p: LevelConfig(deepspeed_config=str(t / "no.json")), ValueError,
-     "no such file"),
+    (
+        "unknown second_order",
+        lambda t, p: LevelConfig(second_order="forward"),
+        ValueError,
+        "second_order='forward' is not known",
+    ),
+    (
+        "unknown LevelConfig key",
+        lambda t, p: LevelConfig.from_dict({"darts_alpha": 1.0}),
+        ValueError,
+        "unknown LevelConfig keys \\['darts_alpha'\\]",
+    ),
+    (
+        "missing deepspeed_config file",
+        lambda t, p: LevelConfig(deepspeed_config=str(t / "no.json")),
+        ValueError,
+        "no such file",
+    ),
     ("negative max_steps", lambda t, p: EngineConfig(max_steps=-1), ValueError, "max_steps must be >= 0"),
-    ("unknown EngineConfig key", lambda t, p: EngineConfig.from_dict({"train_iters": 5}), ValueError,
-     "unknown EngineConfig keys \\['train_iters'\\]"),
-    ("save_every without checkpoint_dir", lambda t, p: EngineConfig(save_every=10), ValueError,
-     "need EngineConfig.checkpoint_dir"),
-    ("unknown nonfinite policy", lambda t, p: EngineConfig(nonfinite="ignore"), ValueError,
-     "nonfinite='ignore' is not known; allowed values: raise, skip"),
+    (
+        "unknown EngineConfig key",
+        lambda t, p: EngineConfig.from_dict({"train_iters": 5}),
+        ValueError,
+        "unknown EngineConfig keys \\['train_iters'\\]",
+    ),
+    (
+        "save_every without checkpoint_dir",
+        lambda t, p: EngineConfig(save_every=10),
+        ValueError,
+        "need EngineConfig.checkpoint_dir",
+    ),
+    (
+        "unknown nonfinite policy",
+        lambda t, p: EngineConfig(nonfinite="ignore"),
+        ValueError,
+        "nonfinite='ignore' is not known; allowed values: raise, skip",
+    ),
     # modules and optimizers
-    ("module not a Module", lambda t, p: Lower("lower", lambda x: x, None, [1]), ValueError,
-     "module must be a torch.nn.Module"),
-    ("no trainable parameters", lambda t, p: Program(t, lower_module=torch.nn.ReLU()).build(), ValueError,
-     "no parameters with requires_grad=True"),
-    ("optimizer over another level's parameters", None, ValueError,
-     "optimizer holds a parameter that is not a trainable parameter of this level"),
-    ("trainable parameter missing from the optimizer",
-     lambda t, p: Program(t, lower_optimizer=lambda params: torch.optim.SGD(params[:1], lr=0.1)).build(),
-     ValueError, "trainable parameters \\['bias'\\] are not in the optimizer"),
-    ("optimizer factory returns something else", lambda t, p: Program(t, lower_optimizer=lambda params: 0.1).build(),
-     ValueError, "the optimizer factory returned float"),
+    (
+        "module not a Module",
+        lambda t, p: Lower("lower", lambda x: x, None, [1]),
+        ValueError,
+        "module must be a torch.nn.Module",
+    ),
+    (
+        "no trainable parameters",
+        lambda t, p: Program(t, lower_module=torch.nn.ReLU()).build(),
+        ValueError,
+        "no parameters with requires_grad=True",
+    ),
+    (
+        "optimizer over another level's parameters",
+        None,
+        ValueError,
+        "optimizer holds a parameter that is not a trainable parameter of this level",
+    ),
+    (
+        "trainable parameter missing from the optimizer",
+        lambda t, p: Program(t, lower_optimizer=lambda params: torch.optim.SGD(params[:1], lr=0.1)).build(),
+        ValueError,
+        "trainable parameters \\['bias'\\] are not in the optimizer",
+    ),
+    (
+        "optimizer factory returns something else",
+        lambda t, p: Program(t, lower_optimizer=lambda params: 0.1).build(),
+        ValueError,
+        "the optimizer factory returned float",
+    ),
     # DeepSpeed configs
-    ("unknown DeepSpeed key", lambda t, p: Program(t, lower_config=LevelConfig(
-        deepspeed_config={"zero_optimisation": {"stage": 2}})).build(), ValueError,
-     "keys DeepSpeed does not know: \\['zero_optimisation'\\].*did you mean 'zero_optimization'"),
-    ("conflicting batch size", lambda t, p: Program(t, lower_config=LevelConfig(
-        deepspeed_config=conflicting_batch(t))).build(), ValueError,
-     "train_batch_size=7 conflicts with train_micro_batch_size_per_gpu=2 x gradient_accumulation_steps=1"),
-    ("gradient accumulation disagrees", lambda t, p: Program(t, lower_config=LevelConfig(
-        deepspeed_config={"gradient_accumulation_steps": 4})).build(), ValueError,
-     "gradient_accumulation_steps=4 but LevelConfig.gradient_accumulation=1"),
-    ("ZeRO stage 5", lambda t, p: Program(t, lower_config=LevelConfig(
-        deepspeed_config={"zero_optimization": {"stage": 5}})).build(), ValueError, "stage must be 0, 1, 2 or 3"),
-    ("float64 in DeepSpeed", lambda t, p: Program(t, lower_module=torch.nn.Linear(3, 2).double()).build(),
-     ValueError, "cannot reduce float64 gradients; use LevelConfig\\(backend='torch'\\)"),
-    ("ZeRO stage the method cannot use", lambda t, p: Program(t, upper_config=LevelConfig(method="sama"),
-        lower_config=LevelConfig(deepspeed_config={"zero_optimization": {"stage": 2}})).build(), ValueError,
-     "method 'sama', which needs per-parameter optimizer state"),
-    ("ZeRO-3 level with levels below, double backward", lambda t, p: Program(t, upper_config=LevelConfig(
-        method="neumann", deepspeed_config={"zero_optimization": {"stage": 3}})).build(), ValueError,
-     "'upper' uses ZeRO-3 and has levels below it; its LevelConfig asks for method 'neumann' with second_order"),
+    (
+        "unknown DeepSpeed key",
+        lambda t, p: Program(t, lower_config=LevelConfig(deepspeed_config={"zero_optimisation": {"stage": 2}})).build(),
+        ValueError,
+        "keys DeepSpeed does not know: \\['zero_optimisation'\\].*did you mean 'zero_optimization'",
+    ),
+    (
+        "conflicting batch size",
+        lambda t, p: Program(t, lower_config=LevelConfig(deepspeed_config=conflicting_batch(t))).build(),
+        ValueError,
+        "train_batch_size=7 conflicts with train_micro_batch_size_per_gpu=2 x gradient_accumulation_steps=1",
+    ),
+    (
+        "gradient accumulation disagrees",
+        lambda t, p: Program(t, lower_config=LevelConfig(deepspeed_config={"gradient_accumulation_steps": 4})).build(),
+        ValueError,
+        "gradient_accumulation_steps=4 but LevelConfig.gradient_accumulation=1",
+    ),
+    (
+        "ZeRO stage 5",
+        lambda t, p: Program(t, lower_config=LevelConfig(deepspeed_config={"zero_optimization": {"stage": 5}})).build(),
+        ValueError,
+        "stage must be 0, 1, 2 or 3",
+    ),
+    (
+        "float64 in DeepSpeed",
+        lambda t, p: Program(t, lower_module=torch.nn.Linear(3, 2).double()).build(),
+        ValueError,
+        "cannot reduce float64 gradients; use LevelConfig\\(backend='torch'\\)",
+    ),
+    (
+        "ZeRO stage the method cannot use",
+        lambda t, p: Program(
+            t,
+            upper_config=LevelConfig(method="sama"),
+            lower_config=LevelConfig(deepspeed_config={"zero_optimization": {"stage": 2}}),
+        ).build(),
+        ValueError,
+        "method 'sama', which needs per-parameter optimizer state",
+    ),
+    (
+        "ZeRO-3 level with levels below, double backward",
+        lambda t, p: Program(
+            t, upper_config=LevelConfig(method="neumann", deepspeed_config={"zero_optimization": {"stage": 3}})
+        ).build(),
+        ValueError,
+        "'upper' uses ZeRO-3 and has levels below it; its LevelConfig asks for method 'neumann' with second_order",
+    ),
     # training_step
-    ("training_step not written", lambda t, p: run(Program(t, lower_cls=NoTrainingStep)), NotImplementedError,
-     "subclass Level and write training_step"),
-    ("non-scalar loss", lambda t, p: run(Program(t, lower_cls=VectorLoss)), ValueError,
-     "'lower': training_step must return a scalar tensor, got Tensor\\(4, 2\\)"),
-    ("loss without grad", lambda t, p: run(Program(t, upper_cls=NoGradLoss)), ValueError,
-     "'upper': training_step returned a loss that does not require grad"),
-    ("loss not a tensor", lambda t, p: run(Program(t, upper_cls=FloatLoss)), ValueError,
-     "must return a scalar tensor, got float"),
-    ("integer loss", lambda t, p: run(Program(t, lower_cls=IntegerLoss)), ValueError,
-     "'lower': training_step returned a loss of dtype torch.int64; it must be a floating-point tensor"),
+    (
+        "training_step not written",
+        lambda t, p: run(Program(t, lower_cls=NoTrainingStep)),
+        NotImplementedError,
+        "subclass Level and write training_step",
+    ),
+    (
+        "non-scalar loss",
+        lambda t, p: run(Program(t, lower_cls=VectorLoss)),
+        ValueError,
+        "'lower': training_step must return a scalar tensor, got Tensor\\(4, 2\\)",
+    ),
+    (
+        "loss without grad",
+        lambda t, p: run(Program(t, upper_cls=NoGradLoss)),
+        ValueError,
+        "'upper': training_step returned a loss that does not require grad",
+    ),
+    (
+        "loss not a tensor",
+        lambda t, p: run(Program(t, upper_cls=FloatLoss)),
+        ValueError,
+        "must return a scalar tensor, got float",
+    ),
+    (
+        "integer loss",
+        lambda t, p: run(Program(t, lower_cls=IntegerLoss)),
+        ValueError,
+        "'lower': training_step returned a loss of dtype torch.int64; it must be a floating-point tensor",
+    ),
     # checkpoints
-    ("checkpoint directory not writable", lambda t, p: Program(t, engine_config={
-        "checkpoint_dir": not_writable(t)}).build(), ValueError, "cannot be written"),
-    ("checkpoint of another program (shapes)", lambda t, p: load_into(
-        Program(t, lower_module=torch.nn.Linear(3, 5)), saved_checkpoint(t)), CheckpointError,
-     "belongs to another program: level 'lower': parameters differ"),
-    ("checkpoint of another program (levels)", lambda t, p: load_into(
-        Program(t, names=("lower", "upper"), extra_levels=[level(name="third")]), saved_checkpoint(t)),
-     CheckpointError, "levels \\['lower', 'upper'\\] in the checkpoint, \\['lower', 'third', 'upper'\\] here"),
-    ("checkpoint that is not one", lambda t, p: load_into(Program(t), t), CheckpointError,
-     "is not a complete scalemlo checkpoint"),
-]  # fmt: skip
+    (
+        "checkpoint directory not writable",
+        lambda t, p: Program(t, engine_config={"checkpoint_dir": not_writable(t)}).build(),
+        ValueError,
+        "cannot be written",
+    ),
+    (
+        "checkpoint of another program (shapes)",
+        lambda t, p: load_into(Program(t, lower_module=torch.nn.Linear(3, 5)), saved_checkpoint(t)),
+        CheckpointError,
+        "belongs to another program: level 'lower': parameters differ",
+    ),
+    (
+        "checkpoint of another program (levels)",
+        lambda t, p: load_into(
+            Program(t, names=("lower", "upper"), extra_levels=[level(name="third")]), saved_checkpoint(t)
+        ),
+        CheckpointError,
+        "levels \\['lower', 'upper'\\] in the checkpoint, \\['lower', 'third', 'upper'\\] here",
+    ),
+    (
+        "checkpoint that is not one",
+        lambda t, p: load_into(Program(t), t),
+        CheckpointError,
+        "is not a complete scalemlo checkpoint",
+    ),
+]
 
 
 def shared_parameter(tmp: Path, program: Program) -> None:

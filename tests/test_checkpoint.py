@@ -139,13 +139,24 @@ def program(tmp_path, method="finite_difference", backend="deepspeed", max_steps
     xs, ys = torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g)
     train = DataLoader(TensorDataset(xs, ys), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(2))
     meta = [(xs[i : i + 10], ys[i : i + 10]) for i in range(0, 30, 10)]
-    lower = Lower("lower", net, torch.optim.Adam(net.parameters(), lr=1e-2), train,
-                  scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 2, 0.7),
-                  config=LevelConfig(backend=backend, gradient_accumulation=2))  # fmt: skip
-    upper = Upper("upper", weigher, torch.optim.Adam(weigher.parameters(), lr=1e-2), meta,
-                  config=LevelConfig(backend=backend, method=method, unroll_steps=3))  # fmt: skip
-    config = EngineConfig(max_steps=max_steps, progress_bar=False, log_every=1, checkpoint_dir=str(tmp_path),
-                          **engine_kwargs)  # fmt: skip
+    lower = Lower(
+        "lower",
+        net,
+        torch.optim.Adam(net.parameters(), lr=1e-2),
+        train,
+        scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 2, 0.7),
+        config=LevelConfig(backend=backend, gradient_accumulation=2),
+    )
+    upper = Upper(
+        "upper",
+        weigher,
+        torch.optim.Adam(weigher.parameters(), lr=1e-2),
+        meta,
+        config=LevelConfig(backend=backend, method=method, unroll_steps=3),
+    )
+    config = EngineConfig(
+        max_steps=max_steps, progress_bar=False, log_every=1, checkpoint_dir=str(tmp_path), **engine_kwargs
+    )
     return Engine([lower, upper], {"upper": ["lower"]}, config)
 
 
@@ -157,7 +168,7 @@ def snapshot(engine):
             {
                 k: {kk: vv.tolist() if torch.is_tensor(vv) else vv for kk, vv in v.items()}
                 for k, v in lv.optimizer.state_dict()["state"].items()
-            }  # fmt: skip
+            }
         )
         out[name + ".lr"] = lv.lr
     return out

@@ -18,8 +18,10 @@ from scalemlo.cli.reweight import ConfigError, DataArguments, ModelArguments, Ru
 from scalemlo.cli.reweight.arguments import parse_arguments
 from scalemlo.hf import ReweightingArguments
 
-WORDS = ("the model reads a page of text and learns which words follow which others in the data it is given; "
-         "clean sentences carry the signal while noise carries none").split()  # fmt: skip
+WORDS = (
+    "the model reads a page of text and learns which words follow which others in the data it is given; "
+    "clean sentences carry the signal while noise carries none"
+).split()
 DOMAINS = ("books", "code", "web")
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -71,24 +73,45 @@ def user_data(tmp_path_factory):
     for i in range(48):
         noisy = i % 3 == 0
         text = noise(rng, rng.randint(5, 120)) if noisy else sentence(rng, rng.randint(2, 40))
-        train.append({"doc": f"doc-{i:03d}", "title": sentence(rng, 3), "body": text,
-                      "domain": "web" if noisy else DOMAINS[(i // 3) % 3], "noisy": noisy})  # fmt: skip
+        train.append(
+            {
+                "doc": f"doc-{i:03d}",
+                "title": sentence(rng, 3),
+                "body": text,
+                "domain": "web" if noisy else DOMAINS[(i // 3) % 3],
+                "noisy": noisy,
+            }
+        )
     meta = [{"title": "m", "body": sentence(rng, rng.randint(3, 30)), "domain": DOMAINS[i % 2]} for i in range(12)]
     heldout = [{"body": sentence(rng, rng.randint(2, 40))} for _ in range(10)]
-    files = {name: write_jsonl(root / f"{name}.jsonl", rows)
-             for name, rows in (("train", train), ("meta", meta), ("heldout", heldout))}  # fmt: skip
+    files = {
+        name: write_jsonl(root / f"{name}.jsonl", rows)
+        for name, rows in (("train", train), ("meta", meta), ("heldout", heldout))
+    }
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    bpe_trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>", "<pad>"], initial_alphabet=alphabet,
-                                      show_progress=False)  # fmt: skip
+    bpe_trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<eos>", "<pad>"], initial_alphabet=alphabet, show_progress=False
+    )
     bpe.train_from_iterator([row["body"] for row in train + meta + heldout], trainer=bpe_trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<pad>", model_max_length=64)
     tokenizer.save_pretrained(str(root / "tokenizer"))
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=0, bos_token_id=0, pad_token_id=1)  # fmt: skip
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        eos_token_id=0,
+        bos_token_id=0,
+        pad_token_id=1,
+    )
     config.save_pretrained(str(root / "model_config"))
     return {"root": root, "rows": {"train": train, "meta": meta, "heldout": heldout}, **files}
 
@@ -97,22 +120,43 @@ def write_config(path, user_data, **fields) -> str:
     import yaml
 
     config = {
-        "output_dir": str(path.parent / "out"), "report_to": "none", "use_cpu": True, "save_strategy": "no",
-        "disable_tqdm": True, "seed": 0, "config_name": str(user_data["root"] / "model_config"),
-        "tokenizer_name": str(user_data["root"] / "tokenizer"), "train_file": user_data["train"],
-        "meta_file": user_data["meta"], "heldout_file": user_data["heldout"], "text_column": "body",
-        "id_column": "doc", "source_column": "domain", "corrupted_column": "noisy", "baselines": "uniform",
-        "reweighting": "source", "hypergradient_method": "finite_difference", "max_steps": 5,
-        "per_device_train_batch_size": 4, "per_device_meta_batch_size": 4, "learning_rate": "1e-3",
-        "meta_learning_rate": 0.1, "logging_steps": 1, **fields,
-    }  # fmt: skip
+        "output_dir": str(path.parent / "out"),
+        "report_to": "none",
+        "use_cpu": True,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 0,
+        "config_name": str(user_data["root"] / "model_config"),
+        "tokenizer_name": str(user_data["root"] / "tokenizer"),
+        "train_file": user_data["train"],
+        "meta_file": user_data["meta"],
+        "heldout_file": user_data["heldout"],
+        "text_column": "body",
+        "id_column": "doc",
+        "source_column": "domain",
+        "corrupted_column": "noisy",
+        "baselines": "uniform",
+        "reweighting": "source",
+        "hypergradient_method": "finite_difference",
+        "max_steps": 5,
+        "per_device_train_batch_size": 4,
+        "per_device_meta_batch_size": 4,
+        "learning_rate": "1e-3",
+        "meta_learning_rate": 0.1,
+        "logging_steps": 1,
+        **fields,
+    }
     path.write_text(yaml.safe_dump(config))
     return str(path)
 
 
 def test_help_lists_every_field():
-    fields = [f.name for cls in (ModelArguments, DataArguments, RunArguments, ReweightingArguments)
-              for f in dataclasses.fields(cls) if f.init]  # fmt: skip
+    fields = [
+        f.name
+        for cls in (ModelArguments, DataArguments, RunArguments, ReweightingArguments)
+        for f in dataclasses.fields(cls)
+        if f.init
+    ]
     try:  # installed (pip install -e .): the console script runs this package's entry
         (entry,) = importlib.metadata.entry_points(group="console_scripts", name="scalemlo-reweight")
         assert entry.value == "scalemlo.cli.reweight:console_main"
@@ -127,15 +171,25 @@ def test_help_lists_every_field():
 
 
 def test_config_values_reach_the_arguments_and_flags_override_them(user_data, tmp_path):
-    config = write_config(tmp_path / "run.yaml", user_data, selection_pool=2, selection_floor=0.25, warmup_steps=3,
-                          lora_target_modules="all-linear", train_on_meta=True)  # fmt: skip
+    config = write_config(
+        tmp_path / "run.yaml",
+        user_data,
+        selection_pool=2,
+        selection_floor=0.25,
+        warmup_steps=3,
+        lora_target_modules="all-linear",
+        train_on_meta=True,
+    )
     model, data, run, args = parse_arguments(["--config", config, "--max_steps", "2", "--text_column=title"])
     assert (args.max_steps, data.text_column) == (2, "title")  # the flags, over the file's 5 and body
     assert (args.selection_pool, args.selection_floor, args.learning_rate) == (2, 0.25, 1e-3)  # "1e-3": a float
     assert args.warmup_steps == 3.0 and isinstance(args.warmup_steps, float)  # as --warmup_steps 3 gives it
     assert args.lora_target_modules == "all-linear" and run.train_on_meta is True
     assert (model.config_name, data.source_column, run.baselines) == (
-        str(user_data["root"] / "model_config"), "domain", "uniform")  # fmt: skip
+        str(user_data["root"] / "model_config"),
+        "domain",
+        "uniform",
+    )
     # the one-file form of a Trainer script (a .yaml/.json first argument) is --config, flags still over it
     assert parse_arguments([config, "--seed=7"])[3].seed == 7
 
@@ -246,8 +300,15 @@ def test_a_proxy_run_hands_its_weighting_to_the_learned_run(user_data, tmp_path,
 
     monkeypatch.setattr(hf_trainer.ReweightingTrainer, "_start_mlo", recording_start)
     monkeypatch.setattr(hf_trainer.ReweightingTrainer, "train", recording_train)
-    config = write_config(tmp_path / "run.yaml", user_data, reweighting="scorer", hypergradient_method="sama",
-                          baselines="none", proxy_steps=3, max_steps=4)  # fmt: skip
+    config = write_config(
+        tmp_path / "run.yaml",
+        user_data,
+        reweighting="scorer",
+        hypergradient_method="sama",
+        baselines="none",
+        proxy_steps=3,
+        max_steps=4,
+    )
     report = main(["--config", config])
     (proxy_steps, proxy_start, proxy_model), (steps, learned_start, learned_model) = starts
     assert (proxy_steps, steps, report["steps"]) == (3, 4, 4)

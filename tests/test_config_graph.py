@@ -124,10 +124,18 @@ def test_zero_auto_bucket_sizes_come_from_the_hidden_size():
     from scalemlo.backend.deepspeed_config import _fill_zero_auto
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8))
-    zero = {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
-            "stage3_param_persistence_threshold": "auto"}  # fmt: skip
+    zero = {
+        "stage": 3,
+        "reduce_bucket_size": "auto",
+        "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto",
+    }
     _fill_zero_auto(zero, model, "lm")
-    assert zero == {"stage": 3, "reduce_bucket_size": 256, "stage3_prefetch_bucket_size": 230,
-                    "stage3_param_persistence_threshold": 160}  # fmt: skip
+    assert zero == {
+        "stage": 3,
+        "reduce_bucket_size": 256,
+        "stage3_prefetch_bucket_size": 230,
+        "stage3_param_persistence_threshold": 160,
+    }
     with pytest.raises(ValueError, match="needs the model's config.hidden_size"):
         _fill_zero_auto({"reduce_bucket_size": "auto"}, torch.nn.Linear(2, 2), "lm")

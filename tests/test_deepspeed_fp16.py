@@ -48,9 +48,10 @@ def fp16(stage: int, **scaling) -> dict:
 @pytest.mark.parametrize(
     "method, kw, stage",
     [(m, kw, st) for m, kw, stages in tlp.CASES for st in stages],
-    ids=[f"{m}{'-shared' if kw.get('shared_forward') else ''}-zero{st}"
-         for m, kw, stages in tlp.CASES for st in stages],
-)  # fmt: skip
+    ids=[
+        f"{m}{'-shared' if kw.get('shared_forward') else ''}-zero{st}" for m, kw, stages in tlp.CASES for st in stages
+    ],
+)
 def test_deepspeed_fp16_hypergradients_match_float32(method, kw, stage):
     low = tlp.run_with(fp16(stage), method, check_dtype=torch.float16, **kw)
     high = tlp.run_with({"zero_optimization": {"stage": stage}}, method, check_dtype=torch.float32, **kw)
@@ -106,8 +107,12 @@ def finite_everywhere(engine: Engine) -> bool:
     for level in engine.levels.values():
         backend = level.backend
         tensors += list(backend.local_shards)
-        tensors += [v for s in backend.torch_optimizer.state.values() for v in s.values()
-                    if torch.is_tensor(v) and v.is_floating_point()]  # fmt: skip
+        tensors += [
+            v
+            for s in backend.torch_optimizer.state.values()
+            for v in s.values()
+            if torch.is_tensor(v) and v.is_floating_point()
+        ]
         wrapper = backend.optimizer
         for name in ("fp32_groups", "single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
             groups = getattr(wrapper, name, None) or []
@@ -161,10 +166,18 @@ def test_an_overflow_inside_a_hypergradient_skips_the_upper_step_and_lowers_deep
     lm, net = tlp.tiny_gpt2(), tlp.weight_net()
     config = LevelConfig(gradient_accumulation=tlp.ACCUMULATION, deepspeed_config=fp16(stage, hysteresis=1))
     model = tlp.Model("model", lm, torch.optim.Adam(lm.parameters(), lr=1e-3), tlp.batches("train"), config=config)
-    weights = Inf("weights", net, torch.optim.SGD(net.parameters(), lr=1.0), tlp.batches("meta"),
-                  config=LevelConfig(deepspeed_config={"zero_optimization": {"stage": 0}}))  # fmt: skip
-    engine = Engine([model, weights], {"weights": ["model"]},
-                    EngineConfig(max_steps=0, log_every=1, progress_bar=False, nonfinite="raise"))  # fmt: skip
+    weights = Inf(
+        "weights",
+        net,
+        torch.optim.SGD(net.parameters(), lr=1.0),
+        tlp.batches("meta"),
+        config=LevelConfig(deepspeed_config={"zero_optimization": {"stage": 0}}),
+    )
+    engine = Engine(
+        [model, weights],
+        {"weights": ["model"]},
+        EngineConfig(max_steps=0, log_every=1, progress_bar=False, nonfinite="raise"),
+    )
     Inf.engine = engine
     snapshots, history = {}, []
     with caplog.at_level(logging.WARNING, logger="scalemlo"):
@@ -202,8 +215,11 @@ def test_a_deepspeed_fp16_level_resumes_bit_for_bit(stage, tmp_path):
         from deepspeed.utils import safe_get_full_fp32_param
 
         model = engine.levels["model"]
-        full = [safe_get_full_fp32_param(p) for p in model.params] if stage == 3 else [
-            model.backend.stepped_tensor(p) for p in model.params]  # fmt: skip
+        full = (
+            [safe_get_full_fp32_param(p) for p in model.params]
+            if stage == 3
+            else [model.backend.stepped_tensor(p) for p in model.params]
+        )
         return torch.cat([t.detach().float().flatten() for t in full + shards(engine.levels["weights"])])
 
     def finish(engine: Engine) -> torch.Tensor:

@@ -165,8 +165,11 @@ def test_the_balanced_selection_keeps_one_state_over_the_ranks(launch):
     assert record["ages_sum"] > 0
 
 
-@pytest.mark.parametrize("method, shared, scheme", suite.trainer_resume.CASES,
-                         ids=[suite.trainer_resume.case_name(*c) for c in suite.trainer_resume.CASES])  # fmt: skip
+@pytest.mark.parametrize(
+    "method, shared, scheme",
+    suite.trainer_resume.CASES,
+    ids=[suite.trainer_resume.case_name(*c) for c in suite.trainer_resume.CASES],
+)
 def test_a_trainer_at_zero3_on_two_ranks_resumes_bit_for_bit(launch, method, shared, scheme):
     """A ReweightingTrainer with its model at ZeRO-3, stopped after a random step and resumed
     by a fresh trainer, ends with the model's full fp32 parameters, the weighting model's (every rank) and

@@ -34,16 +34,33 @@ def script():
 def short_run(script, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     # the default run's pre-trained start, shortened: 4 steps, cached beside the run
-    report = script.main([f"--output_dir={out}", "--max_steps=6", "--meta_warmup_steps=2", "--logging_steps=2",
-                          "--pretrain_steps=4", f"--pretrain_cache={out / 'pretrained'}",
-                          "--proxy_steps=3"])  # fmt: skip
+    report = script.main(
+        [
+            f"--output_dir={out}",
+            "--max_steps=6",
+            "--meta_warmup_steps=2",
+            "--logging_steps=2",
+            "--pretrain_steps=4",
+            f"--pretrain_cache={out / 'pretrained'}",
+            "--proxy_steps=3",
+        ]
+    )
     return out, report
 
 
 def test_the_default_run_reports_what_it_promises(short_run):
     out, report = short_run
-    for key in ("heldout_loss_uniform", "heldout_loss_learned", "weight_auc", "source_weights", "steps", "seconds",
-                "heldout_loss_uniform_plus_meta", "heldout_loss_clean_only", "weight_auc_visible"):  # fmt: skip
+    for key in (
+        "heldout_loss_uniform",
+        "heldout_loss_learned",
+        "weight_auc",
+        "source_weights",
+        "steps",
+        "seconds",
+        "heldout_loss_uniform_plus_meta",
+        "heldout_loss_clean_only",
+        "weight_auc_visible",
+    ):
         assert key in report
     # the default learned run trains on the meta set too: its uniform baseline is uniform_plus_meta, and
     # clean_only is the clean part of the same data
@@ -101,8 +118,17 @@ def test_the_reported_aucs_are_those_of_the_exported_weights(short_run):
 def test_the_signal_diagnosis_runs_on_the_default_corpus(short_run):
     out, _ = short_run
     module = examples_helper.load_file(SCRIPT.parent / "diagnose_signal.py", "diagnose_signal")
-    (row,) = module.main(["--steps=2", "--at", "2", f"--work_dir={out}", f"--out={out / 'signal.json'}",
-                          "--pretrain_steps=4", f"--pretrain_cache={out / 'pretrained'}"])  # fmt: skip
+    (row,) = module.main(
+        [
+            "--steps=2",
+            "--at",
+            "2",
+            f"--work_dir={out}",
+            f"--out={out / 'signal.json'}",
+            "--pretrain_steps=4",
+            f"--pretrain_cache={out / 'pretrained'}",
+        ]
+    )
     kinds = {"all", "char_noise", "near_duplicate", "other_script", "shuffled"}
     for signal in ("dot", "cos", "pdot", "votes_pdot", "neg_loss"):
         assert set(row[signal]) == kinds and all(0.0 <= v <= 1.0 for v in row[signal].values())
@@ -125,8 +151,20 @@ def test_fixed_weights_choose_every_batch(short_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(selection.Selector, "choose", recording)
     cache = f"--pretrain_cache={out / 'pretrained'}"
-    module.main([f"--output_dir={tmp_path}", "--truth", "0", "--max_steps=3", "--meta_warmup_steps=2",
-                 "--pretrain_steps=4", cache, "--baselines", "none", "--proxy_steps=0"])  # fmt: skip
+    module.main(
+        [
+            f"--output_dir={tmp_path}",
+            "--truth",
+            "0",
+            "--max_steps=3",
+            "--meta_warmup_steps=2",
+            "--pretrain_steps=4",
+            cache,
+            "--baselines",
+            "none",
+            "--proxy_steps=0",
+        ]
+    )
     rows = [json.loads(line) for line in (tmp_path / "corpus" / "train.jsonl").read_text().splitlines()]
     visible = {i for i, row in enumerate(rows) if row["corruption"] in module.VISIBLE}
     assert len(pools) == 3 and all(set(raw.tolist()) <= {0.0, 1.0} for raw, _ in pools)
@@ -139,11 +177,22 @@ def test_dropping_kinds_trains_the_baseline_without_them(short_run, tmp_path):
     out, _ = short_run
     module = examples_helper.load_file(SCRIPT.parent / "drop_kinds.py", "drop_kinds")
     cache = f"--pretrain_cache={out / 'pretrained'}"
-    report = module.main([f"--output_dir={tmp_path}", "--max_steps=2", "--meta_warmup_steps=2", "--kinds",
-                          "char_noise,other_script", "--pretrain_steps=4", cache])  # fmt: skip
+    report = module.main(
+        [
+            f"--output_dir={tmp_path}",
+            "--max_steps=2",
+            "--meta_warmup_steps=2",
+            "--kinds",
+            "char_noise,other_script",
+            "--pretrain_steps=4",
+            cache,
+        ]
+    )
     rows = [json.loads(line) for line in (tmp_path / "corpus" / "train.jsonl").read_text().splitlines()]
-    kept = [json.loads(line) for line in
-            (tmp_path / "corpus" / "train_without_char_noise_other_script.jsonl").read_text().splitlines()]  # fmt: skip
+    kept = [
+        json.loads(line)
+        for line in (tmp_path / "corpus" / "train_without_char_noise_other_script.jsonl").read_text().splitlines()
+    ]
     assert kept == [r for r in rows if r["corruption"] not in ("char_noise", "other_script")] and len(kept) < len(rows)
     assert "heldout_loss_uniform_plus_meta" in report and "heldout_loss_uniform" not in report
     with pytest.raises(ValueError, match="--kinds: unknown \\['typos'\\]"):
@@ -170,8 +219,12 @@ def write(path, rows):
 def test_bad_input_is_refused_before_training(script, short_run, tmp_path, case, words):
     corpus = short_run[0] / "corpus"
     good = {"train": str(corpus / "train.jsonl"), "meta": str(corpus / "meta.jsonl")}
-    flags = {"--output_dir": str(tmp_path / "out"), "--tokenizer_name": str(corpus / "tokenizer"),
-             "--config_name": str(corpus / "model_config"), "--max_steps": "2"}  # fmt: skip
+    flags = {
+        "--output_dir": str(tmp_path / "out"),
+        "--tokenizer_name": str(corpus / "tokenizer"),
+        "--config_name": str(corpus / "model_config"),
+        "--max_steps": "2",
+    }
     text = [{"text": "a b c d e f g h i j k l m n o p", "source": "statements"}]
     if case == "no meta":
         flags["--train_file"] = good["train"]

@@ -92,10 +92,15 @@ def test_the_hypergradient_weights_clean_examples_up_and_its_negation_weights_th
 def test_the_shared_forward_option_learns_the_same_direction(example):
     """Both methods with LevelConfig.shared_forward (the weight net's step inside the classifier's, on
     its forward; 7 units): the first 400 iterations as above, seed 0. Measured: AUC 0.96 for both."""
-    shared = ["methods.sama_shared.method=sama", "methods.sama_shared.shared_forward=true",
-              "methods.fd_shared.method=finite_difference", "methods.fd_shared.shared_forward=true"]  # fmt: skip
-    out = example.main(["--quiet", "--seed", "0", "--max-steps", "400", "--systems", "sama_shared", "fd_shared",
-                        "--set", *shared])["runs"][0]  # fmt: skip
+    shared = [
+        "methods.sama_shared.method=sama",
+        "methods.sama_shared.shared_forward=true",
+        "methods.fd_shared.method=finite_difference",
+        "methods.fd_shared.shared_forward=true",
+    ]
+    out = example.main(
+        ["--quiet", "--seed", "0", "--max-steps", "400", "--systems", "sama_shared", "fd_shared", "--set", *shared]
+    )["runs"][0]
     for system in ("sama_shared", "fd_shared"):
         assert out[system]["reweight_steps"] == 100
         assert out[system]["w_auc"] > 0.9 and out[system]["w_clean"] > 1.3 and out[system]["w_noisy"] < 0.6

@@ -100,8 +100,9 @@ def test_a_one_rank_launch_leaves_no_shared_memory_behind(tmp_path):
     """`deepspeed --num_gpus 1` creates the buffer too (it was left behind: 66 MB a launch)."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     port = free_port()
-    cmd = deepspeed_command(TRAIN, "--smoke", "--quiet", "--systems", "uniform", "--out", tmp_path / "r.json",
-                            ranks=1, port=port)  # fmt: skip
+    cmd = deepspeed_command(
+        TRAIN, "--smoke", "--quiet", "--systems", "uniform", "--out", tmp_path / "r.json", ranks=1, port=port
+    )
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")) == []

@@ -58,17 +58,29 @@ class Inf(Weights):
         return loss * float("inf") if self.engine.global_step in self.at else loss
 
 
-def program(fp16: bool, max_steps: int = 0, scaling: dict | None = None, nonfinite: str = "raise", meta=Weights,
-            **kw) -> Engine:  # fmt: skip
+def program(
+    fp16: bool, max_steps: int = 0, scaling: dict | None = None, nonfinite: str = "raise", meta=Weights, **kw
+) -> Engine:
     lm, net = fp16_representable(tiny_gpt2()), weight_net()
     if fp16:
         lm = lm.half()
     kind = SharedModel if kw.get("shared_forward") else Model
-    model = kind("model", lm, torch.optim.Adam(lm.parameters(), lr=1e-3), batches("train"),
-                 config=LevelConfig(backend="torch", gradient_accumulation=ACCUMULATION,
-                                    fp16_loss_scaling=scaling if fp16 else None))  # fmt: skip
-    weights = meta("weights", net, torch.optim.Adam(net.parameters(), lr=1e-2), batches("meta"),
-                   config=LevelConfig(deepspeed_config={"zero_optimization": {"stage": 0}}, **kw))  # fmt: skip
+    model = kind(
+        "model",
+        lm,
+        torch.optim.Adam(lm.parameters(), lr=1e-3),
+        batches("train"),
+        config=LevelConfig(
+            backend="torch", gradient_accumulation=ACCUMULATION, fp16_loss_scaling=scaling if fp16 else None
+        ),
+    )
+    weights = meta(
+        "weights",
+        net,
+        torch.optim.Adam(net.parameters(), lr=1e-2),
+        batches("meta"),
+        config=LevelConfig(deepspeed_config={"zero_optimization": {"stage": 0}}, **kw),
+    )
     config = EngineConfig(max_steps=max_steps, log_every=1, progress_bar=False, nonfinite=nonfinite)
     engine = Engine([model, weights], {"weights": ["model"]}, config)
     Inf.engine = engine
@@ -82,9 +94,10 @@ def hypergradients(fp16: bool, method: str, steps: int = 3, **kw) -> list[torch.
 
 
 @pytest.mark.parametrize(
-    "method, kw", [(m, kw) for m, kw, _ in CASES],
+    "method, kw",
+    [(m, kw) for m, kw, _ in CASES],
     ids=[f"{m}{'-shared' if kw.get('shared_forward') else ''}" for m, kw, _ in CASES],
-)  # fmt: skip
+)
 def test_fp16_hypergradients_match_float32(method, kw):
     got = cosines(hypergradients(True, method, **kw), hypergradients(False, method, **kw))
     if method == "sama":
@@ -121,10 +134,21 @@ def test_the_scaler_is_deepspeeds_step_for_step():
     g = torch.Generator().manual_seed(0)
     pattern = [bool(x) for x in (torch.rand(400, generator=g) < 0.05)] + [False] * 50 + [True] * 3
     for window, hysteresis, consecutive in [(10, 2, False), (7, 1, False), (5, 3, True)]:
-        theirs = DynamicLossScaler(init_scale=2.0**16, scale_window=window, min_scale=1.0, delayed_shift=hysteresis,
-                                   consecutive_hysteresis=consecutive)  # fmt: skip
-        ours = DynamicLossScale({"initial_scale_power": 16, "loss_scale_window": window, "hysteresis": hysteresis,
-                                 "consecutive_hysteresis": consecutive})  # fmt: skip
+        theirs = DynamicLossScaler(
+            init_scale=2.0**16,
+            scale_window=window,
+            min_scale=1.0,
+            delayed_shift=hysteresis,
+            consecutive_hysteresis=consecutive,
+        )
+        ours = DynamicLossScale(
+            {
+                "initial_scale_power": 16,
+                "loss_scale_window": window,
+                "hysteresis": hysteresis,
+                "consecutive_hysteresis": consecutive,
+            }
+        )
         for overflow in pattern:
             theirs.update_scale(overflow)
             ours.update(overflow)
@@ -139,11 +163,14 @@ def test_an_overflow_at_the_minimum_scale_is_an_error():
         scale.update(True)
 
 
-@pytest.mark.parametrize("bad, words", [
-    ({"initial_scale_power": -1}, "initial_scale_power must be an integer >= 0"),
-    ({"loss_scale_window": 0}, "loss_scale_window must be an integer >= 1"),
-    ({"scale_power": 3}, "unknown fp16 loss-scaling keys"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ({"initial_scale_power": -1}, "initial_scale_power must be an integer >= 0"),
+        ({"loss_scale_window": 0}, "loss_scale_window must be an integer >= 1"),
+        ({"scale_power": 3}, "unknown fp16 loss-scaling keys"),
+    ],
+)
 def test_bad_loss_scaling_is_refused_when_configured(bad, words):
     with pytest.raises(ValueError, match=words):
         LevelConfig(backend="torch", fp16_loss_scaling=bad)
@@ -157,8 +184,13 @@ def test_loss_scaling_is_for_the_torch_backend_only():
 def finite_everywhere(engine: Engine) -> bool:
     tensors = [p for lv in engine.levels.values() for p in lv.params]
     tensors += [m for lv in engine.levels.values() for m in getattr(lv.backend, "_masters", {}).values()]
-    tensors += [v for lv in engine.levels.values() for s in lv.backend.torch_optimizer.state.values()
-                for v in s.values() if torch.is_tensor(v) and v.is_floating_point()]  # fmt: skip
+    tensors += [
+        v
+        for lv in engine.levels.values()
+        for s in lv.backend.torch_optimizer.state.values()
+        for v in s.values()
+        if torch.is_tensor(v) and v.is_floating_point()
+    ]
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 

@@ -71,14 +71,21 @@ class Weighting(Level):
 
 def engine(hold: bool, model_optimizer=None, **config) -> Engine:
     model = Model(
-        "model", VectorModule(THETA), model_optimizer or (lambda p: torch.optim.SGD(p, lr=LR)), data=[(PROB.x, PROB.y)],
-        config=LevelConfig(backend="torch"), hold=hold,
-    )  # fmt: skip
+        "model",
+        VectorModule(THETA),
+        model_optimizer or (lambda p: torch.optim.SGD(p, lr=LR)),
+        data=[(PROB.x, PROB.y)],
+        config=LevelConfig(backend="torch"),
+        hold=hold,
+    )
     lam = VectorModule(LAM)
     weighting = Weighting(
-        "weighting", lam, torch.optim.SGD(lam.parameters(), lr=0.1), [None],
+        "weighting",
+        lam,
+        torch.optim.SGD(lam.parameters(), lr=0.1),
+        [None],
         config=LevelConfig(backend="torch", **config),
-    )  # fmt: skip
+    )
     return Engine([weighting, model], {"weighting": ["model"]}, EngineConfig(max_steps=0, progress_bar=False))
 
 

@@ -38,17 +38,35 @@ def trained(tmp_path_factory):
     in its own forward, so none is left due for the next forward)."""
     ensure_distributed()
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=T,
-                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # fmt: skip
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=T, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+        )
+    )
     args = ReweightingArguments(
-        output_dir=str(tmp_path_factory.mktemp("scales")), per_device_train_batch_size=8, max_steps=4,
-        learning_rate=5e-3, report_to=[], use_cpu=True, seed=0, meta_learning_rate=0.5,
-        per_device_meta_batch_size=8, reweighting="source", meta_warmup_steps=1, shared_forward=False,
-        save_strategy="no", disable_tqdm=True,
-    )  # fmt: skip
-    t = ReweightingTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows(64, True, 0)),
-                           meta_dataset=Dataset.from_list(rows(16, False, 1)), data_collator=collate,
-                           reweighter_kwargs={"sources": ["clean", "noisy"]})  # fmt: skip
+        output_dir=str(tmp_path_factory.mktemp("scales")),
+        per_device_train_batch_size=8,
+        max_steps=4,
+        learning_rate=5e-3,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        meta_learning_rate=0.5,
+        per_device_meta_batch_size=8,
+        reweighting="source",
+        meta_warmup_steps=1,
+        shared_forward=False,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    t = ReweightingTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows(64, True, 0)),
+        meta_dataset=Dataset.from_list(rows(16, False, 1)),
+        data_collator=collate,
+        reweighter_kwargs={"sources": ["clean", "noisy"]},
+    )
     t.train()
     yield t
     reset_trainer_state()

@@ -54,11 +54,21 @@ def cases() -> list:
     return out
 
 
-def run(directory, method: str, shared: bool, scheme: str, stop: int | None = None,
-        resume_from=None) -> ReweightingTrainer:  # fmt: skip
+def run(
+    directory, method: str, shared: bool, scheme: str, stop: int | None = None, resume_from=None
+) -> ReweightingTrainer:
     reset_trainer_state()  # each run as in a new process, as far as the Trainer's global state goes
-    t = trainer(directory, deepspeed=ds(0), max_steps=MAX_STEPS, reweighting=scheme, hypergradient_method=method,
-                shared_forward=shared, save_strategy="steps", save_steps=1, **SETTINGS)  # fmt: skip
+    t = trainer(
+        directory,
+        deepspeed=ds(0),
+        max_steps=MAX_STEPS,
+        reweighting=scheme,
+        hypergradient_method=method,
+        shared_forward=shared,
+        save_strategy="steps",
+        save_steps=1,
+        **SETTINGS,
+    )
     t.initial_weighting = weighting_state(t)[1]
     if stop is not None:
         t.add_callback(StopAt(stop))
@@ -113,8 +123,9 @@ def test_the_methods_that_share_a_forward_are_accepted(tmp_path):
     accepted = set()
     for method in TRAINER_METHODS:
         try:
-            ReweightingArguments(output_dir=str(tmp_path), hypergradient_method=method, shared_forward=True,
-                                 use_cpu=True, report_to=[])  # fmt: skip
+            ReweightingArguments(
+                output_dir=str(tmp_path), hypergradient_method=method, shared_forward=True, use_cpu=True, report_to=[]
+            )
             accepted.add(method)
         except ValueError as exc:
             assert "shared_forward=True needs a method" in str(exc)

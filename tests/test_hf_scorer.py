@@ -149,17 +149,34 @@ def test_a_trained_scorer_weights_examples_it_never_saw(tmp_path, fresh_trainer_
     model = GPT2LMHeadModel(
         GPT2Config(
             n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=T, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
-        )  # fmt: skip
+        )
     )
     args = ReweightingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=40, learning_rate=5e-3,
-        report_to=[], use_cpu=True, seed=0, meta_learning_rate=0.05, per_device_meta_batch_size=16,
-        reweighting="scorer", hypergradient_method=method, shared_forward=False, save_strategy="no",
-        disable_tqdm=True, meta_warmup_steps=5,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=16,
+        max_steps=40,
+        learning_rate=5e-3,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        meta_learning_rate=0.05,
+        per_device_meta_batch_size=16,
+        reweighting="scorer",
+        hypergradient_method=method,
+        shared_forward=False,
+        save_strategy="no",
+        disable_tqdm=True,
+        meta_warmup_steps=5,
+    )
     train, meta = Dataset.from_list(rows(128, True, 0)), Dataset.from_list(rows(32, False, 1))
-    t = ReweightingTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta, data_collator=collate,
-                           reweighter_kwargs={"buckets": 64})  # fmt: skip
+    t = ReweightingTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        meta_dataset=meta,
+        data_collator=collate,
+        reweighter_kwargs={"buckets": 64},
+    )
     t.train()
     unseen = rows(64, True, 7)
     weights = dataset_weights(t.reweighter, t.model, unseen, collate)
@@ -192,19 +209,37 @@ def toy_trainer(tmp_path, scorer_kwargs=None, **kwargs):
     model = GPT2LMHeadModel(
         GPT2Config(
             n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=T, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
-        )  # fmt: skip
+        )
     )
     settings = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=40, learning_rate=5e-3, report_to=[],
-        use_cpu=True, seed=0, meta_learning_rate=0.05, per_device_meta_batch_size=16, reweighting="scorer",
-        hypergradient_method="sama", shared_forward=False, save_strategy="no", disable_tqdm=True, meta_warmup_steps=5,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=16,
+        max_steps=40,
+        learning_rate=5e-3,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        meta_learning_rate=0.05,
+        per_device_meta_batch_size=16,
+        reweighting="scorer",
+        hypergradient_method="sama",
+        shared_forward=False,
+        save_strategy="no",
+        disable_tqdm=True,
+        meta_warmup_steps=5,
+    )
     settings.update(kwargs)
     train, meta = Dataset.from_list(rows(128, True, 0)), Dataset.from_list(rows(32, False, 1))
     reweighter_kwargs = {"buckets": 64, **(scorer_kwargs or {})} if settings["reweighting"] == "scorer" else {}
     args = ReweightingArguments(**settings)
-    return ReweightingTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta, data_collator=collate,
-                              reweighter_kwargs=reweighter_kwargs)  # fmt: skip
+    return ReweightingTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        meta_dataset=meta,
+        data_collator=collate,
+        reweighter_kwargs=reweighter_kwargs,
+    )
 
 
 def test_a_selection_pool_trains_batches_drawn_away_from_the_noise(tmp_path, fresh_trainer_state):

@@ -12,8 +12,9 @@ from scalemlo.hf import ExampleScorer, ReweightingArguments
 from scalemlo.hf.selection import AGES_FILE, SELECTION_FLOOR, Selector, shares, with_floor
 
 
-def run_epochs(selector: Selector, raw: torch.Tensor, epochs: int, pool: int, size: int, shuffle: bool = True,
-               seed: int = 0) -> torch.Tensor:  # fmt: skip
+def run_epochs(
+    selector: Selector, raw: torch.Tensor, epochs: int, pool: int, size: int, shuffle: bool = True, seed: int = 0
+) -> torch.Tensor:
     """How often each row is chosen when every epoch deals the rows (shuffled, or in order) into pools."""
     n = len(raw)
     counts = torch.zeros(n, dtype=torch.int64)
@@ -216,8 +217,7 @@ def test_the_trainer_centres_a_scorer_on_its_meta_set(tmp_path, fresh_trainer_st
 def test_a_balanced_selection_run_resumes_bit_for_bit(tmp_path, fresh_trainer_state):  # noqa: F811
     """16 steps straight against 8 steps, a checkpoint, and 8 more from it in a fresh trainer: the same
     model, the same scorer and the same ages."""
-    common = dict(selection_pool=4, max_steps=16, save_strategy="steps", save_steps=8,
-                  scorer_kwargs={"centre": "meta"})  # fmt: skip
+    common = dict(selection_pool=4, max_steps=16, save_strategy="steps", save_steps=8, scorer_kwargs={"centre": "meta"})
     straight = toy_trainer(tmp_path / "a", **common)
     straight.train()
     from test_hf_scorer import reset_trainer_state

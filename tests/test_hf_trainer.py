@@ -31,8 +31,17 @@ def fresh_trainer_state():
     reset_trainer_state()
 
 
-def trainer(tmp_path, deepspeed=None, batch=8, accumulation=1, max_steps=6, reweighting="source", eval_dataset=None,
-            collator=collate, **kwargs):  # fmt: skip
+def trainer(
+    tmp_path,
+    deepspeed=None,
+    batch=8,
+    accumulation=1,
+    max_steps=6,
+    reweighting="source",
+    eval_dataset=None,
+    collator=collate,
+    **kwargs,
+):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(
         GPT2Config(
@@ -45,21 +54,40 @@ def trainer(tmp_path, deepspeed=None, batch=8, accumulation=1, max_steps=6, rewe
             resid_pdrop=0.0,
             embd_pdrop=0.0,
             attn_pdrop=0.0,
-        )  # fmt: skip
+        )
     )
     config = {"save_strategy": "no", **kwargs}
     args = ReweightingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-        max_steps=max_steps, learning_rate=5e-3, lr_scheduler_type="linear", report_to=[], use_cpu=True, seed=0,
-        meta_learning_rate=0.1, per_device_meta_batch_size=8, reweighting=reweighting, deepspeed=deepspeed,
-        logging_steps=1, disable_tqdm=True, **config,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=max_steps,
+        learning_rate=5e-3,
+        lr_scheduler_type="linear",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        meta_learning_rate=0.1,
+        per_device_meta_batch_size=8,
+        reweighting=reweighting,
+        deepspeed=deepspeed,
+        logging_steps=1,
+        disable_tqdm=True,
+        **config,
+    )
     extra = {"reweighter_kwargs": {"sources": ["clean", "noisy"]}} if reweighting == "source" else {}
     if reweighting == "example":
         extra = {"reweighter_kwargs": {"n_examples": 64}}
     train, meta = Dataset.from_list(rows(64, 16, 0)), Dataset.from_list(rows(16, 0, 1))
-    return ReweightingTrainer(model=model, args=args, train_dataset=train, meta_dataset=meta, data_collator=collator,
-                              eval_dataset=eval_dataset, **extra)  # fmt: skip
+    return ReweightingTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        meta_dataset=meta,
+        data_collator=collator,
+        eval_dataset=eval_dataset,
+        **extra,
+    )
 
 
 def parameters(t: ReweightingTrainer) -> torch.Tensor:

@@ -68,15 +68,27 @@ def hand_plumbed_sets(train, meta):
 
 def model() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=V, n_positions=16, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    config = GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=V, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
     return GPT2LMHeadModel(config)
 
 
 def arguments(tmp_path, reweighting: str, **kwargs) -> ReweightingArguments:
-    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, per_device_meta_batch_size=4,
-                    max_steps=3, learning_rate=5e-3, use_cpu=True, report_to=[], save_strategy="no",
-                    reweighting=reweighting, meta_learning_rate=0.1, seed=0, disable_tqdm=True)  # fmt: skip
+    settings = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        per_device_meta_batch_size=4,
+        max_steps=3,
+        learning_rate=5e-3,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        reweighting=reweighting,
+        meta_learning_rate=0.1,
+        seed=0,
+        disable_tqdm=True,
+    )
     settings.update(kwargs)
     return ReweightingArguments(**settings)
 
@@ -93,8 +105,13 @@ def test_user_shaped_data_trains_as_the_hand_plumbed_data(tmp_path, reweighting)
     tok = tokenizer()
     collator = DataCollatorForLanguageModeling(tok, mlm=False)
     train, meta = user_sets(tok)
-    t = ReweightingTrainer(model=model(), args=arguments(tmp_path / "user", reweighting), train_dataset=train,
-                           meta_dataset=meta, data_collator=collator)  # fmt: skip
+    t = ReweightingTrainer(
+        model=model(),
+        args=arguments(tmp_path / "user", reweighting),
+        train_dataset=train,
+        meta_dataset=meta,
+        data_collator=collator,
+    )
     prepared = t.train_dataset
     assert sorted(prepared.column_names) == ["attention_mask", "id", "input_ids", "source"]
     assert prepared["id"] == list(range(24))
@@ -110,9 +127,14 @@ def test_user_shaped_data_trains_as_the_hand_plumbed_data(tmp_path, reweighting)
     assert t._meta_level.steps == 2  # shared forward: the meta steps due after steps 1 and 2
 
     plain_train, plain_meta = hand_plumbed_sets(train, meta)
-    by_hand = ReweightingTrainer(model=model(), args=arguments(tmp_path / "hand", reweighting),
-                                 train_dataset=plain_train, meta_dataset=plain_meta, data_collator=collator,
-                                 reweighter_kwargs=HAND_KWARGS[reweighting])  # fmt: skip
+    by_hand = ReweightingTrainer(
+        model=model(),
+        args=arguments(tmp_path / "hand", reweighting),
+        train_dataset=plain_train,
+        meta_dataset=plain_meta,
+        data_collator=collator,
+        reweighter_kwargs=HAND_KWARGS[reweighting],
+    )
     by_hand.train()
     assert torch.equal(state(t), state(by_hand))
     logged = [h for h in t.state.log_history if "weight/source/web" in h]
@@ -125,9 +147,16 @@ def test_the_hand_plumbed_way_is_kept_as_it_was(tmp_path):
     tok = tokenizer()
     train, meta = hand_plumbed_sets(*user_sets(tok))
     names = [f"doc-{i}" for i in range(24)]
-    t = ReweightingTrainer(model=model(), args=arguments(tmp_path, "source"), train_dataset=train, meta_dataset=meta,
-                           data_collator=DataCollatorForLanguageModeling(tok, mlm=False), example_names=names,
-                           source_names=["b", "f", "w"], reweighter_kwargs={"sources": 3})  # fmt: skip
+    t = ReweightingTrainer(
+        model=model(),
+        args=arguments(tmp_path, "source"),
+        train_dataset=train,
+        meta_dataset=meta,
+        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+        example_names=names,
+        source_names=["b", "f", "w"],
+        reweighter_kwargs={"sources": 3},
+    )
     assert t.train_dataset is train and t.meta_dataset is meta
     assert t._source_names == ["b", "f", "w"] and t.weight_table.example_names == names
 
@@ -137,8 +166,13 @@ def test_string_ids_become_the_example_names(tmp_path):
     train, meta = user_sets(tok)
     train = train.add_column("id", [f"doc-{i}" for i in range(24)])
     collator = DataCollatorForLanguageModeling(tok, mlm=False)
-    t = ReweightingTrainer(model=model(), args=arguments(tmp_path, "example"), train_dataset=train,
-                           meta_dataset=meta, data_collator=collator)  # fmt: skip
+    t = ReweightingTrainer(
+        model=model(),
+        args=arguments(tmp_path, "example"),
+        train_dataset=train,
+        meta_dataset=meta,
+        data_collator=collator,
+    )
     assert t.train_dataset["id"] == list(range(24))
     assert t.weight_table.example_names == [f"doc-{i}" for i in range(24)]
 
@@ -181,8 +215,14 @@ def test_bad_data_fails_at_construction_naming_the_columns(tmp_path, case, words
     m = model()
     m.register_forward_hook(lambda *_: (_ for _ in ()).throw(Stepped()))
     with pytest.raises(ValueError, match=words):
-        ReweightingTrainer(model=m, args=arguments(tmp_path, reweighting, meta_warmup_steps=2), train_dataset=train,
-                           meta_dataset=meta, data_collator=collator, **kwargs)  # fmt: skip
+        ReweightingTrainer(
+            model=m,
+            args=arguments(tmp_path, reweighting, meta_warmup_steps=2),
+            train_dataset=train,
+            meta_dataset=meta,
+            data_collator=collator,
+            **kwargs,
+        )
 
 
 def test_the_construction_check_leaves_the_random_state_alone(tmp_path):
@@ -202,7 +242,12 @@ def test_the_construction_check_leaves_the_random_state_alone(tmp_path):
 
     after = []
     for collator in (plain, drawing):
-        ReweightingTrainer(model=model(), args=arguments(tmp_path, "source"), train_dataset=train,
-                           meta_dataset=meta, data_collator=collator)  # fmt: skip
+        ReweightingTrainer(
+            model=model(),
+            args=arguments(tmp_path, "source"),
+            train_dataset=train,
+            meta_dataset=meta,
+            data_collator=collator,
+        )
         after.append((torch.rand(2).tolist(), random.random(), float(numpy.random.rand())))
     assert after[0] == after[1]

@@ -34,8 +34,9 @@ def eval_rows() -> list[dict]:
         if i % 3 == 1:
             ids = torch.randint(0, V, (length,), generator=g).tolist()
         labels = [-100] * length if i == NO_TARGET else [-100] * prompt + ids[prompt:]
-        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": labels,
-                     "text": " ".join(map(str, ids))})  # fmt: skip
+        rows.append(
+            {"input_ids": ids, "attention_mask": [1] * length, "labels": labels, "text": " ".join(map(str, ids))}
+        )
     return rows
 
 
@@ -78,13 +79,21 @@ def mean_of_batch_means(model, rows: list[dict], size: int) -> float:
 
 
 @pytest.mark.parametrize(
-    "reweighting, stage", [("example", None), ("source", 3), ("meta_weight_net", 0)],
+    "reweighting, stage",
+    [("example", None), ("source", 3), ("meta_weight_net", 0)],
     ids=["example", "source-zero3", "meta_weight_net-zero0"],
-)  # fmt: skip
+)
 def test_evaluate_reports_the_unweighted_token_mean_loss(tmp_path, reweighting, stage):
     rows = eval_rows()
-    t = trainer(tmp_path, deepspeed=None if stage is None else ds(stage), reweighting=reweighting, max_steps=2,
-                eval_dataset=Dataset.from_list(rows), collator=pad_collate, per_device_eval_batch_size=3)  # fmt: skip
+    t = trainer(
+        tmp_path,
+        deepspeed=None if stage is None else ds(stage),
+        reweighting=reweighting,
+        max_steps=2,
+        eval_dataset=Dataset.from_list(rows),
+        collator=pad_collate,
+        per_device_eval_batch_size=3,
+    )
     # before training too (not under DeepSpeed: transformers' Trainer then trains the inference engine
     # evaluate() built, a plain Trainer included)
     before = t.evaluate() if stage is None else {"eval_loss": token_mean_oracle(t.model, rows)}
@@ -120,9 +129,16 @@ def test_evaluation_during_training_and_the_best_model_at_end(tmp_path, strategy
         schedule.update(eval_steps=2, save_steps=2)
     else:
         schedule.update(max_steps=-1, num_train_epochs=1)  # 64 rows in batches of 8
-    t = trainer(tmp_path, reweighting="meta_weight_net", eval_dataset=Dataset.from_list(rows), collator=pad_collate,
-                per_device_eval_batch_size=3, load_best_model_at_end=True, metric_for_best_model="eval_loss",
-                **schedule)  # fmt: skip
+    t = trainer(
+        tmp_path,
+        reweighting="meta_weight_net",
+        eval_dataset=Dataset.from_list(rows),
+        collator=pad_collate,
+        per_device_eval_batch_size=3,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        **schedule,
+    )
     t.train()
     evaluations = [h for h in t.state.log_history if "eval_loss" in h]
     assert [h["step"] for h in evaluations] == evaluated_at

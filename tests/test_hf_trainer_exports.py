@@ -59,8 +59,10 @@ def test_example_weights_after_a_resume_are_every_examples_final_weight(tmp_path
     assert list(data["examples"].values()) == pytest.approx(oracle, rel=1e-6)
     assert torch.allclose(expected.double(), torch.tensor(oracle, dtype=torch.float64), rtol=1e-6)
     # no source names given: the integer source column's indices name them (hf_toy: 1 is the noise)
-    means = {str(int(noisy)): sum(w for w, n in zip(oracle, NOISY) if n == noisy) / NOISY.count(noisy)
-             for noisy in (False, True)}  # fmt: skip
+    means = {
+        str(int(noisy)): sum(w for w, n in zip(oracle, NOISY) if n == noisy) / NOISY.count(noisy)
+        for noisy in (False, True)
+    }
     assert data["sources"] == pytest.approx(means) and data["source_examples"] == {"0": 48, "1": 16}
     assert "source_softmax" not in data
     with open(tmp_path / "export" / "example_weights.csv") as fh:
@@ -96,10 +98,16 @@ def test_the_weighted_training_set_is_written_as_a_dataset(tmp_path, mode):
     """User-shaped data (text and a string source column kept in the saved set); --save_weighted_dataset."""
     tok = tokenizer()
     train, meta = user_sets(tok)
-    args = arguments(tmp_path, "example", save_weighted_dataset=mode, weighted_dataset_threshold=1.0,
-                     meta_learning_rate=1.0)  # fmt: skip
-    t = ReweightingTrainer(model=model(), args=args, train_dataset=train, meta_dataset=meta,
-                           data_collator=DataCollatorForLanguageModeling(tok, mlm=False))  # fmt: skip
+    args = arguments(
+        tmp_path, "example", save_weighted_dataset=mode, weighted_dataset_threshold=1.0, meta_learning_rate=1.0
+    )
+    t = ReweightingTrainer(
+        model=model(),
+        args=args,
+        train_dataset=train,
+        meta_dataset=meta,
+        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+    )
     t.train()
     saved = load_from_disk(str(tmp_path / "weighted_dataset"))
     raw = torch.sigmoid(t.reweighter.logits.detach().double())
@@ -120,6 +128,11 @@ def test_the_weighted_training_set_is_written_as_a_dataset(tmp_path, mode):
 def test_a_weighted_dataset_needs_a_datasets_dataset(tmp_path):
     t = trainer(tmp_path, reweighting="source", max_steps=1)
     with pytest.raises(ValueError, match="--save_weighted_dataset filter writes a datasets.Dataset, but the training"):
-        ReweightingTrainer(model=t.model, args=arguments(tmp_path, "source", save_weighted_dataset="filter"),
-                           train_dataset=rows(64, 16, 0), meta_dataset=Dataset.from_list(rows(16, 0, 1)),
-                           data_collator=t.data_collator, reweighter_kwargs={"sources": 2})  # fmt: skip
+        ReweightingTrainer(
+            model=t.model,
+            args=arguments(tmp_path, "source", save_weighted_dataset="filter"),
+            train_dataset=rows(64, 16, 0),
+            meta_dataset=Dataset.from_list(rows(16, 0, 1)),
+            data_collator=t.data_collator,
+            reweighter_kwargs={"sources": 2},
+        )

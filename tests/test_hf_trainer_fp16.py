@@ -100,8 +100,15 @@ def test_deepspeed_overflows_skip_model_steps_and_sama_keeps_the_last_step_taken
     pre-step hook does not fire). The meta steps due then read the last step taken (a separate meta step
     must not find its kept gradient missing and raise); the run ends with finite parameters everywhere."""
     config = ds_config(tmp_path, 0, initial_scale_power=40, hysteresis=1)
-    t = trainer(tmp_path, deepspeed=config, fp16=True, reweighting="example", hypergradient_method="sama",
-                shared_forward=shared, max_steps=40)  # fmt: skip
+    t = trainer(
+        tmp_path,
+        deepspeed=config,
+        fp16=True,
+        reweighting="example",
+        hypergradient_method="sama",
+        shared_forward=shared,
+        max_steps=40,
+    )
     t.train()
     skipped = t.model_wrapped.skipped_steps
     assert 5 <= skipped < 35 and t.model_wrapped.optimizer.loss_scale == 2.0 ** (40 - skipped)
@@ -125,11 +132,11 @@ def test_autocast_fp16_model_meta_steps_match_float32(tmp_path, gpu_like_autocas
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "unshared"])
-def test_gradscaler_overflows_skip_model_steps_and_sama_keeps_the_last_step_taken(tmp_path, gpu_like_autocast,
-                                                                                  shared):  # fmt: skip
+def test_gradscaler_overflows_skip_model_steps_and_sama_keeps_the_last_step_taken(tmp_path, gpu_like_autocast, shared):
     gpu_like_autocast.update(init_scale=2.0**40, growth_interval=1000)
-    t = trainer(tmp_path, fp16=True, reweighting="example", hypergradient_method="sama", shared_forward=shared,
-                max_steps=40)  # fmt: skip
+    t = trainer(
+        tmp_path, fp16=True, reweighting="example", hypergradient_method="sama", shared_forward=shared, max_steps=40
+    )
     t.train()
     scale = t.accelerator.scaler.get_scale()
     assert scale < 2.0**30  # it was lowered: steps were skipped

@@ -36,8 +36,16 @@ def plain_trainer_with_deepspeed(tmp_path) -> Trainer:
     """A baseline as a user writes it: transformers' own Trainer, --deepspeed ZeRO-2, the same toy data."""
     torch.manual_seed(1)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16))
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2, use_cpu=True,
-                             report_to=[], save_strategy="no", deepspeed=ds(2), disable_tqdm=True)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        deepspeed=ds(2),
+        disable_tqdm=True,
+    )
 
     def collate(items):
         return {k: torch.tensor([it[k] for it in items]) for k in ("input_ids", "attention_mask", "labels")}

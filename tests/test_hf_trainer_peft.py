@@ -30,22 +30,49 @@ METHODS = ["finite_difference", "sama", "neumann", "cg", "penalty"]  # exact: sm
 
 def gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=T,
-                                      attn_implementation="eager", resid_pdrop=0.0, embd_pdrop=0.0,
-                                      attn_pdrop=0.0))  # fmt: skip
+    return GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=2,
+            n_embd=32,
+            n_head=2,
+            vocab_size=V,
+            n_positions=T,
+            attn_implementation="eager",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
 
 
 def peft_trainer(tmp_path, model=None, peft_config=None, max_steps=4, deepspeed=None, **kwargs) -> ReweightingTrainer:
     config = {"save_strategy": "no", **LORA, **kwargs} if peft_config is None else {"save_strategy": "no", **kwargs}
     args = ReweightingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=max_steps, learning_rate=5e-3,
-        lr_scheduler_type="linear", report_to=[], use_cpu=True, seed=0, meta_learning_rate=0.1,
-        per_device_meta_batch_size=8, reweighting="source", logging_steps=1, disable_tqdm=True, deepspeed=deepspeed,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=max_steps,
+        learning_rate=5e-3,
+        lr_scheduler_type="linear",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        meta_learning_rate=0.1,
+        per_device_meta_batch_size=8,
+        reweighting="source",
+        logging_steps=1,
+        disable_tqdm=True,
+        deepspeed=deepspeed,
         **config,
-    )  # fmt: skip
-    return ReweightingTrainer(model=model or gpt2(), args=args, train_dataset=Dataset.from_list(rows(64, 16, 0)),
-                              meta_dataset=Dataset.from_list(rows(16, 0, 1)), data_collator=collate,
-                              reweighter_kwargs={"sources": ["clean", "noisy"]}, peft_config=peft_config)  # fmt: skip
+    )
+    return ReweightingTrainer(
+        model=model or gpt2(),
+        args=args,
+        train_dataset=Dataset.from_list(rows(64, 16, 0)),
+        meta_dataset=Dataset.from_list(rows(16, 0, 1)),
+        data_collator=collate,
+        reweighter_kwargs={"sources": ["clean", "noisy"]},
+        peft_config=peft_config,
+    )
 
 
 def split(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

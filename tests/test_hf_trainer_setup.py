@@ -27,8 +27,14 @@ def test_a_script_with_deepspeed_runs_without_a_launcher_or_a_set_up_call(tmp_pa
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     env["DS_ACCELERATOR"] = "cpu"
     config = ROOT / "configs" / "ds" / f"trainer_zero{stage}.json"
-    cmd = [sys.executable, str(ROOT / "tests" / "hf_plain_script.py"), "--output_dir", str(tmp_path),
-           "--deepspeed", str(config)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "tests" / "hf_plain_script.py"),
+        "--output_dir",
+        str(tmp_path),
+        "--deepspeed",
+        str(config),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "trained 2 steps on 1 ranks" in proc.stdout

@@ -154,9 +154,10 @@ def test_near_duplicates_copy_a_few_documents_per_source(corpus, built, tmp_path
     settings = corpus.CorpusSettings()
     for source in settings.corrupted_sources:
         copies = collections.Counter(
-            row["duplicate_of"] for row in built["splits"]["train"]
+            row["duplicate_of"]
+            for row in built["splits"]["train"]
             if row["source"] == source and row["corruption"] == "near_duplicate"
-        )  # fmt: skip
+        )
         assert len(copies) == settings.near_duplicate_originals and min(copies.values()) >= 5
     # near_duplicate_originals=0: one copy of a different document each
     splits = corpus.split_documents(corpus.clean_documents(), 0, corpus.CorpusSettings(near_duplicate_originals=0))

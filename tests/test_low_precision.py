@@ -29,8 +29,17 @@ def tiny_gpt2() -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=SEQ, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")  # fmt: skip
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation="eager",
+    )
     model = GPT2LMHeadModel(config)
     with torch.no_grad():  # both runs start from the same (bf16-representable) weights
         for p in model.parameters():
@@ -85,10 +94,20 @@ def program(model_ds: dict | str, max_steps: int = 0, **kw) -> Engine:
     ``kw``: the weight net's LevelConfig fields (method and its settings)."""
     lm, net = tiny_gpt2(), weight_net()
     kind = SharedModel if kw.get("shared_forward") else Model
-    model = kind("model", lm, torch.optim.Adam(lm.parameters(), lr=1e-3), batches("train"),
-                 config=LevelConfig(gradient_accumulation=ACCUMULATION, deepspeed_config=model_ds))  # fmt: skip
-    weights = Weights("weights", net, torch.optim.SGD(net.parameters(), lr=1.0), batches("meta"),
-                      config=LevelConfig(deepspeed_config={"zero_optimization": {"stage": 0}}, **kw))  # fmt: skip
+    model = kind(
+        "model",
+        lm,
+        torch.optim.Adam(lm.parameters(), lr=1e-3),
+        batches("train"),
+        config=LevelConfig(gradient_accumulation=ACCUMULATION, deepspeed_config=model_ds),
+    )
+    weights = Weights(
+        "weights",
+        net,
+        torch.optim.SGD(net.parameters(), lr=1.0),
+        batches("meta"),
+        config=LevelConfig(deepspeed_config={"zero_optimization": {"stage": 0}}, **kw),
+    )
     config = EngineConfig(max_steps=max_steps, log_every=1, progress_bar=False)
     return Engine([model, weights], {"weights": ["model"]}, config)
 
@@ -213,8 +232,9 @@ def test_a_float32_level_called_with_bf16_tensors_gets_them_in_float32():
     """Levels of different precision in one program: a level's module receives floating inputs in its
     own dtype when one side is bf16/fp16 (float64 vs float32 is left alone: that is a user's mistake)."""
     net = weight_net()
-    level = Weights("weights", net, torch.optim.SGD(net.parameters(), lr=1.0), batches("meta"),
-                    config=LevelConfig(backend="torch"))  # fmt: skip
+    level = Weights(
+        "weights", net, torch.optim.SGD(net.parameters(), lr=1.0), batches("meta"), config=LevelConfig(backend="torch")
+    )
     out = level(torch.ones(3, 1, dtype=torch.bfloat16))
     assert out.dtype == torch.float32
     with pytest.raises(RuntimeError):

@@ -95,9 +95,13 @@ def split_engine(method, optimizer_factory, scheduler=None, cut=5):
         problem=PROB,
     )
     weights = ExampleWeights(
-        "weights", weights_module, torch.optim.SGD(weights_module.parameters(), lr=0.1), [None],
-        config=LevelConfig(backend="torch", method=method), problem=PROB,
-    )  # fmt: skip
+        "weights",
+        weights_module,
+        torch.optim.SGD(weights_module.parameters(), lr=0.1),
+        [None],
+        config=LevelConfig(backend="torch", method=method),
+        problem=PROB,
+    )
     return Engine([weights, model], {"weights": ["model"]}, EngineConfig(max_steps=0, progress_bar=False))
 
 

@@ -19,8 +19,13 @@ from scalemlo import Engine, EngineConfig, LevelConfig  # noqa: E402
 from scalemlo.testing import ChainA, ChainB, ChainC, ChainProblem, VectorModule  # noqa: E402
 
 PROB64 = ChainProblem.make()
-PROB = ChainProblem(**{f.name: (v.float() if torch.is_tensor(v) else v)
-                       for f in dataclasses.fields(PROB64) for v in [getattr(PROB64, f.name)]})  # fmt: skip
+PROB = ChainProblem(
+    **{
+        f.name: (v.float() if torch.is_tensor(v) else v)
+        for f in dataclasses.fields(PROB64)
+        for v in [getattr(PROB64, f.name)]
+    }
+)
 A = torch.tensor([0.3, -1.2, 0.7])
 LR = (0.1, 0.05, 0.2)
 
@@ -56,11 +61,14 @@ def test_a_zero3_middle_level_gives_the_unrolled_closed_form():
     assert float((got_b - want_b).norm() / want_b.norm()) < 1e-4
 
 
-@pytest.mark.parametrize("method, kw", [
-    ("finite_difference", {}),
-    ("cg", {"second_order": "finite_difference", "cg_iterations": 3}),
-    ("penalty", {"penalty_steps": 2}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "method, kw",
+    [
+        ("finite_difference", {}),
+        ("cg", {"second_order": "finite_difference", "cg_iterations": 3}),
+        ("penalty", {"penalty_steps": 2}),
+    ],
+)
 def test_a_zero3_middle_level_trains_as_at_zero0(method, kw):
     """30 global steps of the whole chain (B steps on its hypergradient every step, A on its own): the
     same parameters as the chain with B at ZeRO-0, to float32 rounding."""

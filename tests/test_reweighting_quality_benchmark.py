@@ -38,9 +38,10 @@ def report(bench, tmp_path_factory):
 
 
 def test_every_baseline_trained_with_its_own_data_and_the_same_budget(report):
-    for task, names in (("instruction", {"uniform", "uniform_plus_meta", "clean_only", "learned"}),
-                        ("domain", {"uniform", "uniform_plus_meta", "clean_only", "learned", "uniform_mixture",
-                                    "doremi_mixture"})):  # fmt: skip
+    for task, names in (
+        ("instruction", {"uniform", "uniform_plus_meta", "clean_only", "learned"}),
+        ("domain", {"uniform", "uniform_plus_meta", "clean_only", "learned", "uniform_mixture", "doremi_mixture"}),
+    ):
         (row,) = report["tasks"][task]["rows"]
         assert set(row["runs"]) == names and row["steps"] == 4
         losses = row["heldout_loss"]
@@ -97,8 +98,10 @@ def test_prompt_tokens_carry_no_loss(bench):
     sys.path.insert(0, str(ROOT / "examples" / "llm_reweighting"))
     import corpus
 
-    rows = [{"prompt": "What does `json.dumps(obj)` do?", "response": "Serialize obj to a JSON formatted str."},
-            {"prompt": "What does `os.getcwd()` do?", "response": "Return the current directory."}]  # fmt: skip
+    rows = [
+        {"prompt": "What does `json.dumps(obj)` do?", "response": "Serialize obj to a JSON formatted str."},
+        {"prompt": "What does `os.getcwd()` do?", "response": "Return the current directory."},
+    ]
     tokenizer = corpus.train_tokenizer([r["prompt"] + "\n" + r["response"] for r in rows] * 20, vocab_size=300)
     batch = bench.PromptMaskedCollator(tokenizer.pad_token_id)([dict(x) for x in bench.encode(rows, tokenizer)])
     torch.manual_seed(0)

@@ -24,8 +24,18 @@ VOCAB, LR, META_LR, REG = 61, 0.05, 0.1, 2.5
 
 def tiny_gpt2(dtype, layers=2, width=32, seed=0):
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=width, n_layer=layers, n_head=4, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=32,
+        n_embd=width,
+        n_layer=layers,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     cfg._attn_implementation = "eager"
     return GPT2LMHeadModel(cfg).to(dtype)
 
@@ -72,14 +82,28 @@ def data(seed=0, n=4):
     ]
 
 
-def program(dtype=torch.float64, method="finite_difference", optimizer="sgd", shared=True, layers=2, width=32,
-            steps=1, model_cls=None, **config):  # fmt: skip
+def program(
+    dtype=torch.float64,
+    method="finite_difference",
+    optimizer="sgd",
+    shared=True,
+    layers=2,
+    width=32,
+    steps=1,
+    model_cls=None,
+    **config,
+):
     lm, net = tiny_gpt2(dtype, layers, width), weight_net(dtype)
     train, meta = data()
     make = (lambda p: torch.optim.SGD(p, lr=LR)) if optimizer == "sgd" else (lambda p: torch.optim.Adam(p, lr=1e-3))
     model = (model_cls or Model)("model", lm, make, train, config=LevelConfig(backend="torch"))
-    upper = Meta("meta", net, lambda p: torch.optim.SGD(p, lr=META_LR), meta,
-                 config=LevelConfig(backend="torch", method=method, shared_forward=shared, **config))  # fmt: skip
+    upper = Meta(
+        "meta",
+        net,
+        lambda p: torch.optim.SGD(p, lr=META_LR),
+        meta,
+        config=LevelConfig(backend="torch", method=method, shared_forward=shared, **config),
+    )
     return Engine([model, upper], {"meta": ["model"]}, EngineConfig(max_steps=steps, progress_bar=False, log_every=0))
 
 
@@ -269,8 +293,13 @@ def build_with(model_cls, **config):
     lm, net = tiny_gpt2(torch.float64), weight_net(torch.float64)
     train, meta = data()
     model = model_cls("model", lm, lambda p: torch.optim.SGD(p, lr=LR), train, config=LevelConfig(backend="torch"))
-    upper = Meta("meta", net, lambda p: torch.optim.SGD(p, lr=0.1), meta,
-                 config=LevelConfig(backend="torch", shared_forward=True, **config))  # fmt: skip
+    upper = Meta(
+        "meta",
+        net,
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        meta,
+        config=LevelConfig(backend="torch", shared_forward=True, **config),
+    )
     return Engine([model, upper], {"meta": ["model"]}, EngineConfig(max_steps=1, progress_bar=False))
 
 
@@ -303,8 +332,13 @@ def test_two_levels_below_are_refused():
     train, meta = data()
     a = Model("model", lm, lambda p: torch.optim.SGD(p, lr=LR), train, config=LevelConfig(backend="torch"))
     b = Model("other", lm2, lambda p: torch.optim.SGD(p, lr=LR), train, config=LevelConfig(backend="torch"))
-    upper = Meta("meta", net, lambda p: torch.optim.SGD(p, lr=0.1), meta,
-                 config=LevelConfig(backend="torch", shared_forward=True))  # fmt: skip
+    upper = Meta(
+        "meta",
+        net,
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        meta,
+        config=LevelConfig(backend="torch", shared_forward=True),
+    )
     with pytest.raises(ValueError, match="exactly one level below it"):
         Engine([a, b, upper], {"meta": ["model", "other"]}, EngineConfig(max_steps=1, progress_bar=False))
 

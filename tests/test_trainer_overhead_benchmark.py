@@ -12,8 +12,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_overhead_benchmark_measures_three_rows(tmp_path):
     out = tmp_path / "overhead.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "trainer_overhead.py"), "--size", "tiny", "--steps", "12",
-           "--skip", "2", "--threads", "1", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "trainer_overhead.py"),
+        "--size",
+        "tiny",
+        "--steps",
+        "12",
+        "--skip",
+        "2",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())

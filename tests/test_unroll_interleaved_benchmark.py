@@ -13,8 +13,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_interleaved_benchmark_takes_one_meta_step_per_cycle(tmp_path):
     out = tmp_path / "u3.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "unroll_interleaved.py"), "--size", "4m", "--unroll", "3",
-           "--rounds", "2", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "unroll_interleaved.py"),
+        "--size",
+        "4m",
+        "--unroll",
+        "3",
+        "--rounds",
+        "2",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -145,24 +145,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 values["votes_pdot"] = votes.tolist()
                 dot = torch.tensor(values["dot"])
                 clean = torch.tensor([k == "" for k in kinds])
-                rows.append({
-                    "step": state.global_step,
-                    **{name: aucs(v, kinds) for name, v in values.items()},
-                    "share_dot_positive_clean": float((dot[clean] > 0).double().mean()),
-                    "share_dot_positive_corrupted": float((dot[~clean] > 0).double().mean()),
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "step": state.global_step,
+                        **{name: aucs(v, kinds) for name, v in values.items()},
+                        "share_dot_positive_clean": float((dot[clean] > 0).double().mean()),
+                        "share_dot_positive_corrupted": float((dot[~clean] > 0).double().mean()),
+                    }
+                )
 
     trainer = reweight.UniformTrainer(
-        model=model, args=reweight.baseline_arguments(args, "uniform"), train_dataset=tokenized,
-        data_collator=collate, callbacks=[Measure()],
-    )  # fmt: skip
+        model=model,
+        args=reweight.baseline_arguments(args, "uniform"),
+        train_dataset=tokenized,
+        data_collator=collate,
+        callbacks=[Measure()],
+    )
     trainer.train()
     kinds_sorted = ["all", *sorted(set(kinds) - {""})]
     print(f"{'step':>5} {'signal':>10} " + " ".join(f"{k:>14}" for k in kinds_sorted) + "   dot>0 clean/corrupted")
     for row in rows:
         for name in SIGNALS:
-            shares = (f"   {row['share_dot_positive_clean']:.2f}/{row['share_dot_positive_corrupted']:.2f}"
-                      if name == "dot" else "")  # fmt: skip
+            shares = (
+                f"   {row['share_dot_positive_clean']:.2f}/{row['share_dot_positive_corrupted']:.2f}"
+                if name == "dot"
+                else ""
+            )
             print(f"{row['step']:>5} {name:>10} " + " ".join(f"{row[name][k]:>14.3f}" for k in kinds_sorted) + shares)
     if options.out:
         Path(options.out).write_text(json.dumps({"settings": vars(options), "rows": rows}, indent=1))

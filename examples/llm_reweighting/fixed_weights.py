@@ -42,8 +42,10 @@ def fixed_table(corpus: Path, truth: float | None, weights_from: str | None) -> 
     ids = [row["id"] for row in train] + [f"meta/{row['id']}" for row in meta]
     missing = [i for i in ids if i not in examples]
     if missing:
-        raise ValueError(f"--weights_from {weights_from}: no weight for {len(missing)} rows (e.g. {missing[0]}); "
-                         "give the output directory of a run on the same corpus seed with --train_on_meta")  # fmt: skip
+        raise ValueError(
+            f"--weights_from {weights_from}: no weight for {len(missing)} rows (e.g. {missing[0]}); "
+            "give the output directory of a run on the same corpus seed with --train_on_meta"
+        )
     return torch.tensor([examples[i] for i in ids])
 
 

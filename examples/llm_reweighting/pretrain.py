@@ -101,16 +101,29 @@ def pretrain(cache_dir: str | Path, seed: int = 0, **settings: Any) -> Path:
     tokenizer = corpus.train_tokenizer(texts, partial, config.vocab_size, config.max_length)
     model, losses = _train(texts, tokenizer, seed, config)
     model.save_pretrained(str(partial))
-    info = {"seed": seed, "settings": dataclasses.asdict(config), "documents": len(texts),
-            "texts_sha256": stdlib_text.texts_hash(texts), "python": sys.version.split()[0],
-            "first_loss": losses[0], "last_loss": sum(losses[-20:]) / len(losses[-20:]),
-            "seconds": time.perf_counter() - start}  # fmt: skip
+    info = {
+        "seed": seed,
+        "settings": dataclasses.asdict(config),
+        "documents": len(texts),
+        "texts_sha256": stdlib_text.texts_hash(texts),
+        "python": sys.version.split()[0],
+        "first_loss": losses[0],
+        "last_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "seconds": time.perf_counter() - start,
+    }
     (partial / INFO).write_text(json.dumps(info, indent=1) + "\n")
     if out.exists():  # a directory without its info: an earlier build that did not finish
         shutil.rmtree(out)
     os.replace(partial, out)
-    logger.info("pre-trained %s: %d steps on %d documents, loss %.3f -> %.3f, %.0f s", out, config.steps,
-                len(texts), info["first_loss"], info["last_loss"], info["seconds"])  # fmt: skip
+    logger.info(
+        "pre-trained %s: %d steps on %d documents, loss %.3f -> %.3f, %.0f s",
+        out,
+        config.steps,
+        len(texts),
+        info["first_loss"],
+        info["last_loss"],
+        info["seconds"],
+    )
     return out
 
 

@@ -42,9 +42,11 @@ class DefaultRunArguments:
     corpus_seed: int = field(default=0, metadata={"help": "Default run: seed of the built corpus"})
     pretrain_steps: int = field(
         default=0,
-        metadata={"help": "Default run: fine-tune a model pre-trained this many steps on other clean text "
-                  "(pretrain.py, seeded by --model_seed, cached); 0: train a model built from a config, from scratch"},
-    )  # fmt: skip
+        metadata={
+            "help": "Default run: fine-tune a model pre-trained this many steps on other clean text "
+            "(pretrain.py, seeded by --model_seed, cached); 0: train a model built from a config, from scratch"
+        },
+    )
     pretrain_cache: str = field(
         default="runs/pretrained", metadata={"help": "Default run: where pre-trained starting models are cached"}
     )
@@ -100,8 +102,12 @@ def default_run_argv(argv: list[str]) -> list[str]:
     if steps > 0 and start is None:  # another rank: the directory rank 0 built (its name follows the settings)
         start = pretrain.pretrain(cache, model_seed, steps=steps)
     argv = ["--config", str(HERE / "config.yaml"), f"--output_dir={out}", "--report_to", "none"]
-    argv += [f"--train_file={data / 'train.jsonl'}", f"--meta_file={data / 'meta.jsonl'}",
-             f"--validation_file={data / 'validation.jsonl'}", f"--heldout_file={data / 'heldout.jsonl'}"]  # fmt: skip
+    argv += [
+        f"--train_file={data / 'train.jsonl'}",
+        f"--meta_file={data / 'meta.jsonl'}",
+        f"--validation_file={data / 'validation.jsonl'}",
+        f"--heldout_file={data / 'heldout.jsonl'}",
+    ]
     if start is not None:
         argv += [f"--model_name_or_path={start}", f"--tokenizer_name={start}"]
     else:
@@ -112,8 +118,9 @@ def default_run_argv(argv: list[str]) -> list[str]:
 def is_default_run(argv: list[str]) -> bool:
     """No data given: no ``--train_file``, ``--dataset_name`` or config file (other flags override the default's);
     ``--help`` builds nothing."""
-    given = any(a.startswith(("--train_file", "--dataset_name", "--config=")) or a in ("--config", "-h", "--help")
-                for a in argv)  # fmt: skip
+    given = any(
+        a.startswith(("--train_file", "--dataset_name", "--config=")) or a in ("--config", "-h", "--help") for a in argv
+    )
     return not given and not (argv and argv[0].endswith((".json", ".yaml", ".yml")))
 
 

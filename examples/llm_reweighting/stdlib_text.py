@@ -17,8 +17,20 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-SKIPPED_PARTS = {"idlelib", "tkinter", "turtledemo", "lib2to3", "distutils", "ensurepip", "site-packages",
-                 "dist-packages", "__pycache__", "pydoc_data", "encodings", "__phello__"}  # fmt: skip
+SKIPPED_PARTS = {
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "lib2to3",
+    "distutils",
+    "ensurepip",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "pydoc_data",
+    "encodings",
+    "__phello__",
+}
 
 
 def stdlib_dir() -> Path:

@@ -43,8 +43,7 @@ class DeepSpeedBackend(_Backend):
         group_index: the optimizer parameter group of each trainable parameter.
     """
 
-    def __init__(self, module: torch.nn.Module, params, optimizer, scheduler, ds_config: dict, name: str,
-                 group_index):  # fmt: skip
+    def __init__(self, module: torch.nn.Module, params, optimizer, scheduler, ds_config: dict, name: str, group_index):
         deepspeed = import_deepspeed()
         upstream.require("deepspeed")
         ensure_distributed()

@@ -43,8 +43,16 @@ class TorchBackend(_Backend):
 
     partitioned = False
 
-    def __init__(self, module: torch.nn.Module, params: Sequence[torch.nn.Parameter], optimizer, scheduler, config,
-                 group_index, name: str = "level"):  # fmt: skip
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        params: Sequence[torch.nn.Parameter],
+        optimizer,
+        scheduler,
+        config,
+        group_index,
+        name: str = "level",
+    ):
         self.module = module
         self.optimizer = optimizer
         self.scheduler = scheduler

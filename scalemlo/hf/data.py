@@ -60,8 +60,9 @@ def data_source_names(dataset: Any) -> list[str] | None:
     return sorted(set(dataset[SOURCE_COLUMN]))
 
 
-def scheme_arguments(scheme: str, dataset: Any, given: Mapping[str, Any] | None,
-                     source_names: Sequence[str] | None) -> dict[str, Any]:  # fmt: skip
+def scheme_arguments(
+    scheme: str, dataset: Any, given: Mapping[str, Any] | None, source_names: Sequence[str] | None
+) -> dict[str, Any]:
     """The keyword arguments of reweighting ``scheme`` derived from the training set, under those ``given``.
 
     ``source``: ``sources`` = the names of a string ``source`` column, else ``source_names``' number, else
@@ -131,8 +132,12 @@ class PreparedTrainingSet:
     source_names: list[str] | None
 
 
-def prepare_training_set(dataset: Any, mapping: Mapping[str, int] | None, example_names: Sequence[str] | None,
-                         source_names: Sequence[str] | None) -> PreparedTrainingSet:  # fmt: skip
+def prepare_training_set(
+    dataset: Any,
+    mapping: Mapping[str, int] | None,
+    example_names: Sequence[str] | None,
+    source_names: Sequence[str] | None,
+) -> PreparedTrainingSet:
     """``id`` and ``source`` as integer columns and the text columns dropped (see the module docstring).
 
     Args:
@@ -220,8 +225,9 @@ def _columns(dataset: Any, rows: Sequence[Any]) -> list[str]:
     return sorted(rows[0]) if rows and isinstance(rows[0], Mapping) else [type(rows[0]).__name__ if rows else "?"]
 
 
-def check_batch(name: str, dataset: Any, collate, size: int, reweighter: Any = None,
-                columns: Sequence[str] | None = None) -> None:  # fmt: skip
+def check_batch(
+    name: str, dataset: Any, collate, size: int, reweighter: Any = None, columns: Sequence[str] | None = None
+) -> None:
     """Collate the first ``size`` rows of ``dataset`` and check the batch.
 
     The batch must hold ``input_ids`` and ``labels`` as [B, T] tensors (and ``attention_mask`` of the same

@@ -98,8 +98,9 @@ class TokenMeanEvaluation(Trainer):
             return loss, None, None
         return loss, logits.detach(), inputs["labels"]
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix: str = "eval"):  # fmt: skip
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ):
         """``Trainer.evaluation_loop`` on the token-mean loss over the whole set.
 
         ``{prefix}_loss`` is the token mean over the whole set and ``{prefix}_perplexity`` its exponential
@@ -110,8 +111,9 @@ class TokenMeanEvaluation(Trainer):
         """
         self._eval_totals = torch.zeros(2, dtype=torch.float64)
         try:
-            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                             metric_key_prefix)  # fmt: skip
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
             loss_sum, tokens = self._eval_totals.tolist()
         finally:
             self._eval_totals = None

@@ -34,8 +34,9 @@ SCALE = "mean 1 over the training set"
 WEIGHTED_DATASET_MODES = ("no", "column", "filter", "resample")
 
 
-def source_weights(weights: torch.Tensor, sources: Sequence[int], names: Sequence[str] | None
-                   ) -> tuple[dict[str, float], dict[str, int]]:  # fmt: skip
+def source_weights(
+    weights: torch.Tensor, sources: Sequence[int], names: Sequence[str] | None
+) -> tuple[dict[str, float], dict[str, int]]:
     """The mean weight of each source's examples and their number, by source name (sorted by index).
 
     Args:
@@ -53,9 +54,14 @@ def source_weights(weights: torch.Tensor, sources: Sequence[int], names: Sequenc
     return {name(i): sums[i] / counts[i] for i in order}, {name(i): counts[i] for i in order}
 
 
-def write_weights(directory: str | Path, weights: torch.Tensor, example_names: Sequence[str],
-                  sources: Sequence[int] | None = None, source_names: Sequence[str] | None = None,
-                  source_softmax: Mapping[str, float] | None = None) -> dict[str, Any]:  # fmt: skip
+def write_weights(
+    directory: str | Path,
+    weights: torch.Tensor,
+    example_names: Sequence[str],
+    sources: Sequence[int] | None = None,
+    source_names: Sequence[str] | None = None,
+    source_softmax: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
     """Write ``weights.json``, ``example_weights.csv`` and ``source_weights.csv`` in ``directory``.
 
     Args:
@@ -79,8 +85,12 @@ def write_weights(directory: str | Path, weights: torch.Tensor, example_names: S
     directory.mkdir(parents=True, exist_ok=True)
     values = weights.double().tolist()
     by_source, counts = source_weights(weights, sources, source_names) if sources is not None else ({}, {})
-    data: dict[str, Any] = {"scale": SCALE, "examples": dict(zip(map(str, example_names), values)),
-                            "sources": by_source, "source_examples": counts}  # fmt: skip
+    data: dict[str, Any] = {
+        "scale": SCALE,
+        "examples": dict(zip(map(str, example_names), values)),
+        "sources": by_source,
+        "source_examples": counts,
+    }
     if source_softmax:
         data["source_softmax"] = dict(source_softmax)
     (directory / "weights.json").write_text(json.dumps(data, indent=1))
@@ -98,8 +108,9 @@ def write_weights(directory: str | Path, weights: torch.Tensor, example_names: S
     return data
 
 
-def weighted_dataset(dataset, weights, mode: str, threshold: float = 0.5, seed: int = 0,
-                     column: str = "scalemlo_weight"):  # fmt: skip
+def weighted_dataset(
+    dataset, weights, mode: str, threshold: float = 0.5, seed: int = 0, column: str = "scalemlo_weight"
+):
     """The training set with its learned weights; every mode keeps the weight column.
 
     Args:

@@ -69,29 +69,42 @@ def render_model_card(facts: CardFacts) -> str:
         datasets=list(facts.datasets) or None,
     )
     lines = [f"---\n{data.to_yaml()}\n---", "", f"# Model card for {facts.model_name}", "", facts.base_text]
-    lines += ["It was trained with scalemlo's `ReweightingTrainer`, a "
-              "`transformers.Trainer` that learns how to weight its training data: a weighting model steps on the "
-              "hypergradient of the model's loss on a small clean meta set.", ""]  # fmt: skip
+    lines += [
+        "It was trained with scalemlo's `ReweightingTrainer`, a "
+        "`transformers.Trainer` that learns how to weight its training data: a weighting model steps on the "
+        "hypergradient of the model's loss on a small clean meta set.",
+        "",
+    ]
     if facts.adapter is not None:
         load = facts.hub_model_id or "<this folder>"
-        lines += ["## Adapter", "", "A LoRA adapter (PEFT) over the base model; load it with "
-                  f"`peft.AutoPeftModelForCausalLM.from_pretrained(\"{load}\")`.", ""]  # fmt: skip
+        lines += [
+            "## Adapter",
+            "",
+            "A LoRA adapter (PEFT) over the base model; load it with "
+            f'`peft.AutoPeftModelForCausalLM.from_pretrained("{load}")`.',
+            "",
+        ]
         lines += _table(("setting", "value"), [(k, _fmt(v)) for k, v in facts.adapter.items()])
     lines += ["## Training data", ""]
     lines += [f"- {name}: {text}" for name, text in facts.data] + [""]
     lines += ["## Reweighting", ""]
     lines += _table(("setting", "value"), [(k, _fmt(v)) for k, v in facts.training.items()])
     if facts.sources:
-        lines += ["## Learned source weights", "",
-                  "The final weighting model's weight of every training example, averaged over each source's "
-                  "examples, on one scale: mean 1 over the training set (as `weights.json` has them)."]  # fmt: skip
+        lines += [
+            "## Learned source weights",
+            "",
+            "The final weighting model's weight of every training example, averaged over each source's "
+            "examples, on one scale: mean 1 over the training set (as `weights.json` has them).",
+        ]
         softmax = any(row.softmax is not None for row in facts.sources)
         if softmax:
             lines[-1] += " `softmax` is the `source` scheme's α (summing to 1 over the sources)."
         lines += [""]
         header = ("source", "examples", "mean weight", *(("softmax",) if softmax else ()))
-        rows = [(row.name, str(row.examples), f"{row.mean_weight:.4f}",
-                 *((_fmt(row.softmax),) if softmax else ())) for row in facts.sources]  # fmt: skip
+        rows = [
+            (row.name, str(row.examples), f"{row.mean_weight:.4f}", *((_fmt(row.softmax),) if softmax else ()))
+            for row in facts.sources
+        ]
         lines += _table(header, rows)
     if facts.metrics:
         lines += ["## Held-out results", "", "Losses are token-mean causal-LM losses (lower is better)."]
@@ -146,8 +159,9 @@ def base_model_of(model: Any) -> tuple[str | None, str]:
     params = sum(p.numel() for p in base.parameters())
     kind = f"{getattr(config, 'model_type', '?')}, {params:,} parameters"
     if not name:
-        return None, (f"The model was built from a `{type(config).__name__}` ({kind}), not loaded from a "
-                      "pretrained checkpoint.")  # fmt: skip
+        return None, (
+            f"The model was built from a `{type(config).__name__}` ({kind}), not loaded from a pretrained checkpoint."
+        )
     if os.path.isdir(name):
         return None, f"The model was fine-tuned from the local checkpoint `{name}` ({kind})."
     return name, f"This model is a fine-tuned version of [{name}](https://huggingface.co/{name}) ({kind})."
@@ -161,8 +175,9 @@ def dataset_text(dataset: Any) -> str:
     return f"{rows} of `{name}`" if name else rows
 
 
-def source_rows(weights, sources: Sequence[int], names: Sequence[str] | None,
-                softmax: Mapping[str, float] | None) -> list[SourceRow]:  # fmt: skip
+def source_rows(
+    weights, sources: Sequence[int], names: Sequence[str] | None, softmax: Mapping[str, float] | None
+) -> list[SourceRow]:
     """The card's source table from the training set's final weights [N] and source indices [N].
 
     Args:
@@ -191,9 +206,14 @@ def framework_versions(adapter: bool) -> dict[str, str]:
     return out
 
 
-def trainer_facts(trainer: Any, weights=None, model_name: str | None = None, dataset_name: str | Sequence[str] | None
-                  = None, tags: str | Sequence[str] | None = None, metrics: Mapping[str, float] | None = None
-                  ) -> CardFacts:  # fmt: skip
+def trainer_facts(
+    trainer: Any,
+    weights=None,
+    model_name: str | None = None,
+    dataset_name: str | Sequence[str] | None = None,
+    tags: str | Sequence[str] | None = None,
+    metrics: Mapping[str, float] | None = None,
+) -> CardFacts:
     """A ``ReweightingTrainer``'s card facts.
 
     Args:
@@ -258,10 +278,20 @@ def trainer_facts(trainer: Any, weights=None, model_name: str | None = None, dat
     tags = [tags] if isinstance(tags, str) else list(tags or [])
     if adapter is not None:
         tags.append("lora")
-    return CardFacts(model_name=model_name, base_model=hub_id, base_text=base_text, training=training, data=data,
-                     sources=sources, metrics=results, adapter=adapter, tags=tags, datasets=names,
-                     hub_model_id=getattr(trainer, "hub_model_id", None),
-                     versions=framework_versions(adapter is not None))  # fmt: skip
+    return CardFacts(
+        model_name=model_name,
+        base_model=hub_id,
+        base_text=base_text,
+        training=training,
+        data=data,
+        sources=sources,
+        metrics=results,
+        adapter=adapter,
+        tags=tags,
+        datasets=names,
+        hub_model_id=getattr(trainer, "hub_model_id", None),
+        versions=framework_versions(adapter is not None),
+    )
 
 
 class ModelCards:

@@ -156,9 +156,14 @@ class MetaWeightNet(Reweighter):
     """
 
     def __init__(
-        self, hidden_size: int = 100, n_features: int = 0, feature_column: str = "features", eps: float = 1e-8,
-        centered: bool = True, uniform_start: bool = True,
-    ) -> None:  # fmt: skip
+        self,
+        hidden_size: int = 100,
+        n_features: int = 0,
+        feature_column: str = "features",
+        eps: float = 1e-8,
+        centered: bool = True,
+        uniform_start: bool = True,
+    ) -> None:
         super().__init__(eps)
         self.reads_losses = True
         for name, value, least in (("hidden_size", hidden_size, 1), ("n_features", n_features, 0)):
@@ -428,8 +433,13 @@ class CollapseMonitor:
             are present (off by default, 1: dropping a noisy source is often the goal).
     """
 
-    def __init__(self, threshold_ess: float = 0.1, threshold_max_share: float = 0.9, raw_epsilon: float = 1e-3,
-                 threshold_source_share: float = 1.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        threshold_ess: float = 0.1,
+        threshold_max_share: float = 0.9,
+        raw_epsilon: float = 1e-3,
+        threshold_source_share: float = 1.0,
+    ) -> None:
         if not 0 < threshold_ess < 1 or not 0 < threshold_max_share <= 1 or not raw_epsilon > 0:
             raise ValueError(
                 "CollapseMonitor needs 0 < threshold_ess < 1, 0 < threshold_max_share <= 1 and raw_epsilon > 0; "

@@ -194,9 +194,18 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
     (:mod:`scalemlo.hf.data`).
     """
 
-    def __init__(self, *args, meta_dataset=None, reweighter: Reweighter | None = None,
-                 reweighter_kwargs: dict | None = None, example_names=None, source_names=None,
-                 model_card_metrics: Mapping[str, float] | None = None, peft_config=None, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        *args,
+        meta_dataset=None,
+        reweighter: Reweighter | None = None,
+        reweighter_kwargs: dict | None = None,
+        example_names=None,
+        source_names=None,
+        model_card_metrics: Mapping[str, float] | None = None,
+        peft_config=None,
+        **kwargs,
+    ):
         upstream.require("transformers")  # the private Trainer hooks it overrides, before anything is built
         upstream.require("accelerate")
         args, kwargs = with_peft(args, kwargs, peft_config)
@@ -283,10 +292,21 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
             check_example_ids(self.train_dataset, self.reweighter.logits.numel())
         if self.train_dataset is not None:
             size = self.args.per_device_train_batch_size * self.args.selection_pool
-            check_batch("train_dataset", self.train_dataset, self.data_collator, size, self.reweighter,
-                        getattr(self.user_train_dataset, "column_names", None))  # fmt: skip
-        check_batch("meta_dataset", self.meta_dataset, self.data_collator, self.args.per_device_meta_batch_size,
-                    columns=getattr(meta_dataset, "column_names", None))  # fmt: skip
+            check_batch(
+                "train_dataset",
+                self.train_dataset,
+                self.data_collator,
+                size,
+                self.reweighter,
+                getattr(self.user_train_dataset, "column_names", None),
+            )
+        check_batch(
+            "meta_dataset",
+            self.meta_dataset,
+            self.data_collator,
+            self.args.per_device_meta_batch_size,
+            columns=getattr(meta_dataset, "column_names", None),
+        )
 
     def _check_level_configs(self) -> None:
         """The two levels' settings must agree: refused here, before any engine is built or any step runs."""
@@ -386,9 +406,13 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         pool = self.args.selection_pool
         if pool == 1:
             return super().get_train_dataloader()
-        return self._get_dataloader(dataset=self.train_dataset, description="Training",
-                                    batch_size=self._train_batch_size * pool, sampler_fn=self._get_train_sampler,
-                                    is_training=True)  # fmt: skip
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=self._train_batch_size * pool,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
 
     def _select(self, candidates: Mapping[str, Any]) -> dict[str, Any]:
         """``per_device_train_batch_size`` of the candidates, chosen by the current weights plus the
@@ -408,15 +432,19 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         generator = torch.Generator().manual_seed(hash(key) % 2**62)
         drawn, added = with_floor(raw, self.args.selection_floor)
         chosen = self._selector.choose(drawn, candidates.get("id"), size, generator)
-        batch = {k: v[chosen.to(v.device)] if isinstance(v, torch.Tensor) and len(v) == rows else v
-                 for k, v in candidates.items()}  # fmt: skip
+        batch = {
+            k: v[chosen.to(v.device)] if isinstance(v, torch.Tensor) and len(v) == rows else v
+            for k, v in candidates.items()
+        }
         if self.args.selection_floor > 0:
             batch[SELECTION_FLOOR] = added.expand(size).clone().to(batch["input_ids"].device)
         mask = batch.get("attention_mask")
         if mask is not None and mask.dim() == 2:
             width = int(torch.nonzero(mask.any(0)).max()) + 1 if bool(mask.any()) else mask.shape[1]
-            batch = {k: v[:, :width] if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == mask.shape else v
-                     for k, v in batch.items()}  # fmt: skip
+            batch = {
+                k: v[:, :width] if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == mask.shape else v
+                for k, v in batch.items()
+            }
         return batch
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -551,8 +579,13 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
             sampler = DistributedSampler(self.meta_dataset, shuffle=True, seed=args.seed, drop_last=True)
         else:
             sampler = RandomSampler(self.meta_dataset, generator=torch.Generator().manual_seed(args.seed))
-        return DataLoader(self.meta_dataset, batch_size=args.per_device_meta_batch_size, sampler=sampler,
-                          collate_fn=self.data_collator, drop_last=True)  # fmt: skip
+        return DataLoader(
+            self.meta_dataset,
+            batch_size=args.per_device_meta_batch_size,
+            sampler=sampler,
+            collate_fn=self.data_collator,
+            drop_last=True,
+        )
 
     def _meta_step_due_after(self, step: int) -> bool:
         args = self.args
@@ -619,8 +652,12 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
                 self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(str(staging), str(run_dir))
             from transformers.trainer_utils import rotate_checkpoints
 
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)  # fmt: skip
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
         scalemlo_checkpoint.barrier()
 
     def export_weights(self, directory: str | os.PathLike | None = None, last_trained: bool = False) -> torch.Tensor:
@@ -687,8 +724,9 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
 
         mode = self.args.save_weighted_dataset if self.args.save_weighted_dataset != "no" else "column"
         weights = self.score() if weights is None else weights
-        out = weighted_dataset(self.user_train_dataset, weights, mode, self.args.weighted_dataset_threshold,
-                               self.args.seed)  # fmt: skip
+        out = weighted_dataset(
+            self.user_train_dataset, weights, mode, self.args.weighted_dataset_threshold, self.args.seed
+        )
         if is_main_process():
             out.save_to_disk(str(directory or Path(self.args.output_dir) / "weighted_dataset"))
         return out
@@ -714,8 +752,13 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
 
         dataset = self.train_dataset if dataset is None else prepare_meta_set(dataset, self._source_mapping)
         with torch.random.fork_rng(devices=[]):
-            return dataset_weights(self.reweighter, self.model, dataset, self.data_collator,
-                                   batch_size or self.args.per_device_eval_batch_size)  # fmt: skip
+            return dataset_weights(
+                self.reweighter,
+                self.model,
+                dataset,
+                self.data_collator,
+                batch_size or self.args.per_device_eval_batch_size,
+            )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """``Trainer.train``, resuming only from a complete checkpoint of this trainer.
@@ -755,8 +798,9 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
                 scalemlo_checkpoint.check_files(path)
             self._resume_dir = path
         self._check_output_dir(resuming=bool(resume_from_checkpoint))
-        output = super().train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None,
-                               **kwargs)  # fmt: skip
+        output = super().train(
+            resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None, **kwargs
+        )
         if self.args.save_weighted_dataset != "no":
             self.save_weighted_dataset()
         return output

@@ -172,8 +172,10 @@ class ResponseProblem:
             if whole:
                 grads = torch.autograd.grad(loss, whole, allow_unused=True, retain_graph=bool(partitioned))
                 out = vectors.grads_or_zeros(grads, whole)
-            parts = {y.name: y.backend.gradient(loss, retain_graph=k < len(partitioned) - 1)
-                     for k, y in enumerate(partitioned)}  # fmt: skip
+            parts = {
+                y.name: y.backend.gradient(loss, retain_graph=k < len(partitioned) - 1)
+                for k, y in enumerate(partitioned)
+            }
             merged, i = [], 0
             for y in self.uppers:
                 if y.backend.partitioned:

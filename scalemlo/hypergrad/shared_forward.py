@@ -118,8 +118,13 @@ class SharedForward:
         self._buffers = None
 
 
-def step_inside(lower: Level, batch: Any, upper_step: Callable[[SharedForward], None], levels: Sequence[Level],
-                losses_of: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+def step_inside(
+    lower: Level,
+    batch: Any,
+    upper_step: Callable[[SharedForward], None],
+    levels: Sequence[Level],
+    losses_of: Callable[[Any], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """The protocol, once for the Engine and the Trainer: an upper level's step on the forward of ``lower``'s.
 
     Args:

@@ -51,8 +51,13 @@ class Failing(suite.Model):
 def build(stage: int, fault: str, nonfinite: str) -> Engine:
     Failing.fault = fault
     lm, net = suite.tiny_gpt2(torch.float32), suite.weight_net(torch.float32)
-    model = Failing("model", lm, torch.optim.Adam(lm.parameters(), lr=1e-2), suite.batches("train", [rank()], 6),
-                    config=LevelConfig(deepspeed_config={"zero_optimization": {"stage": stage}}))  # fmt: skip
+    model = Failing(
+        "model",
+        lm,
+        torch.optim.Adam(lm.parameters(), lr=1e-2),
+        suite.batches("train", [rank()], 6),
+        config=LevelConfig(deepspeed_config={"zero_optimization": {"stage": stage}}),
+    )
     weights = suite.Weights(
         "weights", net, torch.optim.SGD(net.parameters(), lr=1.0), suite.batches("meta", [rank()], 6)
     )
@@ -117,8 +122,9 @@ def fp16_case(kind: str) -> dict:
                 "fp16": {"enabled": True, "initial_scale_power": 8, "hysteresis": 1},
             }
         )
-    model = suite.Model("model", lm, torch.optim.Adam(lm.parameters(), lr=1e-3), suite.batches("train", [rank()], 6),
-                        config=config)  # fmt: skip
+    model = suite.Model(
+        "model", lm, torch.optim.Adam(lm.parameters(), lr=1e-3), suite.batches("train", [rank()], 6), config=config
+    )
     weights = InfOnRank1("weights", net, torch.optim.SGD(net.parameters(), lr=1.0), suite.batches("meta", [rank()], 6))
     config = EngineConfig(max_steps=4, log_every=0, progress_bar=False)
     engine = Engine([model, weights], {"weights": ["model"]}, config)

@@ -60,19 +60,49 @@ def trainer(output_dir: Path, method: str, shared: bool, scheme: str, save_steps
 
     reset_trainer_state()  # each run as in a new process, as far as the Trainer's global state goes
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=T,
-                                       attn_implementation="eager", resid_pdrop=0.0, embd_pdrop=0.0,
-                                       attn_pdrop=0.0))  # fmt: skip
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=2,
+            n_embd=32,
+            n_head=2,
+            vocab_size=V,
+            n_positions=T,
+            attn_implementation="eager",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
     args = ReweightingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=STEPS, learning_rate=5e-3,
-        lr_scheduler_type="linear", report_to=[], use_cpu=True, seed=0, meta_learning_rate=0.1,
-        per_device_meta_batch_size=4, reweighting=scheme, hypergradient_method=method, shared_forward=shared,
-        neumann_iterations=2, cg_iterations=2, deepspeed=str(ROOT / "configs" / "ds" / "trainer_zero3.json"),
-        save_strategy="steps", save_steps=save_steps, logging_steps=1, disable_tqdm=True,
-    )  # fmt: skip
-    t = ReweightingTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows(64, True, 0)),
-                           meta_dataset=Dataset.from_list(rows(16, False, 1)), data_collator=collate,
-                           callbacks=[StopAt()] if stop else None)  # fmt: skip
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        max_steps=STEPS,
+        learning_rate=5e-3,
+        lr_scheduler_type="linear",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        meta_learning_rate=0.1,
+        per_device_meta_batch_size=4,
+        reweighting=scheme,
+        hypergradient_method=method,
+        shared_forward=shared,
+        neumann_iterations=2,
+        cg_iterations=2,
+        deepspeed=str(ROOT / "configs" / "ds" / "trainer_zero3.json"),
+        save_strategy="steps",
+        save_steps=save_steps,
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    t = ReweightingTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows(64, True, 0)),
+        meta_dataset=Dataset.from_list(rows(16, False, 1)),
+        data_collator=collate,
+        callbacks=[StopAt()] if stop else None,
+    )
     t.remove_callback(PrinterCallback)  # the launch's output stays the suite's records
     return t
 
@@ -84,8 +114,12 @@ def finished(t) -> dict:
     lm = t._model_level
     model = [safe_get_full_fp32_param(p).clone() if lm.backend.partitioned else p.detach().clone() for p in lm.params]
     t.export_weights()  # to output_dir; every rank (the scores are a ZeRO-3 forward)
-    return {"model": model, "weights": [p.detach().clone() for p in t.reweighter.parameters()],
-            "meta_steps": t._meta_level.steps, "partitioned": lm.backend.partitioned}  # fmt: skip
+    return {
+        "model": model,
+        "weights": [p.detach().clone() for p in t.reweighter.parameters()],
+        "meta_steps": t._meta_level.steps,
+        "partitioned": lm.backend.partitioned,
+    }
 
 
 def on_every_rank(flag: bool) -> bool:
@@ -116,8 +150,9 @@ def resume_record(work: Path, method: str, shared: bool, scheme: str) -> dict:
     resumed.train(resume_from_checkpoint=str(work / "run" / f"checkpoint-{stop}"))
     got = finished(resumed)
     dist.barrier()  # rank 0's exports written
-    exports_equal = all((work / "run" / name).read_bytes() == (work / "uninterrupted" / name).read_bytes()
-                        for name in EXPORTS)  # fmt: skip
+    exports_equal = all(
+        (work / "run" / name).read_bytes() == (work / "uninterrupted" / name).read_bytes() for name in EXPORTS
+    )
     same = lambda a, b: len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))  # noqa: E731
     return {
         **record,

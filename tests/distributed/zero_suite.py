@@ -55,9 +55,16 @@ def tiny_gpt2(dtype: torch.dtype) -> torch.nn.Module:
 
     torch.manual_seed(0)
     config = GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager",
-    )  # fmt: skip
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation="eager",
+    )
     return GPT2LMHeadModel(config).to(dtype)
 
 
@@ -133,9 +140,17 @@ def ds_config(stage: int, bf16: bool = False, fp16: bool = False) -> dict:
     return cfg
 
 
-def build(stages: tuple[int, int] | None, ranks: list[int], method: str, zero_init: bool = False,
-          bf16: bool = False, fp16: bool = False, lr: float = 1e-2, decay: float = WEIGHT_DECAY,
-          **upper_kwargs) -> Engine:  # fmt: skip
+def build(
+    stages: tuple[int, int] | None,
+    ranks: list[int],
+    method: str,
+    zero_init: bool = False,
+    bf16: bool = False,
+    fp16: bool = False,
+    lr: float = 1e-2,
+    decay: float = WEIGHT_DECAY,
+    **upper_kwargs,
+) -> Engine:
     """stages (upper, lower), or None: the float64 torch-backend reference on one process.
 
     ``zero_init``: the lower level's model is built under ``scalemlo.zero_init`` (partitioned from
@@ -381,16 +396,22 @@ def ridge_record(rank: int, world: int, method: str, kw: dict, stages) -> dict:
     """Each rank holds 1/world of the ridge training set; the closed form uses all of it."""
     data = RidgeData.make(n=40)
     share = len(data.y) // world
-    mine = RidgeData(data.x[rank * share : (rank + 1) * share], data.y[rank * share : (rank + 1) * share],
-                     data.x_val, data.y_val)  # fmt: skip
+    mine = RidgeData(
+        data.x[rank * share : (rank + 1) * share], data.y[rank * share : (rank + 1) * share], data.x_val, data.y_val
+    )
     log_lambda = torch.linspace(-1.0, 0.5, 6, dtype=torch.float64)
     theta = data.solution(log_lambda)
     upper_stage, lower_stage = stages
     config = LevelConfig(method=method, deepspeed_config=ds_config(upper_stage), **kw)
     engine = ridge_engine(
-        mine, log_lambda, theta, config, backend="deepspeed", dtype=torch.float32,
+        mine,
+        log_lambda,
+        theta,
+        config,
+        backend="deepspeed",
+        dtype=torch.float32,
         model_config=LevelConfig(deepspeed_config=ds_config(lower_stage)),
-    )  # fmt: skip
+    )
     got = engine.hypergradient("hyper")[0].double()  # the rank average
     reference = data.hypergradient(log_lambda)
     return {
@@ -415,8 +436,9 @@ def groups_record(lower_stage: int) -> dict:
     import scalemlo.distributed as distributed_module
     import scalemlo.engine as engine_module
 
-    engine = build((2, lower_stage), list(range(dist.get_world_size())), "cg",
-                   second_order="finite_difference", cg_iterations=2)  # fmt: skip
+    engine = build(
+        (2, lower_stage), list(range(dist.get_world_size())), "cg", second_order="finite_difference", cg_iterations=2
+    )
     expected = {name: level.backend.process_group for name, level in engine.levels.items()}
     groups: list = []
     real_scalar, real_mean = distributed_module.reduced_scalar_, backend_module.mean_over_ranks_
@@ -429,8 +451,11 @@ def groups_record(lower_stage: int) -> dict:
         groups.append(group)
         return real_mean(tensors, group)
 
-    patched = ((distributed_module, "reduced_scalar_", scalar), (backend_module, "mean_over_ranks_", mean),
-               (engine_module, "mean_over_ranks_", mean))  # fmt: skip
+    patched = (
+        (distributed_module, "reduced_scalar_", scalar),
+        (backend_module, "mean_over_ranks_", mean),
+        (engine_module, "mean_over_ranks_", mean),
+    )
     for module, attribute, replacement in patched:
         setattr(module, attribute, replacement)
     try:
@@ -483,9 +508,12 @@ def selection_record(rank: int, world: int) -> dict:
                 same_choices &= torch.equal(chosen, mine)
     gathered = [torch.empty_like(here.ages) for _ in range(world)]
     dist.all_gather(gathered, here.ages)
-    return {"same_choices": bool(same_choices), "ages_as_one_process": bool(torch.equal(here.ages, alone.ages)),
-            "ages_same_on_ranks": all(torch.equal(g, gathered[0]) for g in gathered),
-            "ages_sum": int(here.ages.sum())}  # fmt: skip
+    return {
+        "same_choices": bool(same_choices),
+        "ages_as_one_process": bool(torch.equal(here.ages, alone.ages)),
+        "ages_same_on_ranks": all(torch.equal(g, gathered[0]) for g in gathered),
+        "ages_sum": int(here.ages.sum()),
+    }
 
 
 def main() -> None:
@@ -509,8 +537,15 @@ def main() -> None:
         name = f"{program}/{method}/{json.dumps(kw, sort_keys=True)}/upper{stages[0]}/lower{stages[1]}"
         if args.only and args.only not in name:
             return
-        record = {"program": program, "method": method, "settings": kw, "upper_stage": stages[0],
-                  "stage": stages[1], "world_size": world, "name": name}  # fmt: skip
+        record = {
+            "program": program,
+            "method": method,
+            "settings": kw,
+            "upper_stage": stages[0],
+            "stage": stages[1],
+            "world_size": world,
+            "name": name,
+        }
         try:
             record.update(measure())
         except Exception as exc:  # recorded, so the test names the case; the next case still runs
@@ -545,8 +580,13 @@ def main() -> None:
             case("reweighting", method, kw, stages, measure)
     for upper_stage in UPPER_STAGES:  # a ZeRO-3 lower level built partitioned: the same program exactly
         stages = (upper_stage, 3)
-        case("zero_init", "finite_difference", {}, stages,
-             functools.partial(zero_init_record, rank, "finite_difference", stages))  # fmt: skip
+        case(
+            "zero_init",
+            "finite_difference",
+            {},
+            stages,
+            functools.partial(zero_init_record, rank, "finite_difference", stages),
+        )
     for method, kw, lower_stages in BF16_CASES:
         for upper_stage in BF16_UPPER_STAGES:
             for lower_stage in lower_stages:

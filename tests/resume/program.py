@@ -34,9 +34,16 @@ def lm_with_dropout() -> torch.nn.Module:
 
     torch.manual_seed(0)
     config = GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=suite.VOCAB, n_positions=suite.SEQ,
-        resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.0, attn_implementation="eager",
-    )  # fmt: skip
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=suite.VOCAB,
+        n_positions=suite.SEQ,
+        resid_pdrop=0.1,
+        embd_pdrop=0.1,
+        attn_pdrop=0.0,
+        attn_implementation="eager",
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -55,12 +62,28 @@ def build(args) -> Engine:
     meta = [rank_share(b) for b in suite.batches("meta", [0, 1], 3)]  # a plain list, 3 batches
     lm, net = lm_with_dropout(), suite.weight_net(torch.float32)
     stage = {"zero_optimization": {"stage": args.stage}}
-    model = suite.Model("model", lm, torch.optim.Adam(lm.parameters(), lr=1e-2), loader,
-                        config=LevelConfig(gradient_accumulation=2, deepspeed_config=stage))  # fmt: skip
-    weights = suite.Weights("weights", net, torch.optim.Adam(net.parameters(), lr=1e-2), meta,
-                            config=LevelConfig(method=args.method, unroll_steps=3))  # fmt: skip
-    config = EngineConfig(max_steps=args.steps, log_every=1, progress_bar=False, checkpoint_dir=args.checkpoint_dir,
-                          save_every=args.save_every, keep_last=2)  # fmt: skip
+    model = suite.Model(
+        "model",
+        lm,
+        torch.optim.Adam(lm.parameters(), lr=1e-2),
+        loader,
+        config=LevelConfig(gradient_accumulation=2, deepspeed_config=stage),
+    )
+    weights = suite.Weights(
+        "weights",
+        net,
+        torch.optim.Adam(net.parameters(), lr=1e-2),
+        meta,
+        config=LevelConfig(method=args.method, unroll_steps=3),
+    )
+    config = EngineConfig(
+        max_steps=args.steps,
+        log_every=1,
+        progress_bar=False,
+        checkpoint_dir=args.checkpoint_dir,
+        save_every=args.save_every,
+        keep_last=2,
+    )
     announce = (lambda engine, metrics: print(f"step {engine.global_step}", flush=True)) if rank() == 0 else None
     return Engine([model, weights], {"weights": ["model"]}, config, callbacks=[announce] if announce else [])
 

@@ -52,24 +52,57 @@ def main() -> None:
         allow_deepspeed_fp16_on_cpu()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=T,
-                                       attn_implementation="eager", resid_pdrop=0.1, embd_pdrop=0.1))  # fmt: skip
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=2,
+            n_embd=32,
+            n_head=2,
+            vocab_size=V,
+            n_positions=T,
+            attn_implementation="eager",
+            resid_pdrop=0.1,
+            embd_pdrop=0.1,
+        )
+    )
     args = ReweightingArguments(
-        output_dir=options.output_dir, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-        max_steps=options.steps, learning_rate=5e-3, lr_scheduler_type="linear", report_to=[], use_cpu=True, seed=0,
-        meta_learning_rate=0.1, per_device_meta_batch_size=4, reweighting="source", unroll_steps=2,
-        deepspeed=str(ROOT / "configs" / "ds" / f"trainer_zero{options.stage}.json"), save_strategy="steps",
-        save_steps=2, save_total_limit=2, logging_steps=1, disable_tqdm=True, overwrite_output_dir=True,
+        output_dir=options.output_dir,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=options.steps,
+        learning_rate=5e-3,
+        lr_scheduler_type="linear",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        meta_learning_rate=0.1,
+        per_device_meta_batch_size=4,
+        reweighting="source",
+        unroll_steps=2,
+        deepspeed=str(ROOT / "configs" / "ds" / f"trainer_zero{options.stage}.json"),
+        save_strategy="steps",
+        save_steps=2,
+        save_total_limit=2,
+        logging_steps=1,
+        disable_tqdm=True,
+        overwrite_output_dir=True,
         fp16=options.fp16,
-    )  # fmt: skip
+    )
     trainer = ReweightingTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(rows(64, True, 0)),
-        meta_dataset=Dataset.from_list(rows(16, False, 1)), data_collator=collate,
-        reweighter_kwargs={"sources": ["clean", "noisy"]}, callbacks=[Announce()],
-    )  # fmt: skip
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows(64, True, 0)),
+        meta_dataset=Dataset.from_list(rows(16, False, 1)),
+        data_collator=collate,
+        reweighter_kwargs={"sources": ["clean", "noisy"]},
+        callbacks=[Announce()],
+    )
     # the Trainer's side sees the launcher's ranks: one process zero, the training data split between ranks
     assert (trainer.accelerator.num_processes, trainer.args.process_index) == (world_size(), rank()), (
-        trainer.accelerator.num_processes, trainer.args.process_index, world_size(), rank())  # fmt: skip
+        trainer.accelerator.num_processes,
+        trainer.args.process_index,
+        world_size(),
+        rank(),
+    )
     resume = options.resume and Path(options.output_dir).is_dir() and get_last_checkpoint(options.output_dir)
     if resume and rank() == 0:
         print(f"resumed from {Path(resume).name}", flush=True)

@@ -45,10 +45,12 @@ class DataArguments:
     heldout_file: str | None = field(default=None, metadata={"help": "Clean held-out set for the final report"})
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Instead of files: a dataset for datasets.load_dataset (a hub id, a local directory or "
-                  "a builder name), its sets taken from --train_split, --meta_split, --validation_split and "
-                  "--heldout_split (a --*_file given wins for its set)"},
-    )  # fmt: skip
+        metadata={
+            "help": "Instead of files: a dataset for datasets.load_dataset (a hub id, a local directory or "
+            "a builder name), its sets taken from --train_split, --meta_split, --validation_split and "
+            "--heldout_split (a --*_file given wins for its set)"
+        },
+    )
     dataset_config_name: str | None = field(default=None, metadata={"help": "--dataset_name: its configuration"})
     train_split: str = field(default="train", metadata={"help": "--dataset_name: the training split"})
     meta_split: str = field(
@@ -65,9 +67,11 @@ class DataArguments:
     )
     visible_corruptions: str = field(
         default="",
-        metadata={"help": "Optional: comma-separated kinds of --corruption_column for weight_auc_visible, the AUC "
-                  "over those corrupted rows and the clean ones (the kinds a model can tell from clean text)"},
-    )  # fmt: skip
+        metadata={
+            "help": "Optional: comma-separated kinds of --corruption_column for weight_auc_visible, the AUC "
+            "over those corrupted rows and the clean ones (the kinds a model can tell from clean text)"
+        },
+    )
 
 
 @dataclass
@@ -84,10 +88,12 @@ class RunArguments:
     )
     proxy_steps: int = field(
         default=0,
-        metadata={"help": "Learn the weighting first on a proxy run of this many steps from the same starting model "
-                  "(as DoReMi's proxy run), then train the model again from its start with that weighting, which "
-                  "keeps learning; the proxy's time counts in the learned run's. 0: no proxy run"},
-    )  # fmt: skip
+        metadata={
+            "help": "Learn the weighting first on a proxy run of this many steps from the same starting model "
+            "(as DoReMi's proxy run), then train the model again from its start with that weighting, which "
+            "keeps learning; the proxy's time counts in the learned run's. 0: no proxy run"
+        },
+    )
     scorer_features: str = field(
         default="ngrams",
         metadata={"help": "--reweighting scorer: comma-separated features (ngrams, loss, near_copies)"},
@@ -98,13 +104,18 @@ class RunArguments:
     )
     scorer_centre: str = field(
         default="meta",
-        metadata={"help": "--reweighting scorer: the sigmoid's centre, 'meta' (a quantile of the meta set's scores) "
-                  "or 'median' (each batch's)"},
-    )  # fmt: skip
+        metadata={
+            "help": "--reweighting scorer: the sigmoid's centre, 'meta' (a quantile of the meta set's scores) "
+            "or 'median' (each batch's)"
+        },
+    )
     scorer_reference_quantile: float = field(
-        default=0.1, metadata={"help": "--reweighting scorer, --scorer_centre meta: the quantile of the meta set's "
-                               "scores that is the centre"}
-    )  # fmt: skip
+        default=0.1,
+        metadata={
+            "help": "--reweighting scorer, --scorer_centre meta: the quantile of the meta set's "
+            "scores that is the centre"
+        },
+    )
 
     def baseline_names(self) -> list[str]:
         """The baselines to train, in ``BASELINES`` spelling.
@@ -133,10 +144,12 @@ def build_parser(extra: Sequence[type] = ()) -> HfArgumentParser:
         "--config run.yaml.",
     )
     parser.add_argument(
-        "--config", metavar="RUN.YAML", default=None,
+        "--config",
+        metavar="RUN.YAML",
+        default=None,
         help="A YAML (or JSON) file of flags below, by field name (e.g. 'learning_rate: 1.0e-3'); flags given on "
         "the command line override its values; an unknown key is an error",
-    )  # fmt: skip
+    )
     return parser
 
 
@@ -217,8 +230,9 @@ def parse_arguments(argv: Sequence[str], extra: Sequence[type] = (), defaults: M
         values.update(read_config(config, parser))
     parser.set_defaults(**_as_defaults(values, parser))
     try:
-        *outputs, left = parser.parse_args_into_dataclasses(argv, look_for_args_file=False,
-                                                            return_remaining_strings=True)  # fmt: skip
+        *outputs, left = parser.parse_args_into_dataclasses(
+            argv, look_for_args_file=False, return_remaining_strings=True
+        )
     except ValueError as error:  # a dataclass's own check (an unknown scheme, a bad size, ...)
         raise ConfigError(str(error)) from error
     if left:

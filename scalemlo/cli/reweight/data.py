@@ -72,8 +72,14 @@ def _from_dataset(data: DataArguments, what: str, split: str):
         ) from error
 
 
-def tokenize(dataset, tokenizer, data: DataArguments, args: ReweightingArguments, sources: dict[str, int] | None,
-             near_copies: list[int] | None = None):  # fmt: skip
+def tokenize(
+    dataset,
+    tokenizer,
+    data: DataArguments,
+    args: ReweightingArguments,
+    sources: dict[str, int] | None,
+    near_copies: list[int] | None = None,
+):
     """``input_ids`` (each text's tokens, then EOS) + ``id`` (the row index) + the ``source`` index (with
     ``sources``) + the given ``near_copies`` counts, under ``--long_sequences``; :class:`Collator` pads them and
     adds ``attention_mask`` and ``labels``.

@@ -122,8 +122,11 @@ def cpu_model() -> str:
 
 def print_report(report: dict) -> None:
     """The report's numbers, one a line, on stdout (the command's result)."""
-    lines = [f"{k:>32}: {v:.4f}" if isinstance(v, float) else f"{k:>32}: {v}" for k, v in report.items()
-             if not isinstance(v, dict)]  # fmt: skip
+    lines = [
+        f"{k:>32}: {v:.4f}" if isinstance(v, float) else f"{k:>32}: {v}"
+        for k, v in report.items()
+        if not isinstance(v, dict)
+    ]
     for kind, auc in report.get("weight_auc_by_corruption", {}).items():
         lines.append(f"{'weight auc, ' + kind:>32}: {auc:.3f}")
     for name, w in report.get("source_weights", {}).items():

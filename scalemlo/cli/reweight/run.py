@@ -75,9 +75,15 @@ def proxy_arguments(args: ReweightingArguments, steps: int) -> ReweightingArgume
     """The learned run's arguments for its proxy run: ``steps`` steps, its own output directory, nothing saved,
     evaluated or reported."""
     return dataclasses.replace(
-        args, output_dir=str(Path(args.output_dir) / "proxy"), max_steps=steps, save_strategy="no",
-        eval_strategy="no", load_best_model_at_end=False, report_to="none", resume_from_checkpoint=None,
-    )  # fmt: skip
+        args,
+        output_dir=str(Path(args.output_dir) / "proxy"),
+        max_steps=steps,
+        save_strategy="no",
+        eval_strategy="no",
+        load_best_model_at_end=False,
+        report_to="none",
+        resume_from_checkpoint=None,
+    )
 
 
 def run(model_args: ModelArguments, data: DataArguments, run_args: RunArguments, args: ReweightingArguments) -> dict:
@@ -132,9 +138,11 @@ def run(model_args: ModelArguments, data: DataArguments, run_args: RunArguments,
         texts = list(learned_train[data.text_column])  # with --train_on_meta the meta rows are its last
         found = near_copy_counts(texts if run_args.train_on_meta else texts + list(meta[data.text_column]))
         counts = {"train": found[: len(learned_train)], "meta": found[len(found) - len(meta) :]}
-    tokenized = {k: tokenize(ds, tokenizer, data, args, sources if k in train_sets else None, counts.get(k))
-                 for k, ds in {**train_sets, "meta": meta, "validation": validation, "heldout": heldout}.items()
-                 if ds is not None and (k == "train" or k not in train_sets or k in baselines)}  # fmt: skip
+    tokenized = {
+        k: tokenize(ds, tokenizer, data, args, sources if k in train_sets else None, counts.get(k))
+        for k, ds in {**train_sets, "meta": meta, "validation": validation, "heldout": heldout}.items()
+        if ds is not None and (k == "train" or k not in train_sets or k in baselines)
+    }
     reweighter_kwargs = {
         "source": {"sources": names},
         "example": {"n_examples": len(learned_train)},
@@ -157,8 +165,13 @@ def run(model_args: ModelArguments, data: DataArguments, run_args: RunArguments,
     baseline_models = {name: build_model(model_args, tokenizer) for name in baselines}
     results: dict = {"train_on_meta": run_args.train_on_meta}
     for name, model in baseline_models.items():
-        uniform = UniformTrainer(model=model, args=baseline_arguments(args, name), train_dataset=tokenized[name],
-                                 eval_dataset=tokenized.get("validation"), data_collator=collate)  # fmt: skip
+        uniform = UniformTrainer(
+            model=model,
+            args=baseline_arguments(args, name),
+            train_dataset=tokenized[name],
+            eval_dataset=tokenized.get("validation"),
+            data_collator=collate,
+        )
         t0 = time.perf_counter()
         uniform.train()
         results[f"seconds_{name}"] = time.perf_counter() - t0
@@ -170,10 +183,16 @@ def run(model_args: ModelArguments, data: DataArguments, run_args: RunArguments,
 
     def learned_trainer(model, arguments):
         return ReweightingTrainer(
-            model=model, args=arguments, train_dataset=tokenized["train"], eval_dataset=tokenized.get("validation"),
-            meta_dataset=tokenized["meta"], data_collator=collate, reweighter_kwargs=reweighter_kwargs,
-            example_names=example_names, source_names=names,
-        )  # fmt: skip
+            model=model,
+            args=arguments,
+            train_dataset=tokenized["train"],
+            eval_dataset=tokenized.get("validation"),
+            meta_dataset=tokenized["meta"],
+            data_collator=collate,
+            reweighter_kwargs=reweighter_kwargs,
+            example_names=example_names,
+            source_names=names,
+        )
 
     t0 = time.perf_counter()
     warm = None
@@ -204,8 +223,9 @@ def run(model_args: ModelArguments, data: DataArguments, run_args: RunArguments,
     return report
 
 
-def main(argv: Sequence[str] | None = None, extra_arguments: Sequence[type] = (),
-         defaults: Mapping[str, Any] | None = None) -> dict:  # fmt: skip
+def main(
+    argv: Sequence[str] | None = None, extra_arguments: Sequence[type] = (), defaults: Mapping[str, Any] | None = None
+) -> dict:
     """Parse ``argv`` (default ``sys.argv[1:]``; see :func:`parse_arguments`) and :func:`run`; return the report.
 
     Args:
