@@ -24,7 +24,7 @@ data (plus numpy's RNG state, allowed by name); DeepSpeed reads its files with
 ``weights_only=False``, so before handing a level's DeepSpeed checkpoint over,
 every file in it is inspected without unpickling and refused if its pickle
 names a callable outside that set and the few plain classes DeepSpeed saves.
-A refused file is a :class:`CheckpointError` naming it and what it holds.
+A refused file is a `CheckpointError` naming it and what it holds.
 """
 
 from __future__ import annotations

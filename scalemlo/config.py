@@ -74,7 +74,7 @@ class LevelConfig:
         exact_max_params: the exact method refuses levels larger than this.
         shared_forward: take this level's steps inside the step of the level
             below it and share that level's forward (the 7-unit reweighting
-            estimator, see :mod:`scalemlo.hypergrad.shared_forward`): the level
+            estimator, see `scalemlo.hypergrad.shared_forward`): the level
             below must be *reweighted* (define ``per_example_losses`` and
             ``example_weights``) and be the only level below this one; methods
             finite_difference, sama, neumann, cg.

@@ -4,10 +4,10 @@ A scalemlo script is started in one of three ways, and the same code serves all 
 
 - ``python script.py``: one process; scalemlo starts a one-process gloo group itself;
 - ``deepspeed --num_gpus N script.py``: the launcher sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``
-  and passes ``--local_rank=K`` on the command line (:func:`add_launcher_arguments` accepts it);
+  and passes ``--local_rank=K`` on the command line (`add_launcher_arguments` accepts it);
 - ``torchrun --nproc_per_node N script.py``: the same environment variables, no argument.
 
-Data parallelism is the user's: each rank must read its own batches. :func:`rank_share`
+Data parallelism is the user's: each rank must read its own batches. `rank_share`
 cuts a global batch into equal contiguous shares, so that N ranks together see
 exactly the batch one process would, and a loss that is a mean over examples gives
 the same gradient (up to float rounding) on any number of ranks.
@@ -178,7 +178,7 @@ def collective_device() -> torch.device:
 
 
 def reduced_scalar_(value: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
-    """All-reduce a 0-d tensor over the ranks of ``group`` on :func:`collective_device`.
+    """All-reduce a 0-d tensor over the ranks of ``group`` on `collective_device`.
 
     Args:
         value: the 0-d tensor; the result, on the value's own device, is written into it.

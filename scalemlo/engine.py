@@ -42,9 +42,9 @@ class Engine:
     """A multilevel program.
 
     Args:
-        levels: the :class:`Level` objects (any order).
+        levels: the `Level` objects (any order).
         edges: upper level name -> names of the levels directly below it.
-        config: :class:`EngineConfig`.
+        config: `EngineConfig`.
         callbacks: callables ``fn(engine, metrics: dict)`` run after each
             logged iteration.
 
@@ -216,7 +216,7 @@ class Engine:
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
         """Save the whole program (every rank must call this).
 
-        See :mod:`scalemlo.checkpoint` for what is saved and how a crash mid-save is kept from looking
+        See `scalemlo.checkpoint` for what is saved and how a crash mid-save is kept from looking
         complete. With ``EngineConfig.keep_last``, only that many newest checkpoints of ``checkpoint_dir``
         are kept afterwards.
 

@@ -7,8 +7,8 @@ but never differentiated. A method that evaluates the level's loss at moved para
 ``second_order='finite_difference'``) must see the inputs the step saw, not ones recomputed there: it would
 otherwise add a term the training dynamics do not have, Σᵢ ∂²m/∂λ∂sᵢ (∇ℓᵢ·w) ℓᵢ.
 
-:class:`HeldInputs` keeps them: inside :meth:`HeldInputs.holding` (one hypergradient) the first evaluation
-of each objective batch stores each value passed to :meth:`HeldInputs.hold`, keyed by (batch, call), and
+`HeldInputs` keeps them: inside `HeldInputs.holding` (one hypergradient) the first evaluation
+of each objective batch stores each value passed to `HeldInputs.hold`, keyed by (batch, call), and
 every later evaluation gets the stored one back; outside it ``hold`` is ``value.detach()``. ``Level.held``
 and the Trainer's loss (through its model level) use it.
 """
@@ -27,7 +27,7 @@ class HeldInputs:
         name: the level's name (for messages).
 
     Attributes:
-        uses_held: whether the level's step calls :meth:`hold` (True from its first call; None until a
+        uses_held: whether the level's step calls `hold` (True from its first call; None until a
             hypergradient has evaluated the level once, when the coordinator evaluates the held values first).
     """
 
@@ -52,7 +52,7 @@ class HeldInputs:
         self._batch = index
 
     def hold(self, value: torch.Tensor) -> torch.Tensor:
-        """``value`` detached; inside :meth:`holding`, the value held at this call of this batch.
+        """``value`` detached; inside `holding`, the value held at this call of this batch.
 
         That is the value the first evaluation of this batch held at this call (stored now if this is the
         first).
@@ -78,7 +78,7 @@ class HeldInputs:
 
     @contextlib.contextmanager
     def holding(self):
-        """The scope of one hypergradient: values passed to :meth:`hold` are stored, then reused."""
+        """The scope of one hypergradient: values passed to `hold` are stored, then reused."""
         previous, self._values = self._values, {}
         try:
             yield
@@ -87,13 +87,13 @@ class HeldInputs:
             self._batch = 0
 
     def prime(self, index: int, values: list[torch.Tensor]) -> None:
-        """Hold values as the :meth:`hold` calls of an objective batch would, without evaluating the batch.
+        """Hold values as the `hold` calls of an objective batch would, without evaluating the batch.
 
-        Call it inside :meth:`holding`.
+        Call it inside `holding`.
 
         Args:
             index: the objective batch.
-            values: the values its :meth:`hold` calls would hold, in call order.
+            values: the values its `hold` calls would hold, in call order.
         """
         for call, value in enumerate(values):
             self._values[(index, call)] = value.detach()

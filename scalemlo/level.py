@@ -57,7 +57,7 @@ class Level:
             ``params -> optimizer``.
         data: any iterable or DataLoader of batches; cycled, epochs counted.
         scheduler: an LR scheduler or a factory ``optimizer -> scheduler``.
-        config: this level's :class:`LevelConfig`.
+        config: this level's `LevelConfig`.
     """
 
     def __init__(
@@ -105,9 +105,9 @@ class Level:
     def training_step(self, batch: Any) -> torch.Tensor:
         """The level's objective on one batch: a scalar tensor.
 
-        For a reweighted level (one that defines :meth:`per_example_losses` and
-        :meth:`example_weights`) it is ``mean_i m_i * l_i`` with the weights' inputs held
-        (:meth:`weighted_loss`); any other level writes its own.
+        For a reweighted level (one that defines `per_example_losses` and
+        `example_weights`) it is ``mean_i m_i * l_i`` with the weights' inputs held
+        (`weighted_loss`); any other level writes its own.
         """
         if self.reweighted:
             return self.weighted_loss(batch, self.checked_per_example_losses(batch))
@@ -120,7 +120,7 @@ class Level:
     def per_example_losses(self, batch: Any) -> torch.Tensor:
         """A reweighted level's per-example losses ℓ_i(θ) of a batch: a float tensor of shape [B].
 
-        Define it together with :meth:`example_weights` (and no ``training_step``) to declare the
+        Define it together with `example_weights` (and no ``training_step``) to declare the
         structure every data-reweighting program has; the objective is then
         ``mean_i example_weights(batch, s)_i * losses_i``, and an upper level can take its steps
         inside this level's step on the same forward (``LevelConfig.shared_forward``).
@@ -144,14 +144,14 @@ class Level:
 
     @property
     def reweighted(self) -> bool:
-        """True when the level defines both :meth:`per_example_losses` and :meth:`example_weights`."""
+        """True when the level defines both `per_example_losses` and `example_weights`."""
         cls = type(self)
         return cls.per_example_losses is not Level.per_example_losses and (
             cls.example_weights is not Level.example_weights
         )
 
     def checked_per_example_losses(self, batch: Any) -> torch.Tensor:
-        """:meth:`per_example_losses`, checked to be a floating-point vector."""
+        """`per_example_losses`, checked to be a floating-point vector."""
         losses = self.per_example_losses(batch)
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or not losses.is_floating_point():
             got = f"{type(losses).__name__}{tuple(losses.shape) if isinstance(losses, torch.Tensor) else ''}"
@@ -162,7 +162,7 @@ class Level:
         return losses
 
     def weighted_loss(self, batch: Any, losses: torch.Tensor) -> torch.Tensor:
-        """``mean_i m_i l_i``: the weights from :meth:`example_weights` on the held losses."""
+        """``mean_i m_i l_i``: the weights from `example_weights` on the held losses."""
         weights = self.example_weights(batch, self.held(losses))
         if not isinstance(weights, torch.Tensor) or weights.shape != losses.shape:
             got = f"{type(weights).__name__}{tuple(weights.shape) if isinstance(weights, torch.Tensor) else ''}"
@@ -190,7 +190,7 @@ class Level:
         from this level's parameters; the usual case is the input of a weighting model, the per-example
         losses sᵢ = ℓᵢ of a Meta-Weight-Net: ``w = self.uppers["meta"](self.held(losses.detach()))``.
         A method that evaluates this level's loss at moved parameters then sees the value the step saw
-        instead of one recomputed there (:mod:`scalemlo.held` says why that matters). Inside a
+        instead of one recomputed there (`scalemlo.held` says why that matters). Inside a
         hypergradient the first evaluation of each batch stores the value (at the current parameters: the
         coordinator evaluates the loss once, without gradient, before the method runs) and every later
         one reuses it; outside (the level's own steps, validation) this is ``value.detach()``. Call it the
@@ -199,31 +199,31 @@ class Level:
         return self.held_inputs.hold(value)
 
     def holding(self):
-        """The scope of one hypergradient: values passed to :meth:`held` are stored, then reused.
+        """The scope of one hypergradient: values passed to `held` are stored, then reused.
 
-        Within it, :meth:`evaluating_batch` says which of the objective batches the next
-        :meth:`loss` evaluates (values are held per batch and per call).
+        Within it, `evaluating_batch` says which of the objective batches the next
+        `loss` evaluates (values are held per batch and per call).
         """
         return self.held_inputs.holding()
 
     def prime_held(self, index: int, values: list[torch.Tensor]) -> None:
-        """Hold values as the :meth:`held` calls of an objective batch would, without evaluating the batch.
+        """Hold values as the `held` calls of an objective batch would, without evaluating the batch.
 
-        Call it inside :meth:`holding`.
+        Call it inside `holding`.
 
         Args:
             index: the objective batch (``objective_batches()[index]``).
-            values: the values its :meth:`held` calls would hold, in call order.
+            values: the values its `held` calls would hold, in call order.
         """
         self.held_inputs.prime(index, values)
 
     def evaluating_batch(self, index: int) -> None:
-        """The next :meth:`loss` evaluates objective batch ``index`` (``objective_batches()[index]``)."""
+        """The next `loss` evaluates objective batch ``index`` (``objective_batches()[index]``)."""
         self.held_inputs.evaluating_batch(index)
 
     @property
     def uses_held(self) -> bool | None:
-        """Whether ``training_step`` calls :meth:`held` (None until a hypergradient evaluated the level)."""
+        """Whether ``training_step`` calls `held` (None until a hypergradient evaluated the level)."""
         return self.held_inputs.uses_held
 
     @uses_held.setter
@@ -347,7 +347,7 @@ class Level:
     # ---- data -----------------------------------------------------------------
     @property
     def epoch(self) -> int:
-        """Completed passes over the data (see :mod:`scalemlo.data`)."""
+        """Completed passes over the data (see `scalemlo.data`)."""
         return self.cursor.epoch if self.cursor is not None else 0
 
     def next_batch(self) -> Any:
@@ -422,7 +422,7 @@ class Level:
             upper_step: ``upper_step(batch)``: for a reweighted level, an upper level's step taken inside
                 this one, after the forward and before the backward (``LevelConfig.shared_forward``): it
                 runs this level's forward on ``batch`` (a
-                :class:`~scalemlo.hypergrad.shared_forward.SharedForward`), steps the upper level, and
+                `scalemlo.hypergrad.shared_forward.SharedForward`), steps the upper level, and
                 returns that forward's per-example losses, graph kept; the weights then come from the
                 upper level's new parameters.
 

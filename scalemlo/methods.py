@@ -2,7 +2,7 @@
 
 A method is ``fn(problem: ResponseProblem) -> dict[upper name, Vector]`` returning
 ``-(d^2 f_X / dp_Y dp_X) . H_X^{-1} v`` for every upper Y of the problem, registered with what it needs
-of the levels (:class:`Method`). Every check that depends on the method (``LevelConfig``, ``Engine``'s
+of the levels (`Method`). Every check that depends on the method (``LevelConfig``, ``Engine``'s
 ZeRO-stage refusals, ``ReweightingTrainer``) and the table of needs in docs/methods.md read these
 declarations; none names a method. Adding a method is one file with a decorated function, imported
 once (``scalemlo/hypergrad/__init__.py`` imports the built-in ones; a method of your own is registered
@@ -71,21 +71,21 @@ class Method:
 
 _REGISTRY: dict[str, Method] = {}
 METHODS: Mapping[str, Method] = MappingProxyType(_REGISTRY)
-"""Name -> :class:`Method`, read-only (``register`` adds to it)."""
+"""Name -> `Method`, read-only (``register`` adds to it)."""
 
 
 def register(
     name: str, *, shared_forward: bool = True, reads_last_step: bool = False, double_backward: str = "never"
 ) -> Callable[[Callable], Callable]:
-    """Decorator: make ``fn`` the method called ``name``, with what it needs (see :class:`Method`).
+    """Decorator: make ``fn`` the method called ``name``, with what it needs (see `Method`).
 
     Args:
         name: the name ``LevelConfig.method`` takes.
         shared_forward: whether it can take its step on the lower level's next forward
-            (:attr:`Method.shared_forward`).
+            (`Method.shared_forward`).
         reads_last_step: whether it reads each lower level's last optimizer step
-            (:attr:`Method.reads_last_step`).
-        double_backward: ``"always"``, ``"second_order"`` or ``"never"`` (:attr:`Method.double_backward`).
+            (`Method.reads_last_step`).
+        double_backward: ``"always"``, ``"second_order"`` or ``"never"`` (`Method.double_backward`).
 
     Returns:
         The decorator; it returns ``fn`` unchanged.

@@ -89,7 +89,7 @@ def without_autocast(modules: Sequence[torch.nn.Module] = ()) -> Iterator[None]:
 
 
 def autocast_outside() -> bool:
-    """Whether autocast was on outside the innermost :func:`without_autocast`.
+    """Whether autocast was on outside the innermost `without_autocast`.
 
     A training forward taken inside the hypergradient runs in bf16 then, and cannot be differenced against a
     float32 one.
@@ -99,7 +99,7 @@ def autocast_outside() -> bool:
 
 @contextlib.contextmanager
 def native_autocast() -> Iterator[None]:
-    """Inside :func:`without_autocast`: the autocast state from outside it, for a training forward."""
+    """Inside `without_autocast`: the autocast state from outside it, for a training forward."""
     state, wrapped = _outside[-1] if _outside else ([], [])
     with _switched(state, True, [(m, forward, m._original_forward) for m, forward in wrapped]):
         yield
@@ -203,7 +203,7 @@ class Float32Evaluation:
 
     @contextlib.contextmanager
     def native(self) -> Iterator[None]:
-        """Inside :meth:`float32`: the module's own low-precision parameters for a while (a training forward).
+        """Inside `float32`: the module's own low-precision parameters for a while (a training forward).
 
         The float32 copies come back afterwards, as they were.
         """

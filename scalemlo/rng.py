@@ -1,6 +1,6 @@
 """Random state, in one place: what a checkpoint saves of every generator a program draws from
-(:func:`rng_state`, :func:`set_rng_state`), and the state replayed before every evaluation of one
-hypergradient (:class:`RandomState`: the CPU generator and, when CUDA is in use, every CUDA generator;
+(`rng_state`, `set_rng_state`), and the state replayed before every evaluation of one
+hypergradient (`RandomState`: the CPU generator and, when CUDA is in use, every CUDA generator;
 GPU dropout masks come from those, and a difference of two evaluations with different masks is noise)."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def rng_state(generators: list[torch.Generator] = ()) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any], generators: list[torch.Generator] = ()) -> None:
-    """Restore what :func:`rng_state` captured (``generators`` in the same order)."""
+    """Restore what `rng_state` captured (``generators`` in the same order)."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])

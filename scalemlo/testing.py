@@ -261,7 +261,7 @@ class ReweightedSoftmax:
 
 
 class SoftmaxModel(Level):
-    """Lower level of :class:`ReweightedSoftmax`; batches are (x, y, example index)."""
+    """Lower level of `ReweightedSoftmax`; batches are (x, y, example index)."""
 
     def __init__(self, *args, problem: ReweightedSoftmax, **kwargs):
         super().__init__(*args, **kwargs)
@@ -276,7 +276,7 @@ class SoftmaxModel(Level):
 
 
 class ExampleWeights(Level):
-    """Upper level of :class:`ReweightedSoftmax`: one weight logit per training example."""
+    """Upper level of `ReweightedSoftmax`: one weight logit per training example."""
 
     def __init__(self, *args, problem: ReweightedSoftmax, **kwargs):
         super().__init__(*args, **kwargs)
@@ -296,7 +296,7 @@ def reweighted_softmax_engine(
     model_config: LevelConfig | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> Engine:
-    """An engine over :class:`ReweightedSoftmax` at (lam, theta).
+    """An engine over `ReweightedSoftmax` at (lam, theta).
 
     The training set is cut into ``micro_batches`` equal batches; with
     ``model_config.gradient_accumulation`` equal to it, one step sees the whole

@@ -2,7 +2,7 @@
 
 scalemlo drives other libraries' training loops from inside, and a few of the hooks it needs are not public
 API. Each is listed here with where it is used and why, so that an upgrade that removes one fails at
-construction with an error naming it (:func:`require`), and the test suite checks the installed versions
+construction with an error naming it (`require`), and the test suite checks the installed versions
 (``tests/test_upstream.py``). ``docs/status.md`` prints this table.
 
 Names on a class are checked on the class. Names that only exist on an object DeepSpeed builds for some
@@ -175,7 +175,7 @@ INTERNALS = (
 
 
 class UpstreamError(RuntimeError):
-    """An installed transformers, accelerate or DeepSpeed lacks a name scalemlo uses (see :data:`INTERNALS`)."""
+    """An installed transformers, accelerate or DeepSpeed lacks a name scalemlo uses (see `INTERNALS`)."""
 
 
 def _resolve(owner: str):
@@ -207,7 +207,7 @@ def missing(package: str | None = None) -> list[Internal]:
 
 
 def require(package: str) -> None:
-    """Raise :class:`UpstreamError` naming every private name of ``package`` scalemlo uses that is missing.
+    """Raise `UpstreamError` naming every private name of ``package`` scalemlo uses that is missing.
 
     Called where the names are first needed (``ReweightingTrainer`` construction, a DeepSpeed level's
     backend), before any compute.

@@ -4,7 +4,7 @@ A "vector" is a list of tensors shaped like a level's trainable parameters.
 Everything here is elementwise or a local reduction, so it runs unchanged on
 the local shards of ZeRO-3-partitioned parameters. Reductions that must see
 the whole vector (dot products, norms, the largest entry) go through
-:class:`AcrossRanks`, which knows whether a level's vectors are whole on every
+`AcrossRanks`, which knows whether a level's vectors are whole on every
 rank or one shard per rank, and makes every rank agree on the result.
 
 Naming: a function whose name ends in ``_`` writes one of its vector
@@ -263,7 +263,7 @@ def mirrored_(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor],
 
     The two points are p ± r with r = p+ - p the realized step (r is exact where p and p+ are within a
     factor 2, and the mirror point is rounded once), at about three passes over the parameters in all
-    (:func:`moved_` keeps p in ``direction``'s storage; the mirror point is one ``lerp``: p+ + 2 (p - p+);
+    (`moved_` keeps p in ``direction``'s storage; the mirror point is one ``lerp``: p+ + 2 (p - p+);
     the restore one copy) where recording r and patching the restore takes about twelve.
     Writes through ``p.data`` (no version-counter change). Afterwards ``direction`` holds the
     parameters' values, not the direction.

@@ -65,7 +65,7 @@ class _Backend:
 
     @property
     def precision(self) -> Float32Evaluation:
-        """Swaps a low-precision level to float32 for a hypergradient's evaluations (:mod:`scalemlo.precision`)."""
+        """Swaps a low-precision level to float32 for a hypergradient's evaluations (`scalemlo.precision`)."""
         if getattr(self, "_precision", None) is None:
             module = self.engine.module if hasattr(self, "engine") else self.module
             self._precision = Float32Evaluation(module, self.partitioned, self.release_gathered, self._master)
@@ -162,7 +162,7 @@ class _Backend:
         }
 
     def load_progress_state(self, state: dict) -> None:
-        """Restore what :meth:`progress_state` saved (the last step's gradients are not saved)."""
+        """Restore what `progress_state` saved (the last step's gradients are not saved)."""
         self.steps = state["steps"]
         if hasattr(self, "_micro"):
             self._micro = state["micro"]

@@ -38,7 +38,7 @@ class DeepSpeedBackend(_Backend):
         params: the module's trainable parameters.
         optimizer: the torch optimizer over them (or what ``deepspeed.initialize`` takes as one).
         scheduler: an LR scheduler, or None.
-        ds_config: the level's resolved DeepSpeed config (:func:`deepspeed_config_for`).
+        ds_config: the level's resolved DeepSpeed config (`deepspeed_config_for`).
         name: the level's name (for messages).
         group_index: the optimizer parameter group of each trainable parameter.
     """
@@ -269,8 +269,8 @@ class DeepSpeedBackend(_Backend):
 
         ZeRO 0-2: a backward of the surrogate ``sum(<p, g>)`` through the engine, so DeepSpeed reduces,
         scales and accumulates it as any gradient. ZeRO-3: ``grads`` are this rank's partitions,
-        averaged over ranks already (as :meth:`gradient` gives them); they are summed here and written
-        into DeepSpeed's gradient partitions at the step's boundary (:meth:`step`), since a
+        averaged over ranks already (as `gradient` gives them); they are summed here and written
+        into DeepSpeed's gradient partitions at the step's boundary (`step`), since a
         hypergradient taken between micro-steps clears those partitions.
         """
         if self.partitioned:

@@ -114,7 +114,7 @@ class _RecordedKeys(dict):
 
 
 class _RecordedKeysView:
-    """``d.keys()`` of a :class:`_RecordedKeys`: ``key in d.keys()`` is noted as ``key in d``."""
+    """``d.keys()`` of a `_RecordedKeys`: ``key in d.keys()`` is noted as ``key in d``."""
 
     def __init__(self, recorded: _RecordedKeys) -> None:
         self.recorded = recorded
@@ -161,7 +161,7 @@ def deepspeed_config_for(config, name: str, module: torch.nn.Module | None = Non
     comes from ``LevelConfig.gradient_clipping`` unless the config sets it.
 
     Args:
-        config: the level's :class:`~scalemlo.config.LevelConfig`.
+        config: the level's `scalemlo.config.LevelConfig`.
         name: the level's name (for messages).
         module: the level's module, if at hand: float64 parameters are refused, and its
             ``config.hidden_size`` fills the ZeRO bucket sizes given as ``"auto"``.

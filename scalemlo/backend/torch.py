@@ -35,7 +35,7 @@ class TorchBackend(_Backend):
         params: the module's trainable parameters.
         optimizer: the torch optimizer over them (an fp16 level's must not have stepped yet).
         scheduler: an LR scheduler, or None.
-        config: the level's :class:`~scalemlo.config.LevelConfig` (``gradient_accumulation``,
+        config: the level's `scalemlo.config.LevelConfig` (``gradient_accumulation``,
             ``gradient_clipping``, ``fp16_loss_scaling``).
         group_index: the optimizer parameter group of each trainable parameter.
         name: the level's name (for messages).
@@ -69,7 +69,7 @@ class TorchBackend(_Backend):
 
     def _init_fp16(self, config, name: str) -> None:
         """fp16 parameters: the optimizer steps float32 masters (DeepSpeed's fp16 ZeRO-0 optimizer does the
-        same), gradients are loss-scaled (:mod:`scalemlo.loss_scale`), an overflow skips the step."""
+        same), gradients are loss-scaled (`scalemlo.loss_scale`), an overflow skips the step."""
         if any(p.dtype != torch.float16 for p in self.params):
             raise ValueError(f"level {name!r}: its trainable parameters mix fp16 and other dtypes; make them all fp16")
         if self.optimizer.state:

@@ -86,7 +86,7 @@ def with_adapter(model: Any, peft_config: Any) -> Any:
 def with_peft(args: tuple, kwargs: dict, peft_config: Any) -> tuple[tuple, dict]:
     """The Trainer's positional and keyword arguments with its model wrapped in an adapter.
 
-    The model is wrapped when ``peft_config`` is given or the arguments say ``use_peft`` (:func:`lora_config`);
+    The model is wrapped when ``peft_config`` is given or the arguments say ``use_peft`` (`lora_config`);
     the arguments are unchanged otherwise.
 
     Args:

@@ -3,7 +3,7 @@
 Parsed by ``transformers.HfArgumentParser`` like any Trainer script's
 arguments (flags, or one JSON/YAML file). The meta level is the weighting
 model that learns how to weight the training data against a clean meta set;
-its hypergradient fields mirror :class:`scalemlo.LevelConfig`.
+its hypergradient fields mirror `scalemlo.LevelConfig`.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ class ReweightingArguments(TrainingArguments):
     """The Trainer's arguments and the meta level's (see ``--help``).
 
     With ``deepspeed`` set, building them starts the process group DeepSpeed needs
-    (:func:`scalemlo.distributed.ensure_distributed`: the launcher's, or a one-process group without one),
+    (`scalemlo.distributed.ensure_distributed`: the launcher's, or a one-process group without one),
     so a script runs alone, under ``deepspeed`` and under ``torchrun`` with no set-up call of its own.
     Without it, what an earlier Trainer of the process left (``ACCELERATE_USE_DEEPSPEED``) is ignored and a
-    one-process run stays one process (no DDP): :mod:`scalemlo.hf.state`.
+    one-process run stays one process (no DDP): `scalemlo.hf.state`.
     """
 
     reweighting: str = field(
@@ -235,7 +235,7 @@ class ReweightingArguments(TrainingArguments):
         )
 
     def meta_level_config(self) -> LevelConfig:
-        """The weighting level's :class:`scalemlo.LevelConfig` from these arguments."""
+        """The weighting level's `scalemlo.LevelConfig` from these arguments."""
         return LevelConfig(
             method=self.hypergradient_method,
             unroll_steps=1,  # the Trainer's loop schedules meta steps itself (every unroll_steps)

@@ -7,10 +7,10 @@ per-source statistics). For a ``datasets.Dataset`` the Trainer therefore
 
 - numbers the rows in a new ``id`` column when there is none; a string ``id`` column becomes the examples'
   names and the row numbers replace it; an integer one is kept (the user's plumbing, unchanged);
-- maps a string ``source`` column to indices (:func:`source_mapping`: the ``source`` scheme's own order, else
+- maps a string ``source`` column to indices (`source_mapping`: the ``source`` scheme's own order, else
   the given ``source_names``, else the sorted distinct names); an integer one is kept;
 - drops every other text column (a collator cannot make tensors of strings), from the meta set too;
-- collates one training batch and one meta batch at construction (:func:`check_batch`), so that a set the
+- collates one training batch and one meta batch at construction (`check_batch`), so that a set the
   collator cannot batch, or whose batches lack ``input_ids``/``labels`` or a column the scheme reads, fails
   before the first step with the set's columns in the message.
 
@@ -142,7 +142,7 @@ def prepare_training_set(
 
     Args:
         dataset: the user's training set (a ``datasets.Dataset``; anything else is returned as it is).
-        mapping: name -> index for a string ``source`` column (:func:`source_mapping`).
+        mapping: name -> index for a string ``source`` column (`source_mapping`).
         example_names: the examples' names by row, if the user gave them.
         source_names: the names of the source indices, if the user gave them.
 
@@ -183,7 +183,7 @@ def prepare_meta_set(dataset: Any, mapping: Mapping[str, int] | None) -> Any:
 
     Args:
         dataset: the meta set (or any set prepared like it).
-        mapping: name -> index of the training set's string ``source`` column (:func:`source_mapping`).
+        mapping: name -> index of the training set's string ``source`` column (`source_mapping`).
     """
     if mapping is not None and column_kind(dataset, SOURCE_COLUMN) == "text":
         values = dataset[SOURCE_COLUMN]

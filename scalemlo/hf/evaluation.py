@@ -6,7 +6,7 @@ The weights are how the model is trained, not what it is judged by: ``evaluate()
     eval_loss = sum_i l_i n_i / sum_i n_i,
 
 l_i the mean cross-entropy of example i over its n_i counted targets
-(:func:`scalemlo.hf.losses.per_example_causal_lm_loss`: labels -100 and padding do not count), summed over
+(`scalemlo.hf.losses.per_example_causal_lm_loss`: labels -100 and padding do not count), summed over
 every token of the set (not a mean of batch means, which would weigh a short last batch like a full one),
 and ``eval_perplexity = exp(eval_loss)`` beside it. No reweighting column (``id``, ``source``) is read,
 and text columns are dropped before collation, so any tokenized evaluation set works.

@@ -1,13 +1,13 @@
 """Learned weights out of a run: one scale for every scheme, files, a column, a weighted dataset on disk.
 
 The exported weight of a training example is the final weighting model's weight for it
-(``ReweightingTrainer.score``, :func:`scalemlo.hf.scorer.dataset_weights`), computed for every row of the
+(``ReweightingTrainer.score``, `scalemlo.hf.scorer.dataset_weights`), computed for every row of the
 training set, whatever the run saw or a resume skipped, on one scale: **mean 1 over the training set**. A
 source's weight is the mean of its examples' weights (so the example-count-weighted mean of the source
 weights is 1 too); the ``source`` scheme's softmax α (summing to 1) is exported beside them under its own
 name.
 
-Files (:func:`write_weights`):
+Files (`write_weights`):
 
 - ``weights.json``: ``{"scale": "mean 1 over the training set", "examples": {name: weight},
   "sources": {name: weight}, "source_examples": {name: count}}``, plus ``"source_softmax": {name: α}`` for
@@ -15,9 +15,9 @@ Files (:func:`write_weights`):
 - ``example_weights.csv`` (id, source, weight) and ``source_weights.csv`` (source, weight, examples).
 
 The weight each example last *trained* with (normalised within its batch, as the step used it; only the
-examples the run has seen) is a different quantity: :class:`WeightTable` keeps it during training and
+examples the run has seen) is a different quantity: `WeightTable` keeps it during training and
 writes ``last_trained_weights.csv`` only when asked (``export_weights(last_trained=True)``).
-:func:`weighted_dataset` turns the weights into a ``datasets`` dataset (a column, filtered or resampled).
+`weighted_dataset` turns the weights into a ``datasets`` dataset (a column, filtered or resampled).
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def add_weight_column(dataset, weights, column: str = "scalemlo_weight"):
     Args:
         dataset: the rows, in the order the weights are given.
         weights: a float sequence or tensor [len(dataset)] (e.g. ``ReweightingTrainer.score(dataset)``), or a
-            :class:`WeightTable` of the training run (rows in training order; rows it never saw get NaN).
+            `WeightTable` of the training run (rows in training order; rows it never saw get NaN).
         column: the new column's name.
 
     Filter with e.g. ``dataset.filter(lambda row: row["scalemlo_weight"] >= 0.5)``.

@@ -98,7 +98,7 @@ def per_example_causal_lm_loss(
 
 
 def counted_targets(labels: Tensor, attention_mask: Tensor | None = None, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """[B, T-1] bool: which targets :func:`per_example_causal_lm_loss` counts (its ``token_counts`` are the row sums).
+    """[B, T-1] bool: which targets `per_example_causal_lm_loss` counts (its ``token_counts`` are the row sums).
 
     Target t counts when ``labels[:, t + 1]`` is not ignored and positions t and t + 1 are attended.
 

@@ -8,8 +8,8 @@ reweighting scheme, hypergradient method and unroll steps, the learned per-sourc
 training set, as ``weights.json`` has them; the ``source`` scheme's softmax beside them), the held-out losses
 it was told (``ReweightingTrainer.model_card_metrics``, e.g. the baselines') and the last evaluation's.
 
-:func:`render_model_card` is the text from plain values; :func:`trainer_facts` reads them off a trainer;
-:class:`ModelCards` is the trainer's side (``save_model``, ``create_model_card``).
+`render_model_card` is the text from plain values; `trainer_facts` reads them off a trainer;
+`ModelCards` is the trainer's side (``save_model``, ``create_model_card``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class SourceRow:
 
 @dataclass
 class CardFacts:
-    """What a model card says, as plain values (:func:`render_model_card`)."""
+    """What a model card says, as plain values (`render_model_card`)."""
 
     model_name: str
     base_model: str | None  # a Hub id (front matter ``base_model``), or None
@@ -298,7 +298,7 @@ class ModelCards:
     """``save_model`` and ``create_model_card`` of ``ReweightingTrainer``: the card beside every saved model.
 
     A base before ``transformers.Trainer``. Reads the trainer's ``_final_weights`` / ``_scored`` /
-    ``_score_key`` (the training set's scores, computed once per step) and what :func:`trainer_facts` reads.
+    ``_score_key`` (the training set's scores, computed once per step) and what `trainer_facts` reads.
     """
 
     def _card_needs_weights(self) -> bool:
@@ -307,7 +307,7 @@ class ModelCards:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """``Trainer.save_model``, then the model card ``README.md`` beside the model, in checkpoints too.
 
-        The card is written by :meth:`create_model_card`. Every rank must call it, as the Trainer's: the card's
+        The card is written by `create_model_card`. Every rank must call it, as the Trainer's: the card's
         per-source weights are the final weights of the training set (``score()``: a forward over it when the
         data have sources, shared with a checkpoint's weight exports).
         """
@@ -329,14 +329,14 @@ class ModelCards:
 
         It replaces the Trainer's draft, which knows nothing of the weighting: base model, data, reweighting
         scheme, method and unroll steps, the learned per-source weights and held-out results
-        (:mod:`scalemlo.hf.model_card`). ``push_to_hub`` calls it after ``save_model``, before the upload.
+        (`scalemlo.hf.model_card`). ``push_to_hub`` calls it after ``save_model``, before the upload.
 
         Args:
             model_name: the card's title (default: the Hub repo's name, else the output folder's).
             dataset_name: Hub dataset id(s) of the training data (front matter ``datasets``); also read from
                 the Trainer's ``dataset`` keyword.
             tags: tags beside ``scalemlo`` and ``data-reweighting``.
-            metrics: held-out results beside :attr:`model_card_metrics` (e.g. the baselines' losses).
+            metrics: held-out results beside `model_card_metrics` (e.g. the baselines' losses).
             output_dir: where to write it (default output_dir).
             weights: float [N] the training set's final weights (default: those of this step, if computed on
                 every rank, or computed here in a one-process run).

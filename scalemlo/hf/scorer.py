@@ -10,7 +10,7 @@ where s_φ is a small network over features computed from the example's tokens
 - weights an example on its first visit, and one it never trained on: what it
   learns about one corrupted document carries to every document that looks
   alike;
-- can score any tokenized dataset after training (:meth:`ExampleScorer.score`,
+- can score any tokenized dataset after training (`ExampleScorer.score`,
   ``ReweightingTrainer.score``), to filter a corpus it never saw.
 
 Features (``features``, any of):
@@ -24,7 +24,7 @@ Features (``features``, any of):
   level drifts as the model trains; its rank within a batch does not).
 - ``"near_copies"``: log(1 + the number of other documents of the set that
   are near-copies of this one), read from a batch column (``near_copies`` by
-  default) that :func:`near_copy_counts` fills from the raw texts once per
+  default) that `near_copy_counts` fills from the raw texts once per
   dataset. Token n-grams cannot tell a document repeated thirty times with
   small edits from any other; this count can (the de-duplication every
   pre-training pipeline runs, handed to the scorer as one more feature whose
@@ -41,7 +41,7 @@ normalisation leaves unidentified:
   half of each batch": a clean example that scores below the median loses its
   weight whatever the share of bad data is.
 - ``"meta"``: the ``reference_quantile`` quantile of the scores of the meta
-  set (``set_reference``; :class:`ReweightingTrainer` passes its meta set).
+  set (``set_reference``; `ReweightingTrainer` passes its meta set).
   The meta set is clean by assumption, so an example that scores like clean
   data (above all but the lowest ``reference_quantile`` of it) heads towards
   weight 1 of the sigmoid and one that scores far below any of it towards 0,
@@ -58,7 +58,7 @@ normalisation leaves unidentified:
   seeds of five there; 0.1 on none).
 
 The output layer starts at zero, so every example starts at weight 1 and the
-hypergradient sets the direction (as :class:`scalemlo.hf.reweighting.MetaWeightNet`).
+hypergradient sets the direction (as `scalemlo.hf.reweighting.MetaWeightNet`).
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ class ExampleScorer(Reweighter):
         hidden_size: width of the hidden layer; 0 for a linear scorer.
         ids_column: the batch column of token ids (``"ngrams"``).
         mask_column: the batch column of the attention mask (absent: every token counts).
-        near_copies_column: the batch column of :func:`near_copy_counts` (``"near_copies"``).
+        near_copies_column: the batch column of `near_copy_counts` (``"near_copies"``).
         centre: ``"median"`` (of each batch) or ``"meta"`` (a quantile of the meta set's scores; see the
             module docstring).
         reference_quantile: with ``centre="meta"``, which quantile of the meta set's scores is the centre.

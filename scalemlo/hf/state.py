@@ -8,10 +8,10 @@ process (a baseline beside the learned run, tests) runs under DeepSpeed's defaul
 or fails with "You cannot pass in a deepspeed_plugin when creating a second Accelerator".
 
 And a one-process run is not a distributed one: the process group scalemlo starts without a launcher
-(:func:`scalemlo.distributed.ensure_distributed`, for DeepSpeed) sets ``LOCAL_RANK=0``, from which accelerate
+(`scalemlo.distributed.ensure_distributed`, for DeepSpeed) sets ``LOCAL_RANK=0``, from which accelerate
 concludes the run is distributed (``MULTI_CPU``/``MULTI_GPU``) and the Trainer wraps the model in
 ``DistributedDataParallel`` over one process (with a ``find_unused_parameters`` warning).
-:func:`one_process_view` hides it while accelerate decides.
+`one_process_view` hides it while accelerate decides.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ ACCELERATE_LAUNCH_DEEPSPEED_MARK = "ACCELERATE_CONFIG_DS_FIELDS"
 def reset_trainer_state() -> None:
     """Forget the process-wide state a Trainer leaves behind (accelerate's state, the HF DeepSpeed config).
 
-    ``ReweightingTrainer`` calls it (through :func:`isolate`) before it builds its accelerator, so users need
+    ``ReweightingTrainer`` calls it (through `isolate`) before it builds its accelerator, so users need
     not; it stays for scripts that build plain ``transformers.Trainer`` objects after one. The process group
     stays.
     """
@@ -55,7 +55,7 @@ def leftover_deepspeed_flag() -> bool:
 
 
 def forget_leftover_deepspeed_flag(deepspeed: Any) -> None:
-    """Without ``--deepspeed``, drop a leftover ``ACCELERATE_USE_DEEPSPEED`` (see :func:`leftover_deepspeed_flag`):
+    """Without ``--deepspeed``, drop a leftover ``ACCELERATE_USE_DEEPSPEED`` (see `leftover_deepspeed_flag`):
     ``TrainingArguments`` and accelerate would otherwise build a default (ZeRO-2) DeepSpeed plugin from it."""
     if not deepspeed and leftover_deepspeed_flag():
         del os.environ["ACCELERATE_USE_DEEPSPEED"]
@@ -95,7 +95,7 @@ def is_one_process_run(deepspeed: Any) -> bool:
 @contextmanager
 def one_process_view(deepspeed: Any) -> Iterator[None]:
     """Hide ``LOCAL_RANK`` from accelerate while it decides the distributed type of a one-process run
-    (:func:`is_one_process_run`), so the model is not wrapped in DDP; restored on exit (DeepSpeed's engines,
+    (`is_one_process_run`), so the model is not wrapped in DDP; restored on exit (DeepSpeed's engines,
     the weighting model's included, read it)."""
     one_process = is_one_process_run(deepspeed)
     hidden = os.environ.pop("LOCAL_RANK", None) if one_process else None

@@ -9,13 +9,13 @@ A user adopts it by changing one class and passing a ``meta_dataset``::
 The model is trained by the Trainer's own loop (its DeepSpeed engine comes
 from ``--deepspeed ds.json``, ZeRO 0-3) on sum_i w_i l_i / n: per-example
 causal-LM losses from the logits, weights from a reweighting module
-(:mod:`scalemlo.hf.reweighting`) held fixed during the model's step. Every
+(`scalemlo.hf.reweighting`) held fixed during the model's step. Every
 ``unroll_steps`` optimizer steps the weighting module takes one step on the
 hypergradient of the model's loss on a clean meta batch. That step is a
-scalemlo program: the model is a :class:`scalemlo.Level` over the Trainer's own
+scalemlo program: the model is a `scalemlo.Level` over the Trainer's own
 engine (adopted, never rebuilt), the weighting module a Level in its own
 DeepSpeed engine, and the hypergradient comes from the same coordinator and
-method registry as :class:`scalemlo.Engine` (``Engine.step_level``).
+method registry as `scalemlo.Engine` (``Engine.step_level``).
 
 Gradient accumulation is right for both levels: the weights stay fixed over
 an optimizer step's micro-batches (they only change between steps), and the
@@ -23,7 +23,7 @@ hypergradient differentiates the mean over those same micro-batches.
 
 By default (``--shared_forward``, on for finite_difference, sama, neumann and
 cg) the meta step shares the model's forward
-(:mod:`scalemlo.hypergrad.shared_forward`): it is taken at the start of the
+(`scalemlo.hypergrad.shared_forward`): it is taken at the start of the
 optimizer step after the one that made it due, between the forward of that
 step's first micro-batch and its backward, on that micro-batch (7 forward
 units instead of 8, and exact about the weights' held inputs); the weights of
@@ -119,7 +119,7 @@ def valid_weights(weights: torch.Tensor, batch: Mapping[str, Any], valid: torch.
     Args:
         weights: [B] the examples' weights.
         batch: the tokenized batch (its ``labels`` and ``attention_mask`` say which targets count).
-        valid: :func:`valid_examples` of the batch, if already at hand.
+        valid: `valid_examples` of the batch, if already at hand.
     """
     valid = valid_examples(batch, weights.device) if valid is None else valid
     return weights * valid * (len(valid) / valid.sum().clamp_min(1))
@@ -166,13 +166,13 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
 
     Evaluation (``evaluate()``, ``--eval_strategy``, ``load_best_model_at_end``, ``predict()``) reports the
     unweighted token-mean loss and its perplexity, whatever the weighting
-    (:mod:`scalemlo.hf.evaluation`); ``save_model`` writes a model card beside the model
-    (:mod:`scalemlo.hf.model_card`).
+    (`scalemlo.hf.evaluation`); ``save_model`` writes a model card beside the model
+    (`scalemlo.hf.model_card`).
 
     Args:
         meta_dataset: the clean meta set (tokenized like the training set:
             ``input_ids``, ``attention_mask``, ``labels``).
-        reweighter: a :class:`scalemlo.hf.reweighting.Reweighter`; default
+        reweighter: a `scalemlo.hf.reweighting.Reweighter`; default
             built from ``args.reweighting`` (``reweighter_kwargs`` passed on).
         reweighter_kwargs: the scheme's arguments; those it needs and lacks come from the training set
             (``source``: the names of a string ``source`` column, or the number of indices; ``example``: the
@@ -184,14 +184,14 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
             ``{"heldout_loss": 2.31, "heldout_loss_uniform": 2.40}``); also settable later as the attribute.
         peft_config: a ``peft`` config (e.g. ``LoraConfig``): the model is wrapped by ``peft.get_peft_model``
             and only the adapter trains, as in TRL's trainers (``--use_peft`` builds one from the ``lora_*``
-            flags; :mod:`scalemlo.hf.adapters`).
+            flags; `scalemlo.hf.adapters`).
 
     Every other argument is ``transformers.Trainer``'s.
 
     The training set (a ``datasets.Dataset``) needs no reweighting columns of its own: the Trainer numbers
     its rows in an ``id`` column where it has none, maps a string ``source`` column to indices, drops text
     columns from it and the meta set, and collates one batch of each at construction
-    (:mod:`scalemlo.hf.data`).
+    (`scalemlo.hf.data`).
     """
 
     def __init__(
@@ -278,7 +278,7 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
     def create_accelerator_and_postprocess(self) -> None:
         """Build the Trainer's accelerator after an earlier Trainer's process-wide state is forgotten.
 
-        A one-process run gets one without DDP (:mod:`scalemlo.hf.state`).
+        A one-process run gets one without DDP (`scalemlo.hf.state`).
         """
         with one_process_view(self.args.deepspeed):
             isolate(self.args)
@@ -416,7 +416,7 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
 
     def _select(self, candidates: Mapping[str, Any]) -> dict[str, Any]:
         """``per_device_train_batch_size`` of the candidates, chosen by the current weights plus the
-        ``--selection_floor`` (:mod:`scalemlo.hf.selection`); padding beyond the chosen rows' longest is cut.
+        ``--selection_floor`` (`scalemlo.hf.selection`); padding beyond the chosen rows' longest is cut.
 
         The draw is seeded by the run's seed, the step and the candidates, so a resumed run draws the same."""
         size = self.args.per_device_train_batch_size
@@ -464,7 +464,7 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
     # ---- the scalemlo side ----------------------------------------------------------------------------
     @property
     def _method(self) -> Method:
-        """The hypergradient method and what it needs (:mod:`scalemlo.methods`)."""
+        """The hypergradient method and what it needs (`scalemlo.methods`)."""
         return get_method(self.args.hypergradient_method)
 
     @property
@@ -663,7 +663,7 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
     def export_weights(self, directory: str | os.PathLike | None = None, last_trained: bool = False) -> torch.Tensor:
         """Write the final weighting model's weight of every training example and the per-source means.
 
-        The weights are mean 1 over the training set (:mod:`scalemlo.hf.exports`). Every rank must call it
+        The weights are mean 1 over the training set (`scalemlo.hf.exports`). Every rank must call it
         (a ZeRO-3 model's forward is collective); rank 0 writes.
 
         Args:
@@ -710,12 +710,12 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
     def save_weighted_dataset(self, directory: str | os.PathLike | None = None, weights=None):
         """Save the training set as given (text columns kept) with its learned weights.
 
-        As ``--save_weighted_dataset`` says (:func:`scalemlo.hf.exports.weighted_dataset`), saved with
+        As ``--save_weighted_dataset`` says (`scalemlo.hf.exports.weighted_dataset`), saved with
         ``save_to_disk`` on rank 0. Every rank must call it.
 
         Args:
             directory: where to save it (default output_dir/weighted_dataset).
-            weights: the training set's weights, by row (default: :meth:`score` of the training set).
+            weights: the training set's weights, by row (default: `score` of the training set).
 
         Returns:
             The dataset.
@@ -736,7 +736,7 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
 
         Works for any tokenized dataset with the columns the scheme reads (``input_ids`` for the scorer,
         ``id`` / ``source`` for the tables), including data the run never trained on (the scorer); add the
-        result as a column with :func:`scalemlo.hf.exports.add_weight_column` to filter on it. Its text
+        result as a column with `scalemlo.hf.exports.add_weight_column` to filter on it. Its text
         columns are dropped and a string ``source`` column mapped as the training set's. The random state
         is left as it was (a checkpoint's export must not move a resumed run's).
 

@@ -50,7 +50,7 @@ class Coordinator:
         Args:
             owner_name: the level whose hypergradient is wanted.
             batch: the owner's batch (default: its current batch).
-            shared: a :class:`~scalemlo.hypergrad.shared_forward.SharedForward` of the level
+            shared: a `scalemlo.hypergrad.shared_forward.SharedForward` of the level
                 below (``LevelConfig.shared_forward``): its step in progress is the objective
                 differentiated, and its forward is shared.
         """

@@ -72,7 +72,7 @@ class ResponseProblem:
         uppers: the levels Y whose responses are wanted (directly above X).
         v: adjoint, shaped like ``lower.backend.local_shards``, the same on
             every rank (or this rank's shard). Read it; a method that wants its
-            storage for w takes it with :meth:`take_v`.
+            storage for w takes it with `take_v`.
         config: the LevelConfig of the level whose hypergradient is computed.
         state: the method's own memory for this (owner, lower) pair.
         all_levels: every level of the program (to hold the others fixed).
@@ -80,7 +80,7 @@ class ResponseProblem:
         shared: the lower level's forward on the batch of its step in progress
             (``LevelConfig.shared_forward``), or None. When set, that batch is X's
             objective, the mixed products come from the shared-forward estimator
-            (:mod:`scalemlo.hypergrad.shared_forward`) and :meth:`step_lrs` are the
+            (`scalemlo.hypergrad.shared_forward`) and `step_lrs` are the
             coming step's.
     """
 
@@ -267,7 +267,7 @@ class ResponseProblem:
         Needs only gradients with respect to the uppers at X's parameters
         moved to p_X +- eps w (eps = radius / ||w||): for data reweighting that
         backward never enters X's model. With a shared forward: the one-sided
-        estimator (:func:`shared_mixed_`, the protocol in :mod:`scalemlo.hypergrad.shared_forward`) instead.
+        estimator (`shared_mixed_`, the protocol in `scalemlo.hypergrad.shared_forward`) instead.
 
         Args:
             w: the vector, in the layout of ``local_shards``; its storage is taken.

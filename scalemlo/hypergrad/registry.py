@@ -1,4 +1,4 @@
-"""The method registry (:mod:`scalemlo.methods`), importable from here as before."""
+"""The method registry (`scalemlo.methods`), importable from here as before."""
 
 from scalemlo.methods import METHODS, Method, get_method, register, shared_forward_methods, unregister
 

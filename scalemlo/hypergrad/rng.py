@@ -1,4 +1,4 @@
-"""The random state replayed between evaluations: moved to :mod:`scalemlo.rng`; this name stays for code written
+"""The random state replayed between evaluations: moved to `scalemlo.rng`; this name stays for code written
 against it (it is the same module)."""
 
 import sys

@@ -65,7 +65,7 @@ class SharedForward:
         batch: that step's batch.
         losses_of: the forward of the step (default ``lower.per_example_losses``), e.g. through a
             wrapper the driver's step uses; the moved forwards use ``lower.per_example_losses``.
-        losses: ℓ_i(θ) with its graph once :meth:`forward` ran, else None.
+        losses: ℓ_i(θ) with its graph once `forward` ran, else None.
         rng_state: the random state the forward started from (replayed for the moved forward).
     """
 
@@ -131,9 +131,9 @@ def step_inside(
         lower: the reweighted level whose step is coming.
         batch: that step's batch.
         upper_step: ``upper_step(shared)`` takes the upper level's step on the forward of ``lower``'s coming
-            step on ``batch`` (a :class:`SharedForward`).
+            step on ``batch`` (a `SharedForward`).
         levels: every level, held fixed in the forward.
-        losses_of: the forward of the step (default ``lower.per_example_losses``; see :class:`SharedForward`).
+        losses_of: the forward of the step (default ``lower.per_example_losses``; see `SharedForward`).
 
     Returns:
         That forward's per-example losses, graph kept, for ``lower`` to finish its step with (the forward's

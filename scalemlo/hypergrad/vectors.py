@@ -1,4 +1,4 @@
-"""The methods' vector algebra: moved to :mod:`scalemlo.vectors`; this name stays for code written
+"""The methods' vector algebra: moved to `scalemlo.vectors`; this name stays for code written
 against it (it is the same module)."""
 
 import sys

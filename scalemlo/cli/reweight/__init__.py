@@ -15,7 +15,7 @@ its weight exports, ``report.json`` (held-out losses, with ground truth the ROC-
 separating corrupted from clean rows, the mean weight per source) and ``weights.png`` to ``--output_dir``.
 
 Modules: ``arguments`` (the dataclasses, ``--config``), ``data`` (loading, tokenizing, batching), ``run``
-(the runs, :func:`main`), ``report``.
+(the runs, `main`), ``report``.
 """
 
 from scalemlo.cli.reweight.arguments import (

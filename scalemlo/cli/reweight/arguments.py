@@ -1,6 +1,6 @@
 """``scalemlo-reweight``'s arguments: the model, the data, the run, and ``ReweightingArguments``.
 
-Parsed by :func:`parse_arguments` with ``transformers.HfArgumentParser``: every dataclass field is a flag
+Parsed by `parse_arguments` with ``transformers.HfArgumentParser``: every dataclass field is a flag
 (``--help`` lists them all), ``--config run.yaml`` gives any of them in a YAML (or JSON) file, and flags on
 the command line override the file. An unknown key in the file is a ``ValueError`` naming it, raised before
 anything is loaded.

@@ -81,7 +81,7 @@ def tokenize(
     near_copies: list[int] | None = None,
 ):
     """``input_ids`` (each text's tokens, then EOS) + ``id`` (the row index) + the ``source`` index (with
-    ``sources``) + the given ``near_copies`` counts, under ``--long_sequences``; :class:`Collator` pads them and
+    ``sources``) + the given ``near_copies`` counts, under ``--long_sequences``; `Collator` pads them and
     adds ``attention_mask`` and ``labels``.
 
     Raises:
@@ -117,7 +117,7 @@ class Collator:
         self.pad = pad_token_id
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        """``items``: rows of :func:`tokenize`. Returns int64 tensors ``input_ids``, ``attention_mask``,
+        """``items``: rows of `tokenize`. Returns int64 tensors ``input_ids``, ``attention_mask``,
         ``labels`` of shape (batch, longest) and each other column of shape (batch,)."""
         longest = max(len(item["input_ids"]) for item in items)
         out = {"input_ids": [], "attention_mask": [], "labels": []}

@@ -33,7 +33,7 @@ def heldout_loss(model, dataset, collate) -> float:
 def make_report(results: dict, weights: torch.Tensor, train, data: DataArguments, names, trainer, start) -> dict:
     """The run's report: ``results`` (held-out losses, seconds), perplexities, the share of the clean-only
     headroom recovered, with ground truth the weights' ROC-AUCs (all, ``--visible_corruptions``, per kind) and
-    mean weights, the mean weight per source, and :func:`versions`.
+    mean weights, the mean weight per source, and `versions`.
 
     Args:
         weights: float (n,), the learned weight of each row of ``train`` (the learned run's data).

@@ -226,7 +226,7 @@ def run(model_args: ModelArguments, data: DataArguments, run_args: RunArguments,
 def main(
     argv: Sequence[str] | None = None, extra_arguments: Sequence[type] = (), defaults: Mapping[str, Any] | None = None
 ) -> dict:
-    """Parse ``argv`` (default ``sys.argv[1:]``; see :func:`parse_arguments`) and :func:`run`; return the report.
+    """Parse ``argv`` (default ``sys.argv[1:]``; see `parse_arguments`) and `run`; return the report.
 
     Args:
         extra_arguments: a script's own dataclasses, parsed beside the others (their fields are flags and
@@ -243,7 +243,7 @@ def main(
 
 
 def console_main() -> None:
-    """The ``scalemlo-reweight`` console script: :func:`main`, with a bad config file reported in one line."""
+    """The ``scalemlo-reweight`` console script: `main`, with a bad config file reported in one line."""
     try:
         main()
     except ConfigError as error:
