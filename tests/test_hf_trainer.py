@@ -283,6 +283,7 @@ def test_weights_are_exported_and_become_a_column(tmp_path, reference):
         ),
         ({"hypergradient_method": "darts"}, "method='darts' is not known"),
         ({"meta_optimizer": "lion"}, "--meta_optimizer 'lion' is not known"),
+        ({"meta_adam_beta2": 1.0}, r"--meta_adam_beta2 must be in \[0, 1\), got 1.0"),
         ({"unroll_steps": 0}, "--unroll_steps must be >= 1"),
         # the two levels' DeepSpeed configs must agree
         ({"meta_deepspeed": {"zero_optimization": {"stage": 3}}}, "uses ZeRO-3, but the weighting model steps on"),
@@ -318,3 +319,16 @@ def test_another_run_in_output_dir_and_a_wrong_resume_path_are_refused(tmp_path)
     t = trainer(tmp_path, overwrite_output_dir=True)
     with pytest.raises(ValueError, match="is not a complete checkpoint of a ReweightingTrainer run"):
         t.train(resume_from_checkpoint=str(tmp_path / "checkpoint-10"))
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw", "sgd"])
+def test_meta_optimizer_takes_its_flags(tmp_path, kind):
+    """--meta_optimizer, --meta_learning_rate, --meta_weight_decay and the adam betas reach the weighting
+    model's optimizer (sgd has no betas)."""
+    t = trainer(tmp_path, meta_optimizer=kind, meta_learning_rate=0.05, meta_weight_decay=0.2, meta_adam_beta2=0.99)
+    optimizer = t._meta_optimizer_factory()([torch.nn.Parameter(torch.zeros(3))])
+    reset_trainer_state()
+    group = optimizer.param_groups[0]
+    assert type(optimizer).__name__ == {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}[kind]
+    assert (group["lr"], group["weight_decay"]) == (0.05, 0.2)
+    assert group.get("betas") == (None if kind == "sgd" else (0.9, 0.99))

@@ -51,6 +51,14 @@ class ReweightingArguments(TrainingArguments):
     meta_learning_rate: float = field(default=1e-3, metadata=_help("Learning rate of the weighting model"))
     meta_optimizer: str = field(default="adam", metadata=_help(f"Optimizer of the weighting model: {META_OPTIMIZERS}"))
     meta_weight_decay: float = field(default=0.0, metadata=_help("Weight decay of the weighting model's optimizer"))
+    meta_adam_beta1: float = field(default=0.9, metadata=_help("beta1 of the weighting model's adam or adamw"))
+    meta_adam_beta2: float = field(
+        default=0.999,
+        metadata=_help(
+            "beta2 of the weighting model's adam or adamw: how many meta steps its gradient scale is averaged "
+            "over (about 1 / (1 - beta2))"
+        ),
+    )
     per_device_meta_batch_size: int = field(
         default=8, metadata=_help("Meta-set examples per device per meta micro-batch")
     )
@@ -206,6 +214,9 @@ class ReweightingArguments(TrainingArguments):
                 "--selection_floor applies to the draw from a selection pool; set --selection_pool > 1 or leave "
                 "the floor at 0"
             )
+        for name in ("meta_adam_beta1", "meta_adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if self.meta_warmup_steps < 0:
             raise ValueError(f"--meta_warmup_steps must be >= 0, got {self.meta_warmup_steps}")
         self._check_peft()

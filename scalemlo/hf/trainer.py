@@ -567,9 +567,10 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
     def _meta_optimizer_factory(self):
         args = self.args
         kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-        return lambda params: kinds[args.meta_optimizer](
-            params, lr=args.meta_learning_rate, weight_decay=args.meta_weight_decay
-        )
+        options = {"lr": args.meta_learning_rate, "weight_decay": args.meta_weight_decay}
+        if args.meta_optimizer in ("adam", "adamw"):
+            options["betas"] = (args.meta_adam_beta1, args.meta_adam_beta2)
+        return lambda params: kinds[args.meta_optimizer](params, **options)
 
     def _meta_dataloader(self) -> torch.utils.data.DataLoader:
         from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
