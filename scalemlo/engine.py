@@ -33,6 +33,7 @@ from scalemlo.hypergrad.coordinator import Coordinator
 from scalemlo.level import FED, Level
 from scalemlo.logging import MetricLogger, progress
 from scalemlo.methods import METHODS, get_method
+from scalemlo.precision import precision_name
 from scalemlo.rng import RandomState
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class Engine:
             checkpoint.check_writable(self.config.checkpoint_dir)
         for lv in levels:
             lv._build_backend()
+        self._check_precisions()
         self.coordinator = Coordinator(self.levels, self.graph)
         self._meta_overflows: dict[str, int] = {}
         self.metric_logger = MetricLogger(self.config.log_every, self.config.report_to, self.config.logging_dir)
@@ -152,7 +154,7 @@ class Engine:
                 if config.shared_forward:
                     needs = "shared_forward=True"
                 if needs:
-                    allowed = [m.name for m in METHODS.values() if not m.needs_double_backward("finite_difference")]
+                    allowed = [m.name for m in METHODS.values() if 3 in m.upper_zero_stages("finite_difference")]
                     raise ValueError(
                         f"level {name!r} uses ZeRO-3 and has levels below it; its LevelConfig asks for {needs}, "
                         f"which needs autograd through its partitioned parameters. Use {', '.join(allowed)} "
@@ -161,7 +163,9 @@ class Engine:
                     )
             for lower in self.graph.descendants(name):
                 if method.reads_last_step and stage[lower] >= 1:
-                    others = [m.name for m in METHODS.values() if not m.reads_last_step]
+                    others = [
+                        m.name for m in METHODS.values() if stage[lower] in m.lower_zero_stages(config.second_order)
+                    ]
                     raise ValueError(
                         f"level {name!r} uses method {config.method!r}, which needs per-parameter optimizer state "
                         f"of level {lower!r}, but {lower!r} uses ZeRO stage {stage[lower]}; use stage 0 for "
@@ -171,6 +175,23 @@ class Engine:
                     raise ValueError(
                         f"level {name!r}: method {config.method!r} needs double backward through level "
                         f"{lower!r}, which is ZeRO-3 partitioned; use {fix} in {name!r}'s LevelConfig"
+                    )
+
+    def _check_precisions(self) -> None:
+        """Refuse a level whose precision a method that reaches it does not allow (``Method.precisions``):
+        the level computing the hypergradient and every level below it, checked once their engines are built
+        (DeepSpeed casts the parameters then) and before any step."""
+        for name in self.graph.names:
+            if not self.graph.lowers(name):
+                continue
+            method = get_method(self.levels[name].config.method)
+            for reached in (name, *self.graph.descendants(name)):
+                precision = precision_name(self.levels[reached].params)
+                if precision not in method.precisions:
+                    raise ValueError(
+                        f"level {name!r} uses method {method.name!r}, which allows the precisions "
+                        f"{', '.join(method.precisions)}, but level {reached!r} trains in {precision}; change "
+                        f"{reached!r}'s precision or {name!r}'s method"
                     )
 
     def _periods(self) -> dict[str, int]:
