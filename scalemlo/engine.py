@@ -332,24 +332,27 @@ class Engine:
         for name in reversed(self.graph.order):
             if not self._due(name) or name in inside:
                 continue
-            upper = self.shares_forward.get(name)
-            if upper is not None and self._due(upper):
-                inside.add(upper)
-            else:
-                upper = None
-            metrics.update(self.step_level(name, metrics, shared_upper=upper))
+            upper = self._upper_inside(name)
+            if upper is not None:
+                inside.add(upper)  # step_level(name) takes its step
+            metrics.update(self.step_level(name, metrics))
         return metrics
 
     def _due(self, name: str) -> bool:
         """Whether level ``name`` steps in the current global iteration."""
         return not self.global_step % self.period[name] and self.global_step > self.levels[name].config.warmup_steps
 
+    def _upper_inside(self, name: str) -> str | None:
+        """The upper level whose turn it is and that steps inside ``name``'s step, on its forward
+        (``LevelConfig.shared_forward``); None where there is none."""
+        upper = self.shares_forward.get(name)
+        return upper if upper is not None and self._due(upper) else None
+
     def step_level(
         self,
         name: str,
         this_iteration: dict[str, float] | None = None,
-        shared_upper: str | None = None,
-        shared=None,
+        shared: shared_forward.SharedForward | None = None,
     ) -> dict[str, float]:
         """One optimizer step of level ``name`` (``gradient_accumulation`` micro-steps).
 
@@ -362,15 +365,25 @@ class Engine:
         Args:
             name: the level.
             this_iteration: the metrics of the levels that stepped before it (named in errors).
-            shared_upper: for a leaf, the upper level that steps inside its first micro-step on the same
-                forward (``LevelConfig.shared_forward``).
-            shared: for that upper level, the forward it shares (a ``SharedForward``).
+            shared: for a level with levels below it, the forward it shares with the coming step of the level
+                below (``LevelConfig.shared_forward``), passed from inside that step: by the engine, or by a
+                driver whose own loop steps that level (the Trainer). A leaf takes none: where an upper level
+                with ``shared_forward`` sits above it and its turn has come, that upper level steps inside the
+                leaf's first micro-step, on its forward.
 
         Returns:
             The level's metrics.
+
+        Raises:
+            ValueError: ``shared`` for a level with no levels below it.
+            FloatingPointError: a non-finite hypergradient, not an fp16 overflow, under
+                ``EngineConfig.nonfinite="raise"``.
         """
         lv = self.levels[name]
         lowers = self.graph.lowers(name)
+        if shared is not None and not lowers:
+            raise ValueError(f"level {name!r} has no levels below it: it shares no forward (shared=...)")
+        upper_inside = None if lowers else self._upper_inside(name)
         others = [o for o in self.levels.values() if o is not lv]
         nonfinite = self.config.nonfinite
         metrics: dict[str, float] = {}
@@ -401,10 +414,10 @@ class Engine:
                     else _norm_of_rank_average(grads, lv.backend.process_group)
                 )
                 metrics[f"{name}/loss"] = self.coordinator.last_loss[name]
-            elif shared_upper is not None:
-                upper_step = functools.partial(self._step_inside, shared_upper, name, others, metrics, this_iteration)
+            elif upper_inside is not None:
+                upper_step = functools.partial(self._step_inside, upper_inside, name, others, metrics, this_iteration)
                 metrics[f"{name}/loss"] = lv.step_on_own_loss(others, nonfinite, upper_step)
-                shared_upper = None  # the first micro-step only
+                upper_inside = None  # the first micro-step only
             else:
                 metrics[f"{name}/loss"] = lv.step_on_own_loss(others, nonfinite)
         if lv.skipped_batches or lv.skipped_steps:
