@@ -10,9 +10,10 @@ whatever the library. This script times each part alone in one process
 (median of ``--repeats``, parts interleaved), adds them up to the floor any
 implementation must pay, and times the perturbation of the LM's parameters
 for one central difference (to theta + eps w, to theta - eps w, back): scalemlo's
-exact one (``vectors.mirrored_``, bit-for-bit restore), the earlier exact one
-(``perturbed_`` below, twice), and Betty's unchecked three in-place adds (which
-leave the parameters off by rounding). Writes ``benchmarks/results/cost_units.json``.
+exact one (``vectors.mirrored_``, bit-for-bit restore), an exact one that keeps
+the realized step and patches the restore (``perturbed_`` below, twice; recorded as
+``central_perturbation_exact_before``), and Betty's unchecked three in-place adds
+(which leave the parameters off by rounding). Writes ``benchmarks/results/cost_units.json``.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ sys.path.insert(0, str(HERE))
 from reweighting_worker import LM_LR, WeightNet, batches, make_lm, per_example_loss  # noqa: E402
 
 
-# The central difference's exact move before mirrored_: keep the realized step r = fl(p + eps d) - p in d,
-# and patch the elements where p + r - r is not p from a sparse record. Kept here as the baseline it is.
+# An exact move for a central difference without mirrored_: keep the realized step r = fl(p + eps d) - p in d,
+# and patch the elements where p + r - r is not p from a sparse record; the baseline mirrored_ is timed against.
 @contextlib.contextmanager
 def perturbed_(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], eps: float):
     """Move ``params`` to ``params + eps * direction`` and back, bit for bit; writes ``direction``.
@@ -121,7 +122,7 @@ def main() -> None:
         with vectors.mirrored_(params, scratch, 1.0) as to_mirror:
             to_mirror()
 
-    def central_exact_before():  # the same with perturbed_ (below): realized step kept, restore patched
+    def central_exact_patched():  # the same with perturbed_ (below): realized step kept, restore patched
         with perturbed_(params, scratch, 1.0):
             pass
         with perturbed_(params, scratch, -1.0):
@@ -141,7 +142,7 @@ def main() -> None:
         "meta_gradient": (None, meta_gradient),
         "no_grad_forward": (None, no_grad_forward),
         "central_perturbation_exact": (refill, central_exact),
-        "central_perturbation_exact_before": (refill, central_exact_before),
+        "central_perturbation_exact_before": (refill, central_exact_patched),
         "central_perturbation_unchecked": (None, central_unchecked),
     }
     for setup, fn in parts.values():  # warm-up

@@ -338,8 +338,7 @@ def table(rows: list[dict], stats: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    # one seed fits the 15 minutes the issue allows (6.5-8 min per seed on 1 thread of a 2-core machine);
-    # the docs' table is --seeds 0 1 2
+    # one seed by default, 6.5-8 min per seed on 1 thread of a 2-core machine; the docs' table is --seeds 0 1 2
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps of every run")
     parser.add_argument("--out", default=str(HERE / "results" / "reweighting_quality.json"))

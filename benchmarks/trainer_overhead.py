@@ -34,7 +34,7 @@ many times slower (30x seen on 2 cores), so there use fewer threads than free
 cores, or none of the timings mean much. Workers run with ``MALLOC_MMAP_THRESHOLD_=1048576``
 (as benchmarks/zero_scaling.py): glibc otherwise keeps freed tensors' pages in
 its heap and RSS would count memory freed long ago. Prints a table and the
-issue's targets at unroll_steps=10 (peak memory <= 1.05x plain, time <= 1.3x
+targets at unroll_steps=10 (peak memory <= 1.05x plain, time <= 1.3x
 plain) with PASS/FAIL; writes ``--out`` (JSON: settings, versions, threads, rows).
 """
 
@@ -112,7 +112,7 @@ def verdict(ok: bool) -> str:
 
 
 def targets(row: dict) -> tuple[str, dict]:
-    """The issue's targets at unroll_steps=10: a line to print and the JSON record."""
+    """The targets at unroll_steps=10 (peak memory and time against plain): a line to print and the JSON record."""
     peak, attributable, step = row["peak_rss_ratio"], row["model_opt_mlo_rss_ratio"], row["time_ratio"]
     record = {
         "row": row["row"],
@@ -123,7 +123,7 @@ def targets(row: dict) -> tuple[str, dict]:
         "time_pass": step <= TIME_TARGET,
     }
     line = (
-        f"Targets (issue) at {row['row']}: peak memory <= {MEMORY_TARGET}x plain, time <= {TIME_TARGET}x plain. "
+        f"Targets at {row['row']}: peak memory <= {MEMORY_TARGET}x plain, time <= {TIME_TARGET}x plain. "
         f"Peak RSS {peak:.3f}x: {verdict(record['peak_rss_pass'])}; "
         f"peak - pre-model RSS {attributable:.3f}x: {verdict(record['peak_minus_pre_model_rss_pass'])}; "
         f"time {step:.2f}x: {verdict(record['time_pass'])}."

@@ -9,7 +9,7 @@ level alone, then scalemlo MLO (finite_difference). Writes
 ``benchmarks/results/zero_scaling.json`` and ``.md`` and prints the table.
 Per-rank memory is the mean over ranks; "peak" is ru_maxrss (at ZeRO-3 the
 model is built partitioned, under ``scalemlo.zero_init``; ``--whole`` builds it
-whole on every rank first, as before), "end" is the RSS after the last step,
+whole on every rank first), "end" is the RSS after the last step,
 "held B/param" the live memory after the last step minus the live memory
 before the model was built, per parameter: what a rank keeps between steps.
 Ratios to plain compare the same size and stage.

@@ -65,6 +65,17 @@ class CheckpointError(ValueError):
 
 # ---- reading files without running code from them -----------------------------------
 
+# What torch.serialization offers for this, by release (read in each wheel's torch/serialization.py):
+# add_safe_globals, get_safe_globals and clear_safe_globals in 2.4.0, the oldest torch scalemlo supports; the
+# safe_globals context in 2.5.1, not in 2.4.0; get_unsafe_globals_in_checkpoint (a pickle's globals read
+# without unpickling) and safe globals named by (callable, "module.name") pairs in 2.6.0, neither in 2.5.1.
+INSPECTING_TORCH = "2.6.0"
+
+
+def _torch_inspects_pickles() -> bool:
+    """Whether this torch reads a pickle's globals statically and takes (callable, name) safe globals."""
+    return hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint")
+
 
 def _qualified(obj: Any) -> str:
     return f"{obj.__module__}.{obj.__qualname__}"
@@ -75,7 +86,8 @@ def _numpy_rng_globals() -> list[Any]:
     written under numpy 1, which names ``numpy.core``, too)."""
     multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
     found = [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-    if _qualified(multiarray._reconstruct) != "numpy.core.multiarray._reconstruct":
+    renamed = _qualified(multiarray._reconstruct) != "numpy.core.multiarray._reconstruct"
+    if renamed and _torch_inspects_pickles():  # an older torch reads only the files of the numpy it runs with
         found.append((multiarray._reconstruct, "numpy.core.multiarray._reconstruct"))
     return found
 
@@ -103,8 +115,16 @@ def _not_plain(file: Path, allowed: Iterable[str]) -> list[str]:
 
     Raises:
         CheckpointError: ``file`` is not a ``torch.save`` zip file, or its pickle uses an opcode torch's
-            reader does not follow (one that could reach a callable another way).
+            reader does not follow (one that could reach a callable another way), or this torch cannot read a
+            pickle's globals (older than ``INSPECTING_TORCH``).
     """
+    if not _torch_inspects_pickles():
+        raise CheckpointError(
+            f"{file} was not loaded: checking that it holds only tensors and plain data, before a library that "
+            "unpickles it without torch's weights_only reader does, needs "
+            f"torch.serialization.get_unsafe_globals_in_checkpoint, in torch >= {INSPECTING_TORCH} (this is "
+            f"torch {torch.__version__})"
+        )
     try:
         named = torch.serialization.get_unsafe_globals_in_checkpoint(file)
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as exc:
@@ -134,8 +154,17 @@ def allowing(safe_globals: Sequence[Any]):
     """
     already = _names(torch.serialization.get_safe_globals())
     missing = [g for g in safe_globals if not _names([g]) <= already]
-    with torch.serialization.safe_globals(missing):
+    if hasattr(torch.serialization, "safe_globals"):
+        with torch.serialization.safe_globals(missing):
+            yield
+        return
+    torch.serialization.add_safe_globals(missing)  # torch 2.4 has no such context: the same, by hand
+    try:
         yield
+    finally:
+        kept = [g for g in torch.serialization.get_safe_globals() if g not in missing]
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(kept)
 
 
 def read_plain(file: str | os.PathLike, map_location: Any = None) -> Any:
@@ -159,7 +188,11 @@ def read_plain(file: str | os.PathLike, map_location: Any = None) -> Any:
     try:
         with allowing(_numpy_rng_globals()):
             return torch.load(file, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if not _torch_inspects_pickles():  # refused by torch's weights_only reader, which names what it met
+            raise CheckpointError(
+                f"{file} holds objects other than tensors and plain data and was not loaded ({exc})"
+            ) from None
         names = _not_plain(file, ())  # a CheckpointError itself when the pickle cannot be followed
         if not names:
             raise  # refused for another reason than what it holds (a damaged file)

@@ -53,8 +53,8 @@ class LevelConfig:
     which reads them from the lower one). A leaf level ignores them.
 
     Attributes:
-        method: hypergradient method, one of ``scalemlo.hypergrad.METHODS``
-            (finite_difference, sama, neumann, cg, penalty, exact).
+        method: hypergradient method, a name in ``scalemlo.METHODS`` (the built-in ones and any
+            registered; docs/methods.md tables what each needs and allows).
         unroll_steps: steps each level directly below takes per step of this one.
         fd_radius: radius r of the central difference; ε = r / ||w||.
         neumann_iterations: K in α Σ_{k=0..K} (I - αH)^k v.
@@ -76,8 +76,9 @@ class LevelConfig:
             below it and share that level's forward (the 7-unit reweighting
             estimator, see `scalemlo.hypergrad.shared_forward`): the level
             below must be *reweighted* (define ``per_example_losses`` and
-            ``example_weights``) and be the only level below this one; methods
-            finite_difference, sama, neumann, cg.
+            ``example_weights``) and be the only level below this one; for a
+            method declared able to (``Method.shared_forward``,
+            ``scalemlo.methods.shared_forward_methods()``).
         shared_forward_radius: the radius r of the shared forward's one-sided
             difference (ε = r / ||w||); its truncation error is linear in r and
             its rounding error grows as r shrinks. None: 1e-3 for float32 and

@@ -33,6 +33,7 @@ from scalemlo.hypergrad.coordinator import Coordinator
 from scalemlo.level import FED, Level
 from scalemlo.logging import MetricLogger, progress
 from scalemlo.methods import METHODS, get_method
+from scalemlo.precision import precision_name
 from scalemlo.rng import RandomState
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class Engine:
             checkpoint.check_writable(self.config.checkpoint_dir)
         for lv in levels:
             lv._build_backend()
+        self._check_precisions()
         self.coordinator = Coordinator(self.levels, self.graph)
         self._meta_overflows: dict[str, int] = {}
         self.metric_logger = MetricLogger(self.config.log_every, self.config.report_to, self.config.logging_dir)
@@ -152,7 +154,7 @@ class Engine:
                 if config.shared_forward:
                     needs = "shared_forward=True"
                 if needs:
-                    allowed = [m.name for m in METHODS.values() if not m.needs_double_backward("finite_difference")]
+                    allowed = [m.name for m in METHODS.values() if 3 in m.upper_zero_stages("finite_difference")]
                     raise ValueError(
                         f"level {name!r} uses ZeRO-3 and has levels below it; its LevelConfig asks for {needs}, "
                         f"which needs autograd through its partitioned parameters. Use {', '.join(allowed)} "
@@ -161,7 +163,9 @@ class Engine:
                     )
             for lower in self.graph.descendants(name):
                 if method.reads_last_step and stage[lower] >= 1:
-                    others = [m.name for m in METHODS.values() if not m.reads_last_step]
+                    others = [
+                        m.name for m in METHODS.values() if stage[lower] in m.lower_zero_stages(config.second_order)
+                    ]
                     raise ValueError(
                         f"level {name!r} uses method {config.method!r}, which needs per-parameter optimizer state "
                         f"of level {lower!r}, but {lower!r} uses ZeRO stage {stage[lower]}; use stage 0 for "
@@ -171,6 +175,23 @@ class Engine:
                     raise ValueError(
                         f"level {name!r}: method {config.method!r} needs double backward through level "
                         f"{lower!r}, which is ZeRO-3 partitioned; use {fix} in {name!r}'s LevelConfig"
+                    )
+
+    def _check_precisions(self) -> None:
+        """Refuse a level whose precision a method that reaches it does not allow (``Method.precisions``):
+        the level computing the hypergradient and every level below it, checked once their engines are built
+        (DeepSpeed casts the parameters then) and before any step."""
+        for name in self.graph.names:
+            if not self.graph.lowers(name):
+                continue
+            method = get_method(self.levels[name].config.method)
+            for reached in (name, *self.graph.descendants(name)):
+                precision = precision_name(self.levels[reached].params)
+                if precision not in method.precisions:
+                    raise ValueError(
+                        f"level {name!r} uses method {method.name!r}, which allows the precisions "
+                        f"{', '.join(method.precisions)}, but level {reached!r} trains in {precision}; change "
+                        f"{reached!r}'s precision or {name!r}'s method"
                     )
 
     def _periods(self) -> dict[str, int]:
@@ -311,24 +332,27 @@ class Engine:
         for name in reversed(self.graph.order):
             if not self._due(name) or name in inside:
                 continue
-            upper = self.shares_forward.get(name)
-            if upper is not None and self._due(upper):
-                inside.add(upper)
-            else:
-                upper = None
-            metrics.update(self.step_level(name, metrics, shared_upper=upper))
+            upper = self._upper_inside(name)
+            if upper is not None:
+                inside.add(upper)  # step_level(name) takes its step
+            metrics.update(self.step_level(name, metrics))
         return metrics
 
     def _due(self, name: str) -> bool:
         """Whether level ``name`` steps in the current global iteration."""
         return not self.global_step % self.period[name] and self.global_step > self.levels[name].config.warmup_steps
 
+    def _upper_inside(self, name: str) -> str | None:
+        """The upper level whose turn it is and that steps inside ``name``'s step, on its forward
+        (``LevelConfig.shared_forward``); None where there is none."""
+        upper = self.shares_forward.get(name)
+        return upper if upper is not None and self._due(upper) else None
+
     def step_level(
         self,
         name: str,
         this_iteration: dict[str, float] | None = None,
-        shared_upper: str | None = None,
-        shared=None,
+        shared: shared_forward.SharedForward | None = None,
     ) -> dict[str, float]:
         """One optimizer step of level ``name`` (``gradient_accumulation`` micro-steps).
 
@@ -341,15 +365,25 @@ class Engine:
         Args:
             name: the level.
             this_iteration: the metrics of the levels that stepped before it (named in errors).
-            shared_upper: for a leaf, the upper level that steps inside its first micro-step on the same
-                forward (``LevelConfig.shared_forward``).
-            shared: for that upper level, the forward it shares (a ``SharedForward``).
+            shared: for a level with levels below it, the forward it shares with the coming step of the level
+                below (``LevelConfig.shared_forward``), passed from inside that step: by the engine, or by a
+                driver whose own loop steps that level (the Trainer). A leaf takes none: where an upper level
+                with ``shared_forward`` sits above it and its turn has come, that upper level steps inside the
+                leaf's first micro-step, on its forward.
 
         Returns:
             The level's metrics.
+
+        Raises:
+            ValueError: ``shared`` for a level with no levels below it.
+            FloatingPointError: a non-finite hypergradient, not an fp16 overflow, under
+                ``EngineConfig.nonfinite="raise"``.
         """
         lv = self.levels[name]
         lowers = self.graph.lowers(name)
+        if shared is not None and not lowers:
+            raise ValueError(f"level {name!r} has no levels below it: it shares no forward (shared=...)")
+        upper_inside = None if lowers else self._upper_inside(name)
         others = [o for o in self.levels.values() if o is not lv]
         nonfinite = self.config.nonfinite
         metrics: dict[str, float] = {}
@@ -380,10 +414,10 @@ class Engine:
                     else _norm_of_rank_average(grads, lv.backend.process_group)
                 )
                 metrics[f"{name}/loss"] = self.coordinator.last_loss[name]
-            elif shared_upper is not None:
-                upper_step = functools.partial(self._step_inside, shared_upper, name, others, metrics, this_iteration)
+            elif upper_inside is not None:
+                upper_step = functools.partial(self._step_inside, upper_inside, name, others, metrics, this_iteration)
                 metrics[f"{name}/loss"] = lv.step_on_own_loss(others, nonfinite, upper_step)
-                shared_upper = None  # the first micro-step only
+                upper_inside = None  # the first micro-step only
             else:
                 metrics[f"{name}/loss"] = lv.step_on_own_loss(others, nonfinite)
         if lv.skipped_batches or lv.skipped_steps:

@@ -93,7 +93,7 @@ class Level:
         # The micro-batches of the last optimizer step, and of the one in progress.
         self.step_batches: list[Any] = []
         self._pending_batches: list[Any] = []
-        # Set by the engine when an upper level uses sama, which needs the last gradient.
+        # Set by the engine when an upper level's method reads the last step (Method.reads_last_step).
         self.keep_last_grads = False
         self.skipped_batches = 0  # non-finite losses left out (EngineConfig.nonfinite="skip")
         self.skipped_steps = 0  # optimizer steps not taken for non-finite gradients

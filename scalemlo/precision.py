@@ -110,6 +110,20 @@ def is_low_precision(dtype: torch.dtype) -> bool:
     return dtype in LOW_PRECISION
 
 
+def precision_name(params: Sequence[torch.Tensor]) -> str:
+    """The precision a level trains in, as ``Method.precisions`` names it.
+
+    Args:
+        params: the level's parameters.
+
+    Returns:
+        "bf16" or "fp16" when its floating-point parameters are of that dtype, else "fp32" (float32 and
+        float64, the full precisions).
+    """
+    dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
 class Float32Evaluation:
     """Swaps one module's low-precision parameters for float32 tensors, and back (exactly).
 

@@ -1,5 +1,6 @@
 """Random state, in one place: what a checkpoint saves of every generator a program draws from
-(`rng_state`, `set_rng_state`), and the state replayed before every evaluation of one
+(`rng_state`, `set_rng_state`; `rng_preserved` for a block whose draws must leave no
+trace), and the state replayed before every evaluation of one
 hypergradient (`RandomState`: the CPU generator and, when CUDA is in use, every CUDA generator;
 GPU dropout masks come from those, and a difference of two evaluations with different masks is noise)."""
 
@@ -15,10 +16,20 @@ import numpy as np
 import torch
 
 
-def rng_state(generators: list[torch.Generator] = ()) -> dict[str, Any]:
-    """Every generator a program draws from: torch (CPU, CUDA), numpy, Python; plus ``generators``."""
+def rng_state(generators: list[torch.Generator] = (), cuda: bool = True) -> dict[str, Any]:
+    """Every generator a program draws from: torch (CPU, CUDA), numpy, Python; plus ``generators``.
+
+    Args:
+        generators: further generators, whose states are kept in this order.
+        cuda: whether to capture CUDA's generators where CUDA is available; capturing them initializes
+            CUDA (a context on the current device), which code running before a launcher's device
+            placement must avoid.
+
+    Returns:
+        The states, for `set_rng_state`.
+    """
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
+    if cuda and torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     state["generators"] = [g.get_state() for g in generators]
     return state
@@ -33,6 +44,21 @@ def set_rng_state(state: dict[str, Any], generators: list[torch.Generator] = ())
         torch.cuda.set_rng_state_all(state["cuda"])
     for generator, saved in zip(generators, state.get("generators", [])):
         generator.set_state(saved)
+
+
+@contextlib.contextmanager
+def rng_preserved(cuda: bool = True) -> Iterator[None]:
+    """Python's, numpy's and torch's generators put back after the block, whatever it drew or raised.
+
+    Args:
+        cuda: whether CUDA's generators are put back too (see `rng_state`: capturing them
+            initializes CUDA).
+    """
+    state = rng_state(cuda=cuda)
+    try:
+        yield
+    finally:
+        set_rng_state(state)
 
 
 # ---- the program's signature -------------------------------------------------------

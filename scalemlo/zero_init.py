@@ -15,8 +15,7 @@ Two things it takes care of:
   importing it *inside* ``zero.Init`` fails with ``TypeError: Signature
   mismatch ... tensor_pynew`` (dynamo checks the signature of
   ``torch.Tensor.__new__``, which ``zero.Init`` replaces), and importing a
-  Hugging Face model class for the first time imports dynamo. This was the
-  failure once blamed on ``zero.Init`` itself.
+  Hugging Face model class for the first time imports dynamo.
 - Hugging Face sees a ZeRO-3 config while inside (``HfDeepSpeedConfig``, the
   one a Trainer registers is restored after), so ``from_pretrained`` loads the
   checkpoint into the partitions as under the Trainer; under a bare

@@ -26,13 +26,13 @@ DISTRIBUTED = {  # files that launch several ranks themselves (deepspeed, torchr
     "test_distributed_zero.py",
     "test_example_two_ranks.py",
     "test_failing_rank.py",
+    "test_kill_and_resume.py",
 }
 SLOW = {  # files of one process whose tests take minutes together: examples, benchmarks, matrices
     "test_cli_reweight.py",
     "test_gpu_check.py",
     "test_hf_resume_matrix.py",
     "test_hf_trainer_peft_zero2_resume.py",
-    "test_kill_and_resume.py",
     "test_llm_corpus.py",
     "test_reweighting_quality_benchmark.py",
     "test_trainer_overhead_benchmark.py",
@@ -40,9 +40,18 @@ SLOW = {  # files of one process whose tests take minutes together: examples, be
 }
 
 
+MARKERS = {
+    "distributed": "launches several ranks (deepspeed, torchrun, accelerate launch)",
+    "slow": "minutes of one process (examples, benchmarks, resume matrices)",
+}
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "distributed: launches several ranks (deepspeed, torchrun, accelerate launch)")
-    config.addinivalue_line("markers", "slow: minutes of one process (examples, benchmarks, resume matrices)")
+    # pyproject.toml's [tool.pytest.ini_options] declares them; registered here where a run reads no such file
+    declared = {line.split(":", 1)[0].strip() for line in config.getini("markers")}
+    for name, text in MARKERS.items():
+        if name not in declared:
+            config.addinivalue_line("markers", f"{name}: {text}")
 
 
 def pytest_collection_modifyitems(config, items):

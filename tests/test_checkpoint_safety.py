@@ -20,7 +20,7 @@ from test_checkpoint import assert_same, program, snapshot
 from test_hf_trainer import ds, fresh_trainer_state, trainer  # noqa: F401 (fixture)
 from transformers import BatchEncoding
 
-from scalemlo.checkpoint import MANIFEST, CheckpointError, read_plain
+from scalemlo.checkpoint import MANIFEST, CheckpointError, check_files, read_plain
 from scalemlo.hf import reset_trainer_state
 
 
@@ -105,6 +105,33 @@ def test_read_plain_reads_numpy_rng_and_types_the_user_allowed(tmp_path):
         assert BatchEncoding in torch.serialization.get_safe_globals()  # left as the user set it
     assert isinstance(state["batch"], BatchEncoding) and torch.equal(state["batch"]["input_ids"], torch.ones(2, 3))
     assert state["numpy"][0] == "MT19937" and np.array_equal(state["numpy"][1], np.random.get_state()[1])
+
+
+def test_a_torch_without_pickle_inspection_loads_plain_files_and_refuses_the_rest(tmp_path, monkeypatch):
+    """torch 2.4 and 2.5 lack get_unsafe_globals_in_checkpoint (and 2.4 the safe_globals context), simulated by
+    taking them away: plain files and numpy's RNG state still load with weights_only=True, a payload is refused
+    with nothing run, and a check before a library that unpickles everything refuses, naming torch 2.6.0."""
+    import numpy as np
+
+    monkeypatch.delattr(torch.serialization, "get_unsafe_globals_in_checkpoint")
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    before = list(torch.serialization.get_safe_globals())
+    plain = tmp_path / "plain.pt"
+    torch.save({"numpy": np.random.get_state(), "t": torch.ones(3)}, plain)
+    state = read_plain(plain)
+    assert state["numpy"][0] == "MT19937" and torch.equal(state["t"], torch.ones(3))
+    assert list(torch.serialization.get_safe_globals()) == before  # the allowed entries removed again
+
+    planted = tmp_path / "planted.pt"
+    torch.save({"t": torch.ones(3)}, planted)
+    marker = tmp_path / "payload-ran"
+    plant(planted, marker)
+    with pytest.raises(CheckpointError, match=r"planted\.pt holds objects other than tensors and plain data"):
+        read_plain(planted)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match=r"plain\.pt was not loaded: .*in torch >= 2\.6\.0"):
+        check_files(tmp_path)
+    assert not marker.exists()
 
 
 def batch_encoding(items):

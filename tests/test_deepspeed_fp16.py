@@ -74,8 +74,9 @@ def first_moment_ratio() -> float:
 
 
 def test_an_fp16_zero0_level_steps_on_its_true_gradients():
-    """DeepSpeed 0.19 does not scale an fp16 ZeRO-0 loss but unscales its gradients: Adam's first moment was
-    1/256 of the float32 run's (measured 0.0039). Scaled by scalemlo now: the same to fp16 rounding."""
+    """DeepSpeed 0.19 does not scale an fp16 ZeRO-0 loss but unscales its gradients, which leaves Adam's first
+    moment 1/256 of the float32 run's (0.0039 measured with scalemlo's scaling taken out); scalemlo scales the
+    loss, so the two agree to fp16 rounding."""
     assert abs(first_moment_ratio() - 1) < 1e-2
 
 

@@ -89,8 +89,8 @@ def test_two_ranks_compute_the_one_process_program(two_ranks, one_process):
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm on this system")
 def test_the_launch_leaves_no_shared_memory_behind(two_ranks):
-    # DeepSpeed's CPU all-reduce buffers (64 MiB a rank) are never unlinked by DeepSpeed;
-    # before scalemlo released them, every launch kept them in memory until the machine ran out.
+    # DeepSpeed's CPU all-reduce buffers (64 MiB a rank) are never unlinked by DeepSpeed; scalemlo releases
+    # them, else every launch keeps them in memory until the machine runs out.
     _, _, left_behind = two_ranks
     assert left_behind == [], left_behind
 

@@ -9,6 +9,7 @@ Trainer configurations).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -198,8 +199,8 @@ def test_resume_from_checkpoint_is_exact_and_checkpoints_are_complete(tmp_path):
 def test_a_sama_run_resumes_bit_for_bit(tmp_path, shared):
     """Stopped after step 4 and resumed from checkpoint-4: the model and the weighting model end bit-identical
     to the uninterrupted run. Shared, the meta step made due by step 4 is taken inside step 5 and reads step
-    4's gradients, which the checkpoint keeps beside it (sama_last_step.rank0.pt); separate, it was taken
-    before the checkpoint was written."""
+    4's gradients, which the checkpoint keeps beside it (last_step.rank0.pt; a checkpoint that names the record
+    sama_last_step.rank0.pt resumes the same); separate, it was taken before the checkpoint was written."""
     kw = {"hypergradient_method": "sama", "shared_forward": shared, "save_strategy": "steps", "save_steps": 2}
     uninterrupted = trainer(tmp_path / "uninterrupted", **kw)
     uninterrupted.train()
@@ -214,12 +215,19 @@ def test_a_sama_run_resumes_bit_for_bit(tmp_path, shared):
     first.add_callback(Stop())
     first.train()
     checkpoint = tmp_path / "run" / "checkpoint-4"
-    assert (checkpoint / "sama_last_step.rank0.pt").is_file() == shared
-    reset_trainer_state()
-    resumed = trainer(tmp_path / "run", **kw)
-    resumed.train(resume_from_checkpoint=str(checkpoint))
-    assert resumed._meta_level.steps == uninterrupted._meta_level.steps
-    assert torch.equal(parameters(resumed), reference)
+    assert (checkpoint / "last_step.rank0.pt").is_file() == shared
+    runs = [tmp_path / "run"]
+    if shared:  # the same checkpoint with the record named after sama
+        shutil.copytree(tmp_path / "run", tmp_path / "named_after_sama")
+        named = tmp_path / "named_after_sama" / "checkpoint-4"
+        (named / "last_step.rank0.pt").rename(named / "sama_last_step.rank0.pt")
+        runs.append(tmp_path / "named_after_sama")
+    for run in runs:
+        reset_trainer_state()
+        resumed = trainer(run, **kw)
+        resumed.train(resume_from_checkpoint=str(run / "checkpoint-4"))
+        assert resumed._meta_level.steps == uninterrupted._meta_level.steps
+        assert torch.equal(parameters(resumed), reference)
 
 
 @pytest.mark.parametrize("deepspeed", [None, "zero0"])

@@ -104,8 +104,9 @@ def test_the_shipped_offload_config_gives_the_hypergradients_of_zero3(tmp_path, 
     """configs/ds/trainer_zero3_offload.json (parameters and optimizer offloaded to the CPU) against
     trainer_zero3.json: the same meta steps up to the drift of the offloaded step's own arithmetic
     (measured 2e-4 -> 1.2e-3 fp32, 1e-5 -> 4.5e-3 bf16 over 5 meta steps, growing with the steps; in
-    scalemlo.Engine offload is bit-identical, tests/test_low_precision.py). Before the fix in
-    DeepSpeedBackend.gradient every offloaded hypergradient was zero (relative difference 1)."""
+    scalemlo.Engine offload is bit-identical, tests/test_low_precision.py). Without the boundary that
+    DeepSpeedBackend's backward finalizes under offload_optimizer, every offloaded hypergradient is zero
+    (relative difference 1)."""
     offloaded, _ = run(tmp_path / "offload", bf16, str(ROOT / "configs" / "ds" / "trainer_zero3_offload.json"))
     plain, _ = run(tmp_path / "zero3", bf16, ds_config(3))
     assert len(offloaded) == len(plain) == 5

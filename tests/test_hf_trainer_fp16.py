@@ -157,7 +157,7 @@ def test_samas_record_of_a_fused_optimizer_under_gradscaler():
     model = torch.nn.Linear(4, 3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     backend = TorchBackend.adopt(model, list(model.parameters()), optimizer, [0, 0])
-    ReweightingTrainer._keep_step_gradients(backend)
+    ReweightingTrainer._keep_step_gradients(backend, "sama")
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     x = torch.randn(8, 4)
 

@@ -1,6 +1,7 @@
 """A hypergradient method registered from a test file, with no change inside ``scalemlo/``: it runs through
 ``Engine`` and ``ReweightingTrainer``, and what it declares it needs is what ``LevelConfig``, ``Engine`` and
-the Trainer check. The README's table of what the built-in methods need matches their declarations."""
+the Trainer check. The tables of what the built-in methods need and allow (docs/methods.md, the README's
+"Which method") match their declarations."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ from test_hf_scorer import fresh_trainer_state, toy_trainer  # noqa: F401 (fixtu
 
 from scalemlo import LevelConfig, register
 from scalemlo.hypergrad.problem import negate
-from scalemlo.methods import METHODS, get_method, shared_forward_methods, unregister
+from scalemlo.methods import (
+    METHODS,
+    get_method,
+    large_model_methods,
+    methods_help,
+    shared_forward_methods,
+    unregister,
+    which_method_table,
+)
 from scalemlo.testing import RidgeData, ridge_engine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +75,31 @@ def test_a_declaration_is_checked_and_a_name_is_taken_once(toy):
     assert "other" not in METHODS
     with pytest.raises(ValueError, match="unknown hypergradient method 'other'"):
         get_method("other")
+    with pytest.raises(ValueError, match=r"precisions=\('fp8',\) must be a non-empty tuple of fp32, bf16, fp16"):
+        register("other", precisions=("fp8",))(unrolled_once)
+    assert "other" not in METHODS
+
+
+def test_a_precision_the_method_does_not_allow_is_refused_when_the_engine_is_built():
+    register("fp32_only", precisions=("fp32",))(unrolled_once)
+    try:
+        theta = DATA.solution(LOG_LAMBDA)
+        config = LevelConfig(method="fp32_only", backend="torch")
+        ridge_engine(DATA, LOG_LAMBDA, theta, config, dtype=torch.float32)  # fp32 (float64 too): allowed
+        with pytest.raises(ValueError, match=r"method 'fp32_only', which allows the precisions fp32, but level "):
+            ridge_engine(DATA, LOG_LAMBDA, theta, config, dtype=torch.bfloat16)
+    finally:
+        unregister("fp32_only")
+
+
+def test_a_dense_hessian_method_is_offered_for_small_models_only():
+    register("dense", shared_forward=False, double_backward="always", dense_hessian=True)(unrolled_once)
+    try:
+        assert "dense" not in large_model_methods() and "exact" not in large_model_methods()
+        assert methods_help().endswith("(exact, dense: small models only, a dense Hessian)")
+    finally:
+        unregister("dense")
+    assert methods_help() == "cg, finite_difference, neumann, penalty, sama (exact: small models only, a dense Hessian)"
 
 
 def test_a_method_of_ones_own_trains_the_reweighting_trainer(tmp_path, toy, fresh_trainer_state):  # noqa: F811
@@ -98,3 +132,27 @@ def test_the_documented_table_of_needs_matches_the_declarations():
     }
     assert rows == expected
     assert re.search(r"\| `sama` \| yes \| yes \| never \|", text)
+
+
+def documented_table(path: Path, header: str) -> str:
+    """The markdown table in ``path`` that starts at the line ``header``, a newline after each row."""
+    lines = path.read_text().splitlines()
+    start = lines.index(header)
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join(lines[start:end]) + "\n"
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/methods.md"])
+def test_the_which_method_table_is_rendered_from_the_declarations(page):
+    rendered = which_method_table()
+    assert documented_table(ROOT / page, rendered.splitlines()[0]) == rendered
+    # read by hand from the engine's refusals (docs/distributed.md): sama's levels below at ZeRO-0 only; exact
+    # never at ZeRO-3; neumann and cg at ZeRO-3 with differences of gradients only
+    rows = {
+        line.split("|")[1].strip(" `"): [c.strip() for c in line.split("|")[2:-1]] for line in rendered.splitlines()[2:]
+    }
+    assert set(rows) == set(METHODS)
+    assert rows["sama"][:2] == ["0", "0-3"] and rows["exact"][:2] == ["0-2", "0-2"]
+    assert rows["cg"][0] == rows["neumann"][0] == '0-3 (0-2 with `second_order="autograd"`)'
+    assert rows["finite_difference"][:4] == ["0-3", "0-3", "fp32, bf16, fp16", "yes (above: ZeRO 0-2)"]
+    assert rows["penalty"][3] == rows["exact"][3] == "no"

@@ -267,6 +267,24 @@ def test_unroll_steps_upper_steps_inside_every_kth_lower_step():
     assert engine.levels["model"].steps == 4 and engine.levels["meta"].steps == 2
 
 
+def test_step_level_of_the_leaf_takes_the_upper_step_inside_when_its_turn_has_come():
+    """A driver stepping the leaf itself (``step_level``, the global step set by it) gets what ``run`` does:
+    the written-out algorithm's parameters; before the upper level's turn the leaf steps alone."""
+    engine = program(steps=0)
+    engine.step_level("model")  # global step 0: not the upper level's turn
+    assert engine.levels["model"].steps == 1 and engine.levels["meta"].steps == 0
+    driven = program(steps=0)
+    for _ in range(3):
+        driven.global_step += 1
+        driven.step_level("model")
+    theta, lam = manual_run(3)
+    for got, ref in [(driven.levels["model"].params, theta), (driven.levels["meta"].params, lam)]:
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="level 'model' has no levels below it: it shares no forward"):
+        driven.step_level("model", shared=object())
+
+
 def test_reweighted_level_without_shared_forward_trains_on_the_weighted_mean():
     engine = program(shared=False)
     model = engine.levels["model"]

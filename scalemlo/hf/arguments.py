@@ -18,7 +18,7 @@ from scalemlo.hf.adapters import require_peft
 from scalemlo.hf.exports import WEIGHTED_DATASET_MODES
 from scalemlo.hf.selection import SCHEDULES as SELECTION_SCHEDULES
 from scalemlo.hf.state import forget_leftover_deepspeed_flag, one_process_view
-from scalemlo.methods import METHODS, get_method
+from scalemlo.methods import METHODS, get_method, methods_help, shared_forward_methods
 
 META_OPTIMIZERS = ("adam", "adamw", "sgd")
 LONG_SEQUENCES = ("truncate", "refuse")
@@ -71,7 +71,7 @@ class ReweightingArguments(TrainingArguments):
     )
     hypergradient_method: str = field(
         default="finite_difference",
-        metadata=_help("finite_difference, sama, neumann, cg, penalty (exact: small models only)"),
+        metadata=_help(methods_help()),
     )
     fd_radius: float = field(default=1e-2, metadata=_help("Central-difference radius r (eps = r / ||w||)"))
     neumann_iterations: int = field(default=10, metadata=_help("Neumann series terms"))
@@ -92,8 +92,8 @@ class ReweightingArguments(TrainingArguments):
         metadata=_help(
             "Take each meta step inside the model's next optimizer step, on its forward (7 forward units instead "
             "of 8, exact about the weights' held inputs; scalemlo.LevelConfig.shared_forward). Default: on for "
-            "finite_difference, sama, neumann and cg without gradient accumulation on either level (with it, the "
-            "meta step would differentiate the first micro-batch of the step only)"
+            f"the methods that can share it ({', '.join(shared_forward_methods())}) without gradient accumulation "
+            "on either level (with it, the meta step would differentiate the first micro-batch of the step only)"
         ),
     )
     shared_forward_difference: str = field(

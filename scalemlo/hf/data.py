@@ -19,7 +19,6 @@ Other dataset types (a torch ``Dataset``, a list) are taken as they are and only
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from scalemlo.hf.evaluation import holds_text
+from scalemlo.rng import rng_preserved
 
 ID_COLUMN = "id"
 SOURCE_COLUMN = "source"
@@ -255,35 +255,20 @@ def check_batch(
         return
     rows = [dataset[i] for i in range(min(size, len(dataset)))]
     columns = list(columns) if columns is not None else _columns(dataset, rows)
-    python_state = random.getstate()
-    numpy_state = _numpy_state()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            try:
-                batch = collate(rows)
-            except Exception as exc:  # noqa: BLE001 - any collator failure is reported with the columns
-                raise ValueError(
-                    f"{name}: the data collator cannot batch its rows ({type(exc).__name__}: {exc}); its columns are "
-                    f"{columns}. Tokenize it like the training set (input_ids, attention_mask, labels) and keep only "
-                    "columns the collator takes"
-                ) from exc
-            _check_model_columns(name, batch, columns)
-            if reweighter is not None:
-                _check_weights(name, batch, columns, reweighter)
-    finally:
-        random.setstate(python_state)
-        if numpy_state is not None:
-            import numpy
-
-            numpy.random.set_state(numpy_state)
-
-
-def _numpy_state():
-    try:
-        import numpy
-    except ImportError:  # pragma: no cover
-        return None
-    return numpy.random.get_state()
+    # the check's collation leaves the run's generators as they were; CUDA's are not captured, which would
+    # initialize CUDA before the launcher places the process on its device
+    with rng_preserved(cuda=False):
+        try:
+            batch = collate(rows)
+        except Exception as exc:  # noqa: BLE001 - any collator failure is reported with the columns
+            raise ValueError(
+                f"{name}: the data collator cannot batch its rows ({type(exc).__name__}: {exc}); its columns are "
+                f"{columns}. Tokenize it like the training set (input_ids, attention_mask, labels) and keep only "
+                "columns the collator takes"
+            ) from exc
+        _check_model_columns(name, batch, columns)
+        if reweighter is not None:
+            _check_weights(name, batch, columns, reweighter)
 
 
 def _check_model_columns(name: str, batch: Any, columns: list[str]) -> None:

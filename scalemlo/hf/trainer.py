@@ -21,8 +21,8 @@ Gradient accumulation is right for both levels: the weights stay fixed over
 an optimizer step's micro-batches (they only change between steps), and the
 hypergradient differentiates the mean over those same micro-batches.
 
-By default (``--shared_forward``, on for finite_difference, sama, neumann and
-cg) the meta step shares the model's forward
+By default (``--shared_forward``, on for the methods declared able to share it,
+``Method.shared_forward``) the meta step shares the model's forward
 (`scalemlo.hypergrad.shared_forward`): it is taken at the start of the
 optimizer step after the one that made it due, between the forward of that
 step's first micro-batch and its backward, on that micro-batch (7 forward
@@ -82,7 +82,10 @@ from scalemlo.methods import METHODS, Method, get_method
 log = logging.getLogger(__name__)
 
 SCALEMLO_DIR = "scalemlo"  # inside checkpoint-STEP: the meta level, data positions, method state, RNGs
-SAMA_LAST_STEP = "sama_last_step.rank{rank}.pt"  # inside checkpoint-STEP: the model's last step, as sama reads it
+# inside checkpoint-STEP: the model's last step, for a method that reads it (Method.reads_last_step)
+LAST_STEP = "last_step.rank{rank}.pt"
+# the same record in checkpoints that name it after sama: read where LAST_STEP is absent, so they resume
+LAST_STEP_SAMA_NAME = "sama_last_step.rank{rank}.pt"
 REFERENCE_ROWS = 1024  # ExampleScorer(centre="meta"): the meta rows whose scores set the centre
 # What transformers' collators (DataCollatorWithPadding, DataCollatorForLanguageModeling) batch into; a checkpoint
 # holds the last steps' batches (for an exact resume), which loading allows besides tensors and plain data.
@@ -152,8 +155,9 @@ class _Schedule(TrainerCallback):
         self.trainer._scored = None  # load_best_model_at_end may have changed the model at this step
 
     def on_step_begin(self, args, state, control, **kwargs):
-        # the lrs the coming step uses (shared: the methods read the coming lrs; sama: its pre-step hook
-        # records the step when the step is taken, so a step skipped for an fp16 overflow records nothing)
+        # the lrs the coming step uses (shared: the methods read the coming lrs; a method reading the last
+        # step: its pre-step hook records the step when the step is taken, so a step skipped for an fp16
+        # overflow records nothing)
         if not self.trainer._shared and not self.trainer._method.reads_last_step:
             self.trainer._model_level.backend.record_step()
 
@@ -322,7 +326,12 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         stage = model_cfg.get("zero_optimization", {}).get("stage", 0)
         method = self._method
         if method.reads_last_step and stage != 0:
-            others = [m.name for m in METHODS.values() if not m.reads_last_step and m.name != "exact"]
+            # the methods for a model at this stage, a Trainer's model being too large for a dense Hessian
+            others = [
+                m.name
+                for m in METHODS.values()
+                if stage in m.lower_zero_stages(args.second_order) and not m.dense_hessian
+            ]
             raise ValueError(
                 f"hypergradient_method={method.name!r} needs the model's optimizer state and last gradients per "
                 f"parameter, which ZeRO-{stage} keeps in flat partitions; run the model at ZeRO-0 (or without "
@@ -507,18 +516,28 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
             # a meta step made due by the checkpoint's step is taken in the step after it
             self._meta_due = self._shared and self._meta_step_due_after(self.state.global_step)
             if self._meta_due and self._method.reads_last_step:
-                self._load_sama_last_step(self._resume_dir)
+                self._load_last_step(self._resume_dir)
 
     @staticmethod
-    def _keep_step_gradients(backend, method: str = "sama") -> None:
-        """sama reads the gradients of the model's last optimizer step, which the Trainer's step
-        (DeepSpeed's included) clears: a pre-step hook on the torch optimizer records the step
-        (``backend.last_step``: its lrs, and a copy of each gradient, one parameter-sized buffer).
-        A step skipped for an fp16 overflow is not recorded, so the record stays the last step taken,
-        which the optimizer state matches: DeepSpeed's scaler and torch's GradScaler do not call the
-        optimizer then, except a fused one (``adamw_torch_fused``, the Trainer's default where torch
-        has it), which GradScaler calls with ``found_inf`` set and which skips the update itself (its
-        gradients are then still scaled by ``grad_scale`` unless they were unscaled for clipping)."""
+    def _keep_step_gradients(backend, method: str) -> None:
+        """Record the model's optimizer steps for a method that reads the last step (``Method.reads_last_step``).
+
+        Such a method reads the gradients of the model's last optimizer step, which the Trainer's step (DeepSpeed's
+        included) clears: a pre-step hook on the torch optimizer records the step (``backend.last_step``: its lrs,
+        and a copy of each gradient, one parameter-sized buffer). A step skipped for an fp16 overflow is not
+        recorded, so the record stays the last step taken, which the optimizer state matches: DeepSpeed's scaler
+        and torch's GradScaler do not call the optimizer then, except a fused one (``adamw_torch_fused``, the
+        Trainer's default where torch has it), which GradScaler calls with ``found_inf`` set and which skips the
+        update itself (its gradients are then still scaled by ``grad_scale`` unless they were unscaled for
+        clipping).
+
+        Args:
+            backend: the model level's backend.
+            method: the method's name (named in the error).
+
+        Raises:
+            ValueError: the model's optimizer is not torch's Adam, AdamW or SGD.
+        """
         optimizer = backend.torch_optimizer
         if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)):
             raise ValueError(
@@ -542,22 +561,25 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
 
         optimizer.register_step_pre_hook(keep)
 
-    def _save_sama_last_step(self, directory: Path) -> None:
-        """A meta step due but not yet taken (shared forward) reads the model's last step: sama its gradients,
-        which no checkpoint of the Trainer holds; saved beside it (each rank its own) so a resume takes the
-        same meta step."""
+    def _save_last_step(self, directory: Path) -> None:
+        """A meta step due but not yet taken (shared forward), by a method that reads the model's last step,
+        reads its gradients, which no checkpoint of the Trainer holds; saved beside it (each rank its own) so
+        a resume takes the same meta step."""
         last = self._model_level.backend.last_step
         if last is None or last.grads is None:
             return
         record = {"lrs": last.lrs, "fresh": last.fresh, "grads": [g.detach().cpu() for g in last.grads]}
-        torch.save(record, directory / SAMA_LAST_STEP.format(rank=rank()))
+        torch.save(record, directory / LAST_STEP.format(rank=rank()))
 
-    def _load_sama_last_step(self, checkpoint: Path) -> None:
-        path = checkpoint / SAMA_LAST_STEP.format(rank=rank())
+    def _load_last_step(self, checkpoint: Path) -> None:
+        path = checkpoint / LAST_STEP.format(rank=rank())
+        if not path.is_file():
+            path = checkpoint / LAST_STEP_SAMA_NAME.format(rank=rank())
         if not path.is_file():
             raise ValueError(
-                f"--resume_from_checkpoint {checkpoint}: a sama meta step is due at step {self.state.global_step} "
-                f"and reads the model's last step, whose record {path.name} the checkpoint lacks"
+                f"--resume_from_checkpoint {checkpoint}: a meta step of method {self._method.name!r} is due at "
+                f"step {self.state.global_step} and reads the model's last step, whose record "
+                f"{LAST_STEP.format(rank=rank())} the checkpoint lacks"
             )
         record = scalemlo_checkpoint.read_plain(path, map_location="cpu")
         backend = self._model_level.backend
@@ -639,7 +661,7 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         inner = staging / name
         scalemlo_checkpoint.save(self.mlo, inner / SCALEMLO_DIR, levels=["meta"], write_latest=False)
         if self._meta_due and self._method.reads_last_step:
-            self._save_sama_last_step(inner)
+            self._save_last_step(inner)
         self.export_weights(inner)  # the final weights as of this step, of every training example
         if self._selector is not None:
             self._selector.save(inner)

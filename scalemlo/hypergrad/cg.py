@@ -15,7 +15,11 @@ from scalemlo.hypergrad.problem import ResponseProblem, negate
 from scalemlo.methods import register
 
 
-@register("cg", double_backward="second_order")
+@register(
+    "cg",
+    double_backward="second_order",
+    cost="up to `cg_iterations` Hessian-vector products, 1 mixed product",
+)
 def cg(problem: ResponseProblem) -> dict[str, vectors.Vector]:
     alpha = problem.config.cg_alpha
     # CG is linear in v: solve for v / max|v| and scale back, so that tiny or

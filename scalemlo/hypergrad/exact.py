@@ -21,7 +21,13 @@ from scalemlo.methods import register
 log = logging.getLogger(__name__)
 
 
-@register("exact", shared_forward=False, double_backward="always")
+@register(
+    "exact",
+    shared_forward=False,
+    double_backward="always",
+    dense_hessian=True,
+    cost="d double backwards (d: the lower level's parameters, at most `exact_max_params`), a d x d float64 solve",
+)
 def exact(problem: ResponseProblem) -> dict[str, vectors.Vector]:
     params = problem.lower.params
     problem.require_autograd("method 'exact'")

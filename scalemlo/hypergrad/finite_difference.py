@@ -13,7 +13,7 @@ from scalemlo.hypergrad.problem import ResponseProblem, negate
 from scalemlo.methods import register
 
 
-@register("finite_difference")
+@register("finite_difference", cost="2 forwards (at θ ± εw)")
 def finite_difference(problem: ResponseProblem) -> dict[str, vectors.Vector]:
     w = problem.take_v()  # w = eta v built in the adjoint's own storage: no second parameter-sized buffer
     for t, lr in zip(w, problem.step_lrs()):

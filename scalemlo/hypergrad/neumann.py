@@ -11,7 +11,11 @@ from scalemlo.hypergrad.problem import ResponseProblem, negate
 from scalemlo.methods import register
 
 
-@register("neumann", double_backward="second_order")
+@register(
+    "neumann",
+    double_backward="second_order",
+    cost="`neumann_iterations` Hessian-vector products, 1 mixed product",
+)
 def neumann(problem: ResponseProblem) -> dict[str, vectors.Vector]:
     alpha = problem.config.neumann_alpha
     term = vectors.clone(problem.v)

@@ -26,7 +26,11 @@ from scalemlo.hypergrad.problem import ResponseProblem
 from scalemlo.methods import register
 
 
-@register("penalty", shared_forward=False)
+@register(
+    "penalty",
+    shared_forward=False,
+    cost="`penalty_steps` + 1 lower gradients, 2 upper gradients; 2 copies of the lower parameters",
+)
 def penalty(problem: ResponseProblem) -> dict[str, vectors.Vector]:
     alpha = problem.config.penalty_alpha
     lrs = problem.lower.backend.step_lrs()

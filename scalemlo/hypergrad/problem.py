@@ -39,6 +39,7 @@ import torch
 
 from scalemlo import vectors
 from scalemlo.level import Level, frozen
+from scalemlo.methods import METHODS
 from scalemlo.precision import autocast_outside
 from scalemlo.rng import RandomState
 
@@ -219,10 +220,17 @@ class ResponseProblem:
             ValueError: X is ZeRO-3 partitioned.
         """
         if self.lower.backend.partitioned:
+            # methods that reach a ZeRO-3 level with differences of gradients only, and those that always do
+            first_order = [m.name for m in METHODS.values() if 3 in m.lower_zero_stages("autograd")]
+            differences = [
+                m.name
+                for m in METHODS.values()
+                if 3 in m.lower_zero_stages("finite_difference") and m.name not in first_order
+            ]
             raise ValueError(
                 f"level {self.lower.name!r} is ZeRO-3 partitioned, where autograd cannot differentiate twice; "
-                f"{what} needs double backward. Use second_order='finite_difference' (neumann, cg) or another "
-                "method (finite_difference, penalty)"
+                f"{what} needs double backward. Use second_order='finite_difference' ({', '.join(differences)}) "
+                f"or another method ({', '.join(first_order)})"
             )
 
     # ---- second-order products ------------------------------------------------

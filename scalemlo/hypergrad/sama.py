@@ -65,7 +65,7 @@ def _sgd_sensitivity(v, group, lr: float, first_step: bool) -> torch.Tensor:
     return lr * factor * v
 
 
-@register("sama", reads_last_step=True)
+@register("sama", reads_last_step=True, cost="2 forwards (at θ ± εw); the last step's gradients kept")
 def sama(problem: ResponseProblem) -> dict[str, vectors.Vector]:
     lower = problem.lower
     optimizer = lower.backend.torch_optimizer  # under DeepSpeed's bf16 ZeRO-0 wrapper too

@@ -124,7 +124,7 @@ class RunArguments:
             ValueError: a name outside ``BASELINES``.
         """
         choice = self.baselines.strip().lower()
-        if choice in ("all", "true", "none", "false"):  # true/false: the earlier boolean --baseline flag
+        if choice in ("all", "true", "none", "false"):  # true/false: all/none as a boolean (YAML `baselines: true`)
             return list(BASELINES) if choice in ("all", "true") else []
         names = [n.strip() for n in self.baselines.split(",") if n.strip()]
         unknown = sorted(set(names) - set(BASELINES))
