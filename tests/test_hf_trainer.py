@@ -333,10 +333,10 @@ def test_another_run_in_output_dir_and_a_wrong_resume_path_are_refused(tmp_path)
 def test_meta_optimizer_takes_its_flags(tmp_path, kind):
     """--meta_optimizer, --meta_learning_rate, --meta_weight_decay and the adam betas reach the weighting
     model's optimizer (sgd has no betas)."""
-    t = trainer(tmp_path, meta_optimizer=kind, meta_learning_rate=0.05, meta_weight_decay=0.2, meta_adam_beta2=0.99)
+    t = trainer(tmp_path, meta_optimizer=kind, meta_weight_decay=0.2, meta_adam_beta2=0.99)
     optimizer = t._meta_optimizer_factory()([torch.nn.Parameter(torch.zeros(3))])
     reset_trainer_state()
     group = optimizer.param_groups[0]
     assert type(optimizer).__name__ == {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}[kind]
-    assert (group["lr"], group["weight_decay"]) == (0.05, 0.2)
+    assert (group["lr"], group["weight_decay"]) == (0.1, 0.2)  # the helper sets meta_learning_rate 0.1
     assert group.get("betas") == (None if kind == "sgd" else (0.9, 0.99))
