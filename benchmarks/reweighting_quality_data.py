@@ -1,7 +1,7 @@
 """The two data sets of benchmarks/reweighting_quality.py, built offline from the standard library's own source.
 
 Every text comes from the ``.py`` files of the running Python's standard library
-(``sysconfig.get_paths()["stdlib"]``), read with :mod:`ast` (nothing is imported
+(``sysconfig.get_paths()["stdlib"]``), read with `ast` (nothing is imported
 or executed). Packages Debian ships apart from ``libpython3.x-stdlib`` or that
 newer Pythons removed (``tkinter``, ``idlelib``, ``turtledemo``, ``lib2to3``,
 ``distutils``, ``ensurepip``) and every test package are skipped, so any Debian
@@ -10,7 +10,7 @@ Python releases: results are comparable for one Python version (reported). The
 reading is ``examples/llm_reweighting/stdlib_text.py``'s, shared with the main job's
 pre-training text.
 
-**Instruction tuning** (:func:`instruction_task`). One example per public
+**Instruction tuning** (`instruction_task`). One example per public
 module-level function or public method with a docstring: the prompt is
 ``What does `module.Class.name(arg, ...)` do?`` (the argument names from the
 signature, a method's ``self``/``cls`` left out), the response the signature
@@ -26,7 +26,7 @@ record.``) are dropped, so every response belongs to exactly one prompt. ``heldo
 - ``wrong_same_module``: the response of another function of the *same* module
   (on topic, plausible, wrong).
 
-**Domain targeting** (:func:`domain_task`). The docstrings of all modules,
+**Domain targeting** (`domain_task`). The docstrings of all modules,
 classes and functions (public or not) of eight groups of packages, one source
 each (``DOMAIN_SOURCES``), split into paragraphs and packed into documents of
 at most ``max_words`` words. The target domain is ``TARGET_SOURCES`` (email and

@@ -1,7 +1,7 @@
 """DeepSpeed's own fp16 engines (ZeRO 0-3) under scalemlo, on the CPU.
 
 DeepSpeed refuses fp16 on a CPU without native fp16 arithmetic, but its fp16 optimizers and loss scaler
-are torch code: :func:`scalemlo.testing.allow_deepspeed_fp16_on_cpu` lets it build them, so the engine a
+are torch code: `scalemlo.testing.allow_deepspeed_fp16_on_cpu` lets it build them, so the engine a
 GPU user gets (FP16_UnfusedOptimizer at ZeRO-0, the ZeRO optimizers at 1-3, DeepSpeed's dynamic loss
 scaler and overflow checks) runs here. The program is ``test_low_precision``'s: a tiny GPT-2, here in
 DeepSpeed fp16, under a float32 Meta-Weight-Net at ZeRO-0, against the float32 run of the same program

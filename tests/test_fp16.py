@@ -1,7 +1,7 @@
 """fp16 levels on the CPU: loss scaling that covers the hypergradient's passes, and hypergradients against fp32.
 
 DeepSpeed's fp16 needs a GPU, so these run the same policy through the torch backend, whose fp16 levels
-step float32 masters under :class:`scalemlo.loss_scale.DynamicLossScale` (DeepSpeed's scaler, step for
+step float32 masters under `scalemlo.loss_scale.DynamicLossScale` (DeepSpeed's scaler, step for
 step, checked below against DeepSpeed's own class). The program is ``test_low_precision``'s: a tiny
 GPT-2 (here fp16, torch backend) under a float32 Meta-Weight-Net at ZeRO-0. What is checked:
 

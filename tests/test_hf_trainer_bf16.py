@@ -3,7 +3,7 @@
 bf16 through DeepSpeed (``--bf16`` with the shipped ``configs/ds/trainer_zero{0,3}.json``, whose
 ``"bf16": {"enabled": "auto"}`` follows it) at ZeRO 0 and 3, and without DeepSpeed (``--bf16``: torch
 autocast). The meta steps' hypergradients must point where the float32 run's do (cosine >= 0.99 for
-every compared meta step, :func:`compared_meta_steps`), the float32 run starting from the same
+every compared meta step, `compared_meta_steps`), the float32 run starting from the same
 (bf16-representable) weights: the hypergradient is evaluated in float32 (scalemlo.precision), with autocast
 off. The shipped offload config must give the meta steps of ZeRO-3 without offload.
 
@@ -15,7 +15,7 @@ reproduce the cosines an Intel Xeon gave to 4 digits):
   (``scalemlo.hypergrad.problem.is_central``): the one-sided estimate is another estimator, whose
   sama meta steps 1-2 move with the CPU's kernels (cosine 0.943 and 0.998 between the two kernel sets;
   the central one 0.9994 and 1.0) and differ from the central one (0.92 at meta step 1).
-- sama is compared from its third meta step (:data:`SAMA_FIRST_COMPARED`). Its first two read Adam after
+- sama is compared from its third meta step (`SAMA_FIRST_COMPARED`). Its first two read Adam after
   one and two steps, where w = -(du/dg) v is dominated by the entries whose gradient is rounding noise (the
   key bias's is zero in exact arithmetic) and 1/(sqrt(s) + eps) amplifies it (docs/precision.md, sama in bf16): the
   low-precision estimate there is as much a function of the kernels as of the model (fp16, the same program

@@ -1,7 +1,7 @@
 """ReweightingTrainer with the model in fp16: DeepSpeed's fp16 engine, and torch's autocast with GradScaler.
 
 Neither runs on a CPU as shipped (DeepSpeed refuses fp16 there, Accelerate turns ``--fp16`` into float32),
-but both are torch code, so here they are let run: :func:`scalemlo.testing.allow_deepspeed_fp16_on_cpu`
+but both are torch code, so here they are let run: `scalemlo.testing.allow_deepspeed_fp16_on_cpu`
 for DeepSpeed's engine (ZeRO 0 and 3, the shipped Trainer configs, ``"fp16": {"enabled": "auto"}``
 following ``--fp16``), and an Accelerator given what it builds on a GPU (autocast to float16 and a
 GradScaler, on the CPU) for ``--fp16`` without DeepSpeed. Checked: the meta steps' hypergradients against

@@ -1,6 +1,6 @@
 """Clean English text shipped with every Python: the docstrings of the standard library's own ``.py`` files.
 
-Read with :mod:`ast` (nothing is imported or executed) from ``sysconfig.get_paths()["stdlib"]``. Packages
+Read with `ast` (nothing is imported or executed) from ``sysconfig.get_paths()["stdlib"]``. Packages
 Debian ships apart from ``libpython3.x-stdlib`` or that newer Pythons removed (``tkinter``, ``idlelib``,
 ``turtledemo``, ``lib2to3``, ``distutils``, ``ensurepip``), every test package, and ``pydoc_data`` (the text
 of the default corpus, ``corpus.py``) are skipped, so any Debian or python.org build of Python 3.10+ has
