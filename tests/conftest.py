@@ -39,10 +39,30 @@ SLOW = {  # files of one process whose tests take minutes together: examples, be
     "test_unroll_interleaved_benchmark.py",
 }
 
+# Single cases of one-process matrices, several seconds each, in the slow tier: the quick tier keeps every
+# method of the bf16/fp16 hypergradient matrices at ZeRO-0 and finite_difference at ZeRO-3; the second-order
+# methods at ZeRO-3 and the shipped offload config run in the full suite.
+SLOW_CASES = {
+    "test_low_precision.py": {
+        "test_bf16_hypergradients_match_float32[neumann-zero3]",
+        "test_bf16_hypergradients_match_float32[cg-zero3]",
+        "test_bf16_hypergradients_match_float32[penalty-zero3]",
+    },
+    "test_deepspeed_fp16.py": {
+        "test_deepspeed_fp16_hypergradients_match_float32[neumann-zero3]",
+        "test_deepspeed_fp16_hypergradients_match_float32[cg-zero3]",
+        "test_deepspeed_fp16_hypergradients_match_float32[penalty-zero3]",
+    },
+    "test_hf_trainer_bf16.py": {
+        "test_the_shipped_offload_config_gives_the_hypergradients_of_zero3[fp32]",
+        "test_the_shipped_offload_config_gives_the_hypergradients_of_zero3[bf16]",
+    },
+}
+
 
 MARKERS = {
     "distributed": "launches several ranks (deepspeed, torchrun, accelerate launch)",
-    "slow": "minutes of one process (examples, benchmarks, resume matrices)",
+    "slow": "minutes of one process (examples, benchmarks, resume matrices, the slowest matrix cases)",
 }
 
 
@@ -60,5 +80,5 @@ def pytest_collection_modifyitems(config, items):
         if name in DISTRIBUTED:
             item.add_marker(pytest.mark.distributed)
             item.add_marker(pytest.mark.slow)
-        if name in SLOW or name.startswith("test_example_"):
+        if name in SLOW or name.startswith("test_example_") or item.name in SLOW_CASES.get(name, ()):
             item.add_marker(pytest.mark.slow)
