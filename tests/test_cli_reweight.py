@@ -280,17 +280,19 @@ def test_the_padded_heldout_loss_is_each_text_alone(user_data, user_run):
 
 def test_a_proxy_run_hands_its_weighting_to_the_learned_run(user_data, tmp_path, monkeypatch):
     """--proxy_steps K: a learned run of K steps from the same starting model, whose weighting the learned run
-    starts from (and goes on learning); the proxy's time counts in the learned run's."""
+    starts from (and goes on learning); the proxy's time counts in the learned run's. The proxy learns the
+    weighting on every step it has, whatever --meta_stop_ratio says (that share is the learned run's)."""
     from scalemlo.hf import trainer as hf_trainer
 
     def state(module):
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
-    starts, ends = [], []
+    starts, ends, ratios = [], [], []
     start, train = hf_trainer.ReweightingTrainer._start_mlo, hf_trainer.ReweightingTrainer.train
 
     def recording_start(self):
         starts.append((self.args.max_steps, state(self.reweighter), state(self.model)))
+        ratios.append(self.args.meta_stop_ratio)
         start(self)
 
     def recording_train(self, *args, **kwargs):
@@ -308,8 +310,10 @@ def test_a_proxy_run_hands_its_weighting_to_the_learned_run(user_data, tmp_path,
         baselines="none",
         proxy_steps=3,
         max_steps=4,
+        meta_stop_ratio=0.75,
     )
     report = main(["--config", config])
+    assert ratios == [1.0, 0.75]
     (proxy_steps, proxy_start, proxy_model), (steps, learned_start, learned_model) = starts
     assert (proxy_steps, steps, report["steps"]) == (3, 4, 4)
     assert all(torch.equal(proxy_model[k], learned_model[k]) for k in proxy_model)  # the same starting model

@@ -131,6 +131,28 @@ def test_the_weights_learn_to_trust_the_clean_source(reference):
     assert len(logged) == 5 and all(h["weight/source/noisy"] < h["weight/source/clean"] for h in logged[1:])
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "unshared"])
+def test_meta_stop_ratio_keeps_the_weights_fixed_after_that_share_of_the_run(tmp_path, shared):
+    """--meta_stop_ratio 0.5 of 8 steps: meta steps are due after steps 1-4 only (shared, each is taken
+    inside the next step), and the weighting model is the same from then to the end."""
+
+    class Record(TrainerCallback):
+        def __init__(self):
+            self.alpha = {}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.alpha[state.global_step] = dict(t.reweighter.source_weights())
+
+    t = trainer(tmp_path, max_steps=8, meta_stop_ratio=0.5, shared_forward=shared)
+    record = Record()
+    t.add_callback(record)
+    t.train()
+    assert t._meta_level.steps == 4
+    last = 5 if shared else 4  # the step whose end first shows the last meta step's weights
+    assert record.alpha[last - 1] != record.alpha[last]
+    assert all(record.alpha[step] == record.alpha[last] for step in range(last, 9))
+
+
 @pytest.mark.parametrize("shared, forwards", [(True, 6 + 5 * 2), (False, 6 + 6 * 4)])
 def test_a_shared_meta_step_costs_two_forwards_of_the_model(tmp_path, shared, forwards):
     """6 steps: shared, each meta step adds the meta batch's forward and one moved forward (its training
@@ -292,6 +314,8 @@ def test_weights_are_exported_and_become_a_column(tmp_path, reference):
         ({"hypergradient_method": "darts"}, "method='darts' is not known"),
         ({"meta_optimizer": "lion"}, "--meta_optimizer 'lion' is not known"),
         ({"meta_adam_beta2": 1.0}, r"--meta_adam_beta2 must be in \[0, 1\), got 1.0"),
+        ({"meta_stop_ratio": 0.0}, r"--meta_stop_ratio must be in \(0, 1\]"),
+        ({"meta_stop_ratio": 1.5}, r"--meta_stop_ratio must be in \(0, 1\]"),
         ({"unroll_steps": 0}, "--unroll_steps must be >= 1"),
         # the two levels' DeepSpeed configs must agree
         ({"meta_deepspeed": {"zero_optimization": {"stage": 3}}}, "uses ZeRO-3, but the weighting model steps on"),

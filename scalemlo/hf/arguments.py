@@ -69,6 +69,13 @@ class ReweightingArguments(TrainingArguments):
     meta_warmup_steps: int = field(
         default=0, metadata=_help("Model optimizer steps before the weighting model first steps (weights stay uniform)")
     )
+    meta_stop_ratio: float = field(
+        default=1.0,
+        metadata=_help(
+            "Share of the run's optimizer steps (max_steps) after which the weighting model takes no more steps "
+            "and the weights stay as learned; 1.0: it steps to the end"
+        ),
+    )
     hypergradient_method: str = field(
         default="finite_difference",
         metadata=_help(methods_help()),
@@ -219,6 +226,11 @@ class ReweightingArguments(TrainingArguments):
                 raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if self.meta_warmup_steps < 0:
             raise ValueError(f"--meta_warmup_steps must be >= 0, got {self.meta_warmup_steps}")
+        if not 0.0 < self.meta_stop_ratio <= 1.0:
+            raise ValueError(
+                f"--meta_stop_ratio must be in (0, 1] (a share of max_steps; 1: the weighting learns to the end), "
+                f"got {self.meta_stop_ratio}"
+            )
         self._check_peft()
         self.meta_level_config()  # bad method names, radii, ... fail now, before any model is built
 

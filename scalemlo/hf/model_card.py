@@ -249,6 +249,7 @@ def trainer_facts(
         "hypergradient method": args.hypergradient_method,
         "unroll steps (model steps per meta step)": args.unroll_steps,
         "meta warm-up steps": args.meta_warmup_steps,
+        "meta stop ratio": args.meta_stop_ratio,
         "shared forward": args.meta_level_config().shared_forward,
         "meta optimizer, learning rate": f"{args.meta_optimizer}, {args.meta_learning_rate:g}",
         "model learning rate": f"{args.learning_rate:g}",

@@ -612,6 +612,8 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
 
     def _meta_step_due_after(self, step: int) -> bool:
         args = self.args
+        if step > args.meta_stop_ratio * self.state.max_steps:
+            return False  # --meta_stop_ratio: the weights stay as learned for the rest of the run
         return step > args.meta_warmup_steps and not step % args.unroll_steps
 
     def _maybe_meta_step(self) -> None:

@@ -73,7 +73,7 @@ def baseline_arguments(args: ReweightingArguments, name: str) -> ReweightingArgu
 
 def proxy_arguments(args: ReweightingArguments, steps: int) -> ReweightingArguments:
     """The learned run's arguments for its proxy run: ``steps`` steps, its own output directory, nothing saved,
-    evaluated or reported."""
+    evaluated or reported, the weighting learning to its last step."""
     return dataclasses.replace(
         args,
         output_dir=str(Path(args.output_dir) / "proxy"),
@@ -83,6 +83,7 @@ def proxy_arguments(args: ReweightingArguments, steps: int) -> ReweightingArgume
         load_best_model_at_end=False,
         report_to="none",
         resume_from_checkpoint=None,
+        meta_stop_ratio=1.0,  # the proxy run learns the weighting on every step it has
     )
 
 
