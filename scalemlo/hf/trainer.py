@@ -11,7 +11,9 @@ from ``--deepspeed ds.json``, ZeRO 0-3) on sum_i w_i l_i / n: per-example
 causal-LM losses from the logits, weights from a reweighting module
 (`scalemlo.hf.reweighting`) held fixed during the model's step. Every
 ``unroll_steps`` optimizer steps the weighting module takes one step on the
-hypergradient of the model's loss on a clean meta batch. That step is a
+hypergradient of the model's loss on a clean meta batch, after the first
+``meta_warmup_steps`` and up to the share ``meta_stop_ratio`` of ``max_steps``
+(the weights stay as learned after it). That step is a
 scalemlo program: the model is a `scalemlo.Level` over the Trainer's own
 engine (adopted, never rebuilt), the weighting module a Level in its own
 DeepSpeed engine, and the hypergradient comes from the same coordinator and
