@@ -353,6 +353,21 @@ def test_another_run_in_output_dir_and_a_wrong_resume_path_are_refused(tmp_path)
         t.train(resume_from_checkpoint=str(tmp_path / "checkpoint-10"))
 
 
+def test_a_deepspeed_config_that_builds_its_own_optimizer_trains(tmp_path):
+    """A --deepspeed config with "optimizer" and "scheduler" blocks ("auto" values, as Hugging Face users
+    write them): accelerate hands the Trainer a placeholder optimizer and DeepSpeed builds the real one. A
+    method that does not read the model's optimizer (finite_difference) trains on it, and the weights learn."""
+    config = json.loads(Path(ds(0)).read_text())
+    config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}}
+    config["scheduler"] = {"type": "WarmupDecayLR", "params": {"warmup_num_steps": "auto", "total_num_steps": "auto"}}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    t = trainer(tmp_path / "run", deepspeed=str(path), hypergradient_method="finite_difference")
+    t.train()
+    assert t._meta_level.steps == 5
+    assert t.reweighter.source_weights()["clean"] > 0.5 > t.reweighter.source_weights()["noisy"]
+
+
 @pytest.mark.parametrize("kind", ["adam", "adamw", "sgd"])
 def test_meta_optimizer_takes_its_flags(tmp_path, kind):
     """--meta_optimizer, --meta_learning_rate, --meta_weight_decay and the adam betas reach the weighting

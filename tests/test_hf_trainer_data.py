@@ -192,6 +192,7 @@ class Stepped(Exception):
         ("train_no_source", r"--reweighting source .*lacks \(columns: \['text', 'input_ids', 'attention_mask'\]\)"),
         ("unknown_source", r"'source' column holds \['web'\], which the reweighting does not know"),
         ("ids_out_of_range", r"'id' column runs from 100 to 123, but --reweighting example learns 24 weights"),
+        ("source_missing", r"'source' column has no value in 2 of 24 rows \(first: rows \[3, 5\]\); give every row"),
     ],
 )
 def test_bad_data_fails_at_construction_naming_the_columns(tmp_path, case, words):
@@ -209,6 +210,9 @@ def test_bad_data_fails_at_construction_naming_the_columns(tmp_path, case, words
         train = train.remove_columns("source")
     elif case == "unknown_source":
         kwargs = {"reweighter_kwargs": {"sources": ["books", "forum"]}}
+    elif case == "source_missing":  # a scheme that never reads sources still gets the weights' statistics by source
+        reweighting = "meta_weight_net"
+        train = train.map(lambda row, i: {"source": None if i in (3, 5) else row["source"]}, with_indices=True)
     elif case == "ids_out_of_range":
         reweighting = "example"
         train = train.add_column("id", list(range(100, 124)))

@@ -10,7 +10,10 @@ targets).
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,8 @@ import torch.nn.functional as F
 from datasets import Dataset
 from hf_toy import V
 from test_hf_trainer import ds, fresh_trainer_state, trainer  # noqa: F401 (fixture)
+
+from scalemlo.hf.state import reset_trainer_state
 
 PROMPTS = [0, 3, 4, 0, 2, 0, 6]  # tokens of each evaluation row masked as its prompt
 LENGTHS = [16, 9, 12, 5, 16, 7, 11]
@@ -154,3 +159,41 @@ def test_an_evaluation_set_without_targets_is_refused(tmp_path):
     t = trainer(tmp_path, collator=pad_collate)
     with pytest.raises(ValueError, match="no counted target token"):
         t.evaluate(Dataset.from_list(rows))
+
+
+def test_a_resumed_run_keeps_the_best_checkpoint(tmp_path):
+    """Each checkpoint's trainer_state.json names the best checkpoint by its final path (the Trainer writes
+    it into a staging folder first), so a run resumed from checkpoint-2 loads the same best model at the
+    end as the uninterrupted run. ``greater_is_better`` makes the first evaluation the best one, so the
+    best is an earlier checkpoint than the last."""
+    rows = eval_rows()
+    kw = dict(
+        reweighting="meta_weight_net",
+        eval_dataset=Dataset.from_list(rows),
+        collator=pad_collate,
+        eval_strategy="steps",
+        save_strategy="steps",
+        eval_steps=2,
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=True,
+    )
+    whole = trainer(tmp_path / "whole", **kw)
+    whole.train()
+    best = max((h for h in whole.state.log_history if "eval_loss" in h), key=lambda h: h["eval_loss"])
+    assert whole.state.best_model_checkpoint == str(tmp_path / "whole" / f"checkpoint-{best['step']}")
+    for checkpoint in sorted((tmp_path / "whole").glob("checkpoint-*")):
+        named = json.loads((checkpoint / "trainer_state.json").read_text())["best_model_checkpoint"]
+        assert ".staging" not in named and Path(named).is_dir()
+    reset_trainer_state()  # a second Trainer in this process
+    run = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "whole", run)
+    for later in [c for c in run.glob("checkpoint-*") if int(c.name.split("-")[1]) > 2]:
+        shutil.rmtree(later)
+    state = run / "checkpoint-2" / "trainer_state.json"  # the copy names the first run's folders: its own
+    state.write_text(state.read_text().replace(str(tmp_path / "whole"), str(run)))
+    resumed = trainer(run, **kw)
+    resumed.train(resume_from_checkpoint=str(run / "checkpoint-2"))
+    assert resumed.state.best_model_checkpoint == str(run / f"checkpoint-{best['step']}")
+    assert token_mean_oracle(resumed.model, rows) == pytest.approx(best["eval_loss"], rel=1e-5)  # the best, loaded

@@ -57,7 +57,15 @@ def data_source_names(dataset: Any) -> list[str] | None:
     """The sorted distinct names of a string ``source`` column (None: no such column)."""
     if column_kind(dataset, SOURCE_COLUMN) != "text":
         return None
-    return sorted(set(dataset[SOURCE_COLUMN]))
+    values = list(dataset[SOURCE_COLUMN])
+    missing = [i for i, value in enumerate(values) if value is None]
+    if missing:
+        raise ValueError(
+            f"the {SOURCE_COLUMN!r} column has no value in {len(missing)} of {len(values)} rows (first: rows "
+            f"{missing[:5]}); give every row a source name (e.g. 'unknown'), or remove the column "
+            f"(dataset.remove_columns({SOURCE_COLUMN!r})) to train without per-source weights and statistics"
+        )
+    return sorted(set(values))
 
 
 def scheme_arguments(

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 from transformers import BatchEncoding, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
 
 from scalemlo import checkpoint as scalemlo_checkpoint
 from scalemlo import upstream
@@ -467,7 +468,11 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
-        group_of = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        groups = getattr(optimizer, "param_groups", None)
+        if groups is None:  # accelerate's placeholder: the DeepSpeed config's "optimizer" block builds it later
+            self._group_index = None
+            return optimizer
+        group_of = {id(p): i for i, group in enumerate(groups) for p in group["params"]}
         params = [p for p in self.model.parameters() if p.requires_grad]
         self._group_index = [group_of.get(id(p), 0) for p in params]
         return optimizer
@@ -663,6 +668,11 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         finally:
             del self._get_output_dir
         inner = staging / name
+        best = self.state.best_model_checkpoint
+        if best and str(staging) in best:  # the Trainer named the staging path: name the final one, on every rank
+            self.state.best_model_checkpoint = best.replace(str(staging), str(run_dir))
+            if is_main_process():  # and in the checkpoint's own state, which a resumed run reads
+                self.state.save_to_json(str(inner / TRAINER_STATE_NAME))
         scalemlo_checkpoint.save(self.mlo, inner / SCALEMLO_DIR, levels=["meta"], write_latest=False)
         if self._meta_due and self._method.reads_last_step:
             self._save_last_step(inner)
@@ -675,8 +685,6 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
                 shutil.rmtree(final)
             os.replace(inner, final)
             shutil.rmtree(staging, ignore_errors=True)
-            if self.state.best_model_checkpoint and str(staging) in self.state.best_model_checkpoint:
-                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(str(staging), str(run_dir))
             from transformers.trainer_utils import rotate_checkpoints
 
             rotate_checkpoints(
