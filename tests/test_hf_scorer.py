@@ -13,6 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from scalemlo.distributed import ensure_distributed
 from scalemlo.hf import ExampleScorer, ReweightingArguments, ReweightingTrainer, build_reweighter, reset_trainer_state
+from scalemlo.hf.reweighting import ExampleWeights, SourceWeights
 from scalemlo.hf.scorer import _BIGRAM_STRIDE, _MULTIPLIER, dataset_weights, near_copy_counts, ngram_features
 
 
@@ -184,6 +185,23 @@ def test_a_trained_scorer_weights_examples_it_never_saw(tmp_path, fresh_trainer_
     assert float(weights.mean()) == pytest.approx(1.0, abs=1e-5)
     assert auc(weights[~noisy], weights[noisy]) > 0.95
     assert math.isfinite(float(weights.sum()))
+
+
+@pytest.mark.parametrize(
+    "scheme, column, hint",
+    [
+        (ExampleWeights, "id", "per-example table weighs only the training rows"),
+        (SourceWeights, "source", "add the column"),
+    ],
+)
+def test_scoring_rows_without_the_schemes_column_names_the_fix(scheme, column, hint):
+    """A table scheme cannot weigh rows it never trained on: the error says so and names a scheme that can,
+    instead of pointing at remove_unused_columns."""
+    reweighter = scheme(8)
+    unseen = [{k: v for k, v in row.items() if k != column} for row in rows(4, True, 3)]
+    with pytest.raises(ValueError, match=hint) as raised:
+        dataset_weights(reweighter, None, unseen, collate)
+    assert "remove_unused_columns" not in str(raised.value)
 
 
 def test_a_drawn_batch_trains_with_weight_one_and_the_sampling_gradient():

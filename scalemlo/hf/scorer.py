@@ -69,7 +69,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from scalemlo.hf.reweighting import REWEIGHTERS, Reweighter
+from scalemlo.hf.reweighting import REWEIGHTERS, ExampleWeights, Reweighter
 
 FEATURES = ("ngrams", "loss", "near_copies")
 CENTRES = ("median", "meta")
@@ -289,6 +289,21 @@ def dataset_weights(
     """
     from scalemlo.hf.losses import per_example_causal_lm_loss
 
+    if len(dataset):
+        missing = [column for column in reweighter.requires if column not in dataset[0]]
+        if missing:
+            name = type(reweighter).__name__
+            if isinstance(reweighter, ExampleWeights):
+                fix = (
+                    "a per-example table weighs only the training rows it learned, by their id: score the training "
+                    "set (score() with no dataset, or export_weights()), or learn a scheme that weighs unseen rows "
+                    "from their content (reweighting 'scorer' or 'meta_weight_net')"
+                )
+            else:
+                fix = f"add the column(s) {missing} to the dataset, as in the training set"
+            raise ValueError(
+                f"{name} reads the column(s) {missing}, which the dataset lacks ({sorted(dataset[0])}): {fix}."
+            )
     needs_loss = not isinstance(reweighter, ExampleScorer) or "loss" in reweighter.features
     if needs_loss and model is None:
         raise ValueError(f"{type(reweighter).__name__} reads the per-example losses: pass the model.")
