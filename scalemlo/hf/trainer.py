@@ -173,7 +173,9 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
 
     Evaluation (``evaluate()``, ``--eval_strategy``, ``load_best_model_at_end``, ``predict()``) reports the
     unweighted token-mean loss and its perplexity, whatever the weighting
-    (`scalemlo.hf.evaluation`); ``save_model`` writes a model card beside the model
+    (`scalemlo.hf.evaluation`). ``load_best_model_at_end`` returns the model to the best checkpoint, as
+    ``Trainer`` does; the weighting model stays as it ended (``export_weights`` and ``score`` give the final
+    weighting; the best checkpoint's own is in its ``weights.json``). ``save_model`` writes a model card beside the model
     (`scalemlo.hf.model_card`).
 
     Args:
