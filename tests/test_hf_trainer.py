@@ -353,6 +353,23 @@ def test_another_run_in_output_dir_and_a_wrong_resume_path_are_refused(tmp_path)
         t.train(resume_from_checkpoint=str(tmp_path / "checkpoint-10"))
 
 
+def test_a_checkpoint_of_another_rank_count_is_refused_before_anything_loads(tmp_path):
+    """A checkpoint saved on 2 ranks resumed in 1 process: refused with the fix (the same number of ranks)
+    before transformers or DeepSpeed load any of it, so the model is left as built."""
+    trainer(tmp_path / "run", max_steps=2, save_strategy="steps", save_steps=2).train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    manifest = checkpoint / "scalemlo" / "scalemlo_checkpoint.json"
+    saved = json.loads(manifest.read_text())
+    saved["signature"]["world_size"] = 2  # as a 2-rank run writes it
+    manifest.write_text(json.dumps(saved))
+    reset_trainer_state()
+    t = trainer(tmp_path / "run", max_steps=4, save_strategy="steps", save_steps=2)
+    built = [p.detach().clone() for p in t.model.parameters()]
+    with pytest.raises(ValueError, match=r"saved by a run on 2 rank\(s\); this run has 1.*--num_gpus 2"):
+        t.train(resume_from_checkpoint=str(checkpoint))
+    assert all(torch.equal(a, b) for a, b in zip(built, t.model.parameters()))
+
+
 def test_a_deepspeed_config_that_builds_its_own_optimizer_trains(tmp_path):
     """A --deepspeed config with "optimizer" and "scheduler" blocks ("auto" values, as Hugging Face users
     write them): accelerate hands the Trainer a placeholder optimizer and DeepSpeed builds the real one. A

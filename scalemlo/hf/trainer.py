@@ -36,6 +36,7 @@ due after the last optimizer step is not taken.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -175,8 +176,8 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
     unweighted token-mean loss and its perplexity, whatever the weighting
     (`scalemlo.hf.evaluation`). ``load_best_model_at_end`` returns the model to the best checkpoint, as
     ``Trainer`` does; the weighting model stays as it ended (``export_weights`` and ``score`` give the final
-    weighting; the best checkpoint's own is in its ``weights.json``). ``save_model`` writes a model card beside the model
-    (`scalemlo.hf.model_card`).
+    weighting; the best checkpoint's own is in its ``weights.json``). ``save_model`` writes a model card beside
+    the model (`scalemlo.hf.model_card`).
 
     Args:
         meta_dataset: the clean meta set (tokenized like the training set:
@@ -824,11 +825,20 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
         if resume_from_checkpoint:
             path = Path(resume_from_checkpoint)
             try:
-                scalemlo_checkpoint.resolve(path / SCALEMLO_DIR)
+                resolved = scalemlo_checkpoint.resolve(path / SCALEMLO_DIR)
             except scalemlo_checkpoint.CheckpointError as exc:
                 raise ValueError(
                     f"--resume_from_checkpoint {path} is not a complete checkpoint of a ReweightingTrainer run ({exc})"
                 ) from None
+            saved_ranks = json.loads((resolved / scalemlo_checkpoint.MANIFEST).read_text())["signature"]["world_size"]
+            if saved_ranks != world_size():
+                # refused here, before DeepSpeed or transformers load anything (a ZeRO-partitioned optimizer
+                # cannot be loaded on another number of ranks; nor can the per-rank data and weighting state)
+                raise ValueError(
+                    f"--resume_from_checkpoint {path} was saved by a run on {saved_ranks} rank(s); this run has "
+                    f"{world_size()}. Resume it with the same number of ranks (deepspeed --num_gpus {saved_ranks}, "
+                    f"torchrun --nproc_per_node {saved_ranks})."
+                )
             # DeepSpeed reads the model's engine state with weights_only=False; transformers reads the rest
             # (optimizer.pt, scheduler.pt, rng_state.pth) with weights_only=True
             with scalemlo_checkpoint.allowing(BATCH_TYPES):
