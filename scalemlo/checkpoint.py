@@ -320,6 +320,11 @@ def resolve(path: str | os.PathLike) -> Path:
     return path
 
 
+def saved_world_size(path: str | os.PathLike) -> int:
+    """How many ranks wrote the complete checkpoint ``path`` (a `resolve` result); read before loading."""
+    return int(json.loads((Path(path) / MANIFEST).read_text())["signature"]["world_size"])
+
+
 def check_writable(root: str | os.PathLike) -> None:
     """Raise ValueError now if checkpoints cannot be written under ``root`` (before any compute)."""
     root = Path(root)

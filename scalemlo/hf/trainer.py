@@ -36,7 +36,6 @@ due after the last optimizer step is not taken.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -830,7 +829,7 @@ class ReweightingTrainer(ModelCards, TokenMeanEvaluation):
                 raise ValueError(
                     f"--resume_from_checkpoint {path} is not a complete checkpoint of a ReweightingTrainer run ({exc})"
                 ) from None
-            saved_ranks = json.loads((resolved / scalemlo_checkpoint.MANIFEST).read_text())["signature"]["world_size"]
+            saved_ranks = scalemlo_checkpoint.saved_world_size(resolved)
             if saved_ranks != world_size():
                 # refused here, before DeepSpeed or transformers load anything (a ZeRO-partitioned optimizer
                 # cannot be loaded on another number of ranks; nor can the per-rank data and weighting state)
